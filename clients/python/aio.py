@@ -1,0 +1,79 @@
+"""The asyncio twin of Client, on grpc.aio, with the same methods as coroutines."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable, Mapping
+
+import grpc
+
+from plinth.clients.client import CHANNEL_OPTIONS, EventHandler
+from plinth.clients.results import (
+    STATUS_VALUES, GraphLike, ImageLike, JobFailed, RunResult, error_from_rpc, submit_request,
+)
+from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
+
+
+class AsyncClient:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.graphs = gs_grpc.GraphServiceStub(self.channel)
+        self.nodes = ns_grpc.NodeServiceStub(self.channel)
+
+    async def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
+                  on_event: EventHandler | None = None, check: bool = True) -> RunResult:
+        """As Client.run."""
+        result = RunResult()
+        try:
+            async for event in self.graphs.Run(submit_request(graph, inputs, priority), timeout=self.timeout):
+                result.add(event)
+                if on_event:
+                    on_event(event)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        if check and result.status != "completed":
+            raise JobFailed(result)
+        return result
+
+    async def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None,
+                     priority: int = 0) -> str:
+        return (await self._call(self.graphs.Submit, submit_request(graph, inputs, priority))).job_id
+
+    async def watch(self, job_id: str) -> AsyncIterator[gs.JobEvent]:
+        try:
+            async for event in self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout):
+                yield event
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def get_job(self, job_id: str) -> gs.Job:
+        return await self._call(self.graphs.GetJob, gs.GetJobRequest(job_id=job_id))
+
+    async def cancel(self, job_id: str) -> gs.Job:
+        return await self._call(self.graphs.CancelJob, gs.CancelJobRequest(job_id=job_id))
+
+    async def list_jobs(self, statuses: Iterable[str] = (), page_size: int = 100,
+                        page_token: str = "") -> gs.ListJobsResponse:
+        request = gs.ListJobsRequest(statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size,
+                                     page_token=page_token)
+        return await self._call(self.graphs.ListJobs, request)
+
+    async def list_nodes(self) -> list[ns.NodeSchema]:
+        return list((await self._call(self.nodes.ListNodes, ns.ListNodesRequest())).nodes)
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

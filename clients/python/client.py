@@ -1,0 +1,99 @@
+"""The Python client: run graphs on a Plinth server and get PIL images back.
+
+    from plinth.clients import Client
+    with Client("127.0.0.1:50051") as client:
+        result = client.run(Path("graphs/txt2img.json"))
+        result.images[0].save("out.png")
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Mapping
+
+import grpc
+
+from plinth.clients.results import (
+    STATUS_VALUES, GraphLike, ImageLike, JobFailed, RunResult, error_from_rpc, submit_request,
+)
+from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+EventHandler = Callable[[gs.JobEvent], None]
+
+
+class Client:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.graphs = gs_grpc.GraphServiceStub(self.channel)
+        self.nodes = ns_grpc.NodeServiceStub(self.channel)
+
+    def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
+            on_event: EventHandler | None = None, check: bool = True) -> RunResult:
+        """Submit a graph, follow it to the end and return its images and per-node status.
+
+        Raises PlinthError when the server refuses the graph, and JobFailed when the job fails
+        or is cancelled (unless check=False).
+        """
+        result = RunResult()
+        try:
+            for event in self.graphs.Run(submit_request(graph, inputs, priority), timeout=self.timeout):
+                result.add(event)
+                if on_event:
+                    on_event(event)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        if check and result.status != "completed":
+            raise JobFailed(result)
+        return result
+
+    def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0) -> str:
+        return self._call(self.graphs.Submit, submit_request(graph, inputs, priority)).job_id
+
+    def watch(self, job_id: str) -> Iterator[gs.JobEvent]:
+        try:
+            yield from self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def get_job(self, job_id: str) -> gs.Job:
+        return self._call(self.graphs.GetJob, gs.GetJobRequest(job_id=job_id))
+
+    def cancel(self, job_id: str) -> gs.Job:
+        return self._call(self.graphs.CancelJob, gs.CancelJobRequest(job_id=job_id))
+
+    def list_jobs(self, statuses: Iterable[str] = (), page_size: int = 100,
+                  page_token: str = "") -> gs.ListJobsResponse:
+        request = gs.ListJobsRequest(statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size,
+                                     page_token=page_token)
+        return self._call(self.graphs.ListJobs, request)
+
+    def list_nodes(self) -> list[ns.NodeSchema]:
+        return list(self._call(self.nodes.ListNodes, ns.ListNodesRequest()).nodes)
+
+    def health(self, service: str = "") -> str:
+        """The server's health status name, e.g. "SERVING"."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        reply = self._call(health_pb2_grpc.HealthStub(self.channel).Check,
+                           health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Plinth's node library: ComfyUI-compatible nodes, each declaring its schema once."""

@@ -1,0 +1,86 @@
+"""The interface a node reaches the server through, defined here and implemented by the server.
+
+Nodes never import the server: models, progress, cancellation, uploaded images and the image
+store all come through the context object handed to run(). That keeps the node library usable
+in-process, in a worker process or in tests with a small fake context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+class JobCancelled(Exception):
+    """Raised inside a node when the job was cancelled; the executor ends the job as cancelled."""
+
+
+class NodeInputError(ValueError):
+    """A node found its inputs unusable at run time (e.g. an image that does not decode).
+
+    The job fails with this message; the message names what was wrong.
+    """
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A model by name: what loader nodes output instead of the weights themselves.
+
+    The server's model manager keeps the weights (under a memory budget) and calls `load` on a
+    miss, so the output cache never pins a model in memory.
+    """
+
+    key: str
+    load: Callable[[], Any] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image an output node stored."""
+
+    id: str
+    filename: str
+    width: int
+    height: int
+    png: bytes = field(repr=False)
+    kind: str = "output"
+
+
+class ValidationEnv(Protocol):
+    """What validation needs from the server: dynamic choice lists and file fingerprints."""
+
+    def choices(self, source: str) -> list[str]:
+        """Names for a dynamic choice list: "checkpoints", "input_images", ..."""
+
+    def fingerprint(self, source: str, name: str) -> str:
+        """A string that changes when the named model file or input image changes."""
+
+
+class NodeContext(Protocol):
+    """What a running node may use."""
+
+    device: torch.device
+    dtype: torch.dtype
+    graph: dict[str, Any]
+    models_dir: Path
+
+    def model(self, handle: ModelHandle) -> Any:
+        """The loaded model for `handle`, loading it through the model manager on a miss."""
+
+    def model_path(self, source: str, name: str) -> Path:
+        """The file or folder of a model named in a choice list (e.g. ("checkpoints", name))."""
+
+    def progress(self, step: int, total: int) -> None:
+        """Report sampler progress; also checks for cancellation."""
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled if the job was cancelled."""
+
+    def input_image(self, name: str) -> bytes:
+        """The bytes of an image sent with the request (or stored in the inputs folder)."""
+
+    def save_image(self, png: bytes, width: int, height: int, prefix: str, kind: str) -> ImageRef:
+        """Store an encoded PNG and return its reference."""

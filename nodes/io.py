@@ -1,0 +1,104 @@
+"""Image input and output nodes: LoadImage, SaveImage, PreviewImage, and their PNG encoding."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImageError
+
+from plinth.nodes.context import ImageRef, NodeContext, NodeInputError, ValidationEnv
+from plinth.nodes.schema import Choice, Link, Node, Output, String
+
+
+def encode_png(image: torch.Tensor, graph: dict[str, Any] | None) -> bytes:
+    """One IMAGE [H,W,C] as PNG bytes, with the graph in a "prompt" text chunk as ComfyUI writes it."""
+    pixels = np.clip(image.detach().cpu().float().numpy() * 255.0, 0, 255).astype(np.uint8)
+    info = PngImagePlugin.PngInfo()
+    if graph is not None:
+        info.add_text("prompt", json.dumps(graph))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [B,H,W,3] and MASK [B,H,W] from encoded bytes; every frame of the same size as the
+    first becomes one batch entry. The mask is 1 where the image is transparent (ComfyUI's
+    convention), and all 0 when there is no alpha channel."""
+    try:
+        picture = Image.open(io.BytesIO(data))
+        frames, masks = [], []
+        for frame in ImageSequence.Iterator(picture):
+            frame = ImageOps.exif_transpose(frame)
+            if frame.mode == "I":
+                frame = frame.point(lambda v: v * (1 / 255))
+            rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255.0
+            if frames and rgb.shape != frames[0].shape:
+                break
+            if "A" in frame.getbands() or (frame.mode == "P" and "transparency" in frame.info):
+                alpha = np.asarray(frame.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+                masks.append(1.0 - alpha)
+            else:
+                masks.append(np.zeros(rgb.shape[:2], dtype=np.float32))
+            frames.append(rgb)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise NodeInputError(f"image {name!r} could not be decoded: {exc}") from exc
+    return torch.from_numpy(np.stack(frames)), torch.from_numpy(np.stack(masks))
+
+
+def save_images(ctx: NodeContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, list[ImageRef]]:
+    refs = []
+    for image in images:
+        ctx.check_cancelled()
+        png = encode_png(image, ctx.graph)
+        refs.append(ctx.save_image(png, int(image.shape[1]), int(image.shape[0]), prefix, kind))
+    return {"images": refs}
+
+
+class SaveImage(Node):
+    """Store images as PNG (with the graph in a "prompt" text chunk) and return them."""
+
+    CATEGORY = "image"
+    DISPLAY_NAME = "Save Image"
+    OUTPUT_NODE = True
+
+    images = Link("IMAGE")
+    filename_prefix = String(default="ComfyUI")
+
+    def run(self, ctx: NodeContext, images: torch.Tensor, filename_prefix: str) -> dict[str, Any]:
+        return save_images(ctx, images, filename_prefix, "output")
+
+
+class PreviewImage(Node):
+    """Return images as previews: sent to the client, not kept as job outputs on disk."""
+
+    CATEGORY = "image"
+    DISPLAY_NAME = "Preview Image"
+    OUTPUT_NODE = True
+
+    images = Link("IMAGE")
+
+    def run(self, ctx: NodeContext, images: torch.Tensor) -> dict[str, Any]:
+        return save_images(ctx, images, "preview", "preview")
+
+
+class LoadImage(Node):
+    """Load an image sent with the request (or kept in the server's inputs folder) as IMAGE,
+    and its alpha channel as MASK."""
+
+    CATEGORY = "image"
+    DISPLAY_NAME = "Load Image"
+    OUTPUTS = (Output("IMAGE"), Output("MASK"))
+
+    image = Choice(source="input_images", image_upload=True)
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
+        return env.fingerprint("input_images", inputs.get("image", ""))
+
+    def run(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_image(ctx.input_image(image), image)

@@ -1,0 +1,20 @@
+"""Every node class the server offers, keyed by class_type."""
+
+from __future__ import annotations
+
+from plinth.nodes import conditioning, io, latent, loaders, sampling
+from plinth.nodes.schema import Node
+
+_MODULES = (loaders, conditioning, latent, sampling, io)
+
+
+def _collect() -> dict[str, type[Node]]:
+    found: dict[str, type[Node]] = {}
+    for module in _MODULES:
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Node) and value.__module__ == module.__name__:
+                found[value.schema.class_type] = value
+    return found
+
+
+NODES: dict[str, type[Node]] = _collect()

@@ -1,0 +1,75 @@
+"""ComfyUI's sampler and scheduler names, each mapped to a diffusers scheduler configuration.
+
+ComfyUI splits a sampler (the solver) from a scheduler (the spacing of noise levels); diffusers
+folds both into one scheduler class plus flags. The mapping follows diffusers' own table
+(docs/source/en/api/schedulers/overview.md). Outputs are not bit-exact with ComfyUI's k-diffusion
+samplers; they are the same methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+# sampler_name -> (diffusers class, extra config)
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
+    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    "uni_pc_bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+}
+
+# scheduler -> config flags. "normal" spaces timesteps evenly over the whole range, "simple" and
+# "sgm_uniform" count back from the last training step, "ddim_uniform" from the first.
+SCHEDULERS: dict[str, dict[str, Any]] = {
+    "normal": {"timestep_spacing": "linspace"},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "simple": {"timestep_spacing": "trailing"},
+    "sgm_uniform": {"timestep_spacing": "trailing"},
+    "ddim_uniform": {"timestep_spacing": "leading"},
+}
+
+SIGMA_SCHEDULES = ("karras", "exponential", "beta")
+# diffusers' classes for these samplers work on timesteps and take no sigma schedule.
+NO_SIGMA_SCHEDULES = frozenset({"euler_ancestral", "ddim", "ddpm", "lcm"})
+
+
+def check_combination(sampler_name: str, scheduler: str) -> str | None:
+    """The reason a sampler/scheduler pair cannot run, or None when it can."""
+    if scheduler in SIGMA_SCHEDULES and sampler_name in NO_SIGMA_SCHEDULES:
+        usable = ", ".join(s for s in SCHEDULERS if s not in SIGMA_SCHEDULES)
+        return (f"scheduler {scheduler!r} needs a sigma schedule, which sampler {sampler_name!r} "
+                f"({SAMPLERS[sampler_name][0]}) does not take; use one of {usable}")
+    return None
+
+
+def make_scheduler(sampler_name: str, scheduler: str, base_config: dict[str, Any]) -> Any:
+    """A fresh diffusers scheduler for the pair, built on the checkpoint's noise schedule."""
+    import diffusers
+
+    reason = check_combination(sampler_name, scheduler)
+    if reason:
+        raise ValueError(reason)
+    class_name, extra = SAMPLERS[sampler_name]
+    cls = getattr(diffusers, class_name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = {k: v for k, v in base_config.items() if not k.startswith("_") and k in accepted}
+    config.update({k: v for k, v in {**extra, **SCHEDULERS[scheduler]}.items() if k in accepted})
+    return cls(**config)
+
+
+def takes_generator(scheduler: Any) -> bool:
+    """Whether the scheduler's step() draws noise (ancestral and SDE samplers do)."""
+    return "generator" in inspect.signature(scheduler.step).parameters

@@ -1,0 +1,247 @@
+"""How a node declares its inputs and outputs, once, as typed fields on its class.
+
+The declaration is the single source for validation, ListNodes, `plinth nodes` and the docs
+(InvokeAI's style): a node class lists its inputs as class attributes in ComfyUI's widget order
+and its outputs in OUTPUTS. Nothing here imports torch, so schemas can be read cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+if TYPE_CHECKING:
+    from plinth.nodes.context import NodeContext, ValidationEnv
+
+# Types whose values are literals in the graph; every other type arrives through a link.
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+
+
+@dataclass
+class InputSpec:
+    """One input of a node. `type` is a ComfyUI type name; `name` is set from the attribute."""
+
+    type: str
+    optional: bool = False
+    tooltip: str = ""
+    name: str = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @property
+    def is_link(self) -> bool:
+        return self.type not in WIDGET_TYPES
+
+    @property
+    def has_default(self) -> bool:
+        return False
+
+    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+        """Return (code, reason) when `value` is not acceptable for this input, else None."""
+        return None
+
+    def coerce(self, value: Any) -> Any:
+        """The value as the node receives it (after check passed)."""
+        return value
+
+
+@dataclass
+class Link(InputSpec):
+    """An input that only a link can fill: MODEL, CLIP, VAE, CONDITIONING, LATENT, IMAGE, ..."""
+
+
+@dataclass
+class Int(InputSpec):
+    type: str = "INT"
+    default: int = 0
+    min: int = -(2**63)
+    max: int = 2**63 - 1
+    step: int = 1
+    control_after_generate: bool = False
+
+    @property
+    def has_default(self) -> bool:
+        return True
+
+    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "invalid_input_type", f"expected an integer, got {type(value).__name__} {value!r}"
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return "invalid_input_type", f"expected an integer, got {value!r}"
+        return _check_range(int(value), self.min, self.max)
+
+    def coerce(self, value: Any) -> int:
+        return int(value)
+
+
+@dataclass
+class Float(InputSpec):
+    type: str = "FLOAT"
+    default: float = 0.0
+    min: float = -math.inf
+    max: float = math.inf
+    step: float = 0.01
+    round: float | None = None
+
+    @property
+    def has_default(self) -> bool:
+        return True
+
+    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "invalid_input_type", f"expected a number, got {type(value).__name__} {value!r}"
+        if not math.isfinite(value):
+            return "invalid_input_type", f"expected a finite number, got {value!r}"
+        return _check_range(value, self.min, self.max)
+
+    def coerce(self, value: Any) -> float:
+        return float(value)
+
+
+@dataclass
+class String(InputSpec):
+    type: str = "STRING"
+    default: str = ""
+    multiline: bool = False
+
+    @property
+    def has_default(self) -> bool:
+        return True
+
+    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+        if not isinstance(value, str):
+            return "invalid_input_type", f"expected a string, got {type(value).__name__} {value!r}"
+        return None
+
+
+@dataclass
+class Boolean(InputSpec):
+    type: str = "BOOLEAN"
+    default: bool = False
+
+    @property
+    def has_default(self) -> bool:
+        return True
+
+    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+        if not isinstance(value, bool):
+            return "invalid_input_type", f"expected true or false, got {value!r}"
+        return None
+
+
+@dataclass
+class Choice(InputSpec):
+    """A choice list: fixed `options`, or a dynamic `source` the server resolves
+    ("checkpoints" for model files, "input_images" for the request's images)."""
+
+    type: str = "COMBO"
+    options: Sequence[str] = ()
+    source: str = ""
+    default: str | None = None
+    image_upload: bool = False
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not None
+
+    def choices(self, env: "ValidationEnv | None") -> list[str]:
+        if self.source:
+            return env.choices(self.source) if env is not None else []
+        return list(self.options)
+
+    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+        if not isinstance(value, str):
+            return "invalid_input_type", f"expected one of the choices as a string, got {value!r}"
+        choices = self.choices(env)
+        if value not in choices:
+            shown = ", ".join(choices[:20]) + (f", ... ({len(choices)} in all)" if len(choices) > 20 else "")
+            what = {"checkpoints": "unknown model", "input_images": "unknown input image"}.get(
+                self.source, "value not in the choice list")
+            return "value_not_in_list", f"{what} {value!r}; choices: {shown or '(none)'}"
+        return None
+
+
+def _check_range(value: float, lo: float, hi: float) -> tuple[str, str] | None:
+    if value < lo:
+        return "value_smaller_than_min", f"{value} is smaller than the minimum {lo}"
+    if value > hi:
+        return "value_bigger_than_max", f"{value} is bigger than the maximum {hi}"
+    return None
+
+
+@dataclass(frozen=True)
+class Output:
+    type: str
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+
+@dataclass
+class NodeSchema:
+    """What a node class declares, gathered by Node.__init_subclass__."""
+
+    class_type: str
+    display_name: str
+    category: str
+    description: str
+    inputs: list[InputSpec] = field(default_factory=list)
+    outputs: tuple[Output, ...] = ()
+    output_node: bool = False
+
+    def input(self, name: str) -> InputSpec | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+
+class Node:
+    """Base of every node. Subclasses declare inputs as class attributes and implement run().
+
+    run(ctx, **inputs) receives literal inputs coerced to their Python types and linked inputs
+    as the upstream node's output value, and returns a tuple with one value per OUTPUTS entry.
+    Output nodes return a dict of UI results instead (e.g. {"images": [ImageRef, ...]}).
+    """
+
+    CLASS_TYPE: ClassVar[str] = ""
+    DISPLAY_NAME: ClassVar[str] = ""
+    CATEGORY: ClassVar[str] = ""
+    OUTPUTS: ClassVar[tuple[Output, ...]] = ()
+    OUTPUT_NODE: ClassVar[bool] = False
+    schema: ClassVar[NodeSchema]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        inputs: dict[str, InputSpec] = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if isinstance(value, InputSpec):
+                    inputs[name] = value
+        class_type = cls.CLASS_TYPE or cls.__name__
+        cls.schema = NodeSchema(
+            class_type=class_type,
+            display_name=cls.DISPLAY_NAME or class_type,
+            category=cls.CATEGORY,
+            description=(cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
+            inputs=list(inputs.values()),
+            outputs=tuple(cls.OUTPUTS),
+            output_node=cls.OUTPUT_NODE,
+        )
+
+    def run(self, ctx: "NodeContext", **inputs: Any) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def fingerprint(cls, inputs: dict[str, Any], env: "ValidationEnv") -> str:
+        """Extra cache-key material beyond the literal inputs, e.g. a file's content hash.
+
+        Two runs with equal literal inputs and equal fingerprints must give equal outputs.
+        """
+        return ""
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """Checks across literal inputs, as (input, code, reason); run after per-input checks."""
+        return []

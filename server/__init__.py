@@ -1,0 +1,1 @@
+"""The Plinth server: engine, model manager, jobs, gRPC services and the `plinth` command."""

@@ -1,0 +1,100 @@
+"""Conversions between the engine's plain objects and the wire messages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, node_service_pb2 as ns
+from plinth.nodes.context import ImageRef
+from plinth.nodes.schema import Choice, Float, Int, NodeSchema, String
+from plinth.server.engine import events as ev
+from plinth.server.engine.graph import GraphError
+from plinth.server.jobs.job import Job, JobStatus
+
+STATUS_TO_PB = {
+    JobStatus.QUEUED: common_pb2.JOB_STATUS_QUEUED,
+    JobStatus.RUNNING: common_pb2.JOB_STATUS_RUNNING,
+    JobStatus.COMPLETED: common_pb2.JOB_STATUS_COMPLETED,
+    JobStatus.FAILED: common_pb2.JOB_STATUS_FAILED,
+    JobStatus.CANCELLED: common_pb2.JOB_STATUS_CANCELLED,
+}
+PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
+
+
+def image_ref(image: ImageRef, node_id: str, with_bytes: bool) -> common_pb2.ImageRef:
+    return common_pb2.ImageRef(id=image.id, node_id=node_id, filename=image.filename, width=image.width,
+                               height=image.height, png=image.png if with_bytes else b"", kind=image.kind)
+
+
+def event(event: ev.Event, with_bytes: bool = True) -> gs.JobEvent:
+    p = event.payload
+    msg = gs.JobEvent(job_id=event.job_id, seq=event.seq, time=event.time)
+    if isinstance(p, ev.Queued):
+        msg.queued.position = p.position
+    elif isinstance(p, ev.Started):
+        msg.started.node_ids.extend(p.node_ids)
+    elif isinstance(p, ev.NodeStarted):
+        msg.node_started.CopyFrom(gs.NodeStarted(node_id=p.node_id, class_type=p.class_type))
+    elif isinstance(p, ev.Progress):
+        msg.progress.CopyFrom(gs.Progress(node_id=p.node_id, step=p.step, total=p.total))
+    elif isinstance(p, ev.NodeCached):
+        msg.node_cached.CopyFrom(gs.NodeCached(node_id=p.node_id, class_type=p.class_type))
+    elif isinstance(p, ev.NodeFinished):
+        msg.node_finished.CopyFrom(gs.NodeFinished(node_id=p.node_id, class_type=p.class_type, seconds=p.seconds))
+    elif isinstance(p, ev.Output):
+        msg.output.node_id = p.node_id
+        msg.output.images.extend(image_ref(i, p.node_id, with_bytes) for i in p.images)
+    elif isinstance(p, ev.Completed):
+        msg.completed.seconds = p.seconds
+    elif isinstance(p, ev.Failed):
+        msg.failed.CopyFrom(gs.Failed(message=p.message, node_id=p.node_id, class_type=p.class_type,
+                                      error_type=p.error_type))
+    elif isinstance(p, ev.Cancelled):
+        msg.cancelled.reason = p.reason
+    return msg
+
+
+def job(job: Job) -> gs.Job:
+    outputs_by_node = {}
+    for e in job.events:
+        if isinstance(e.payload, ev.Output):
+            outputs_by_node.update({i.id: e.payload.node_id for i in e.payload.images})
+    return gs.Job(
+        job_id=job.id, status=STATUS_TO_PB[job.status], priority=job.priority, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, error=job.error,
+        outputs=[image_ref(i, outputs_by_node.get(i.id, ""), False) for i in job.outputs],
+        nodes={k: gs.NodeRun(class_type=v.class_type, status=v.status, seconds=v.seconds)
+               for k, v in job.nodes.items()},
+    )
+
+
+def node_error(error: GraphError) -> common_pb2.NodeError:
+    return common_pb2.NodeError(node_id=error.node_id, class_type=error.class_type, input=error.input,
+                                code=error.code, message=error.message)
+
+
+def node_schema(schema: NodeSchema, choices) -> ns.NodeSchema:
+    """`choices(source)` resolves dynamic choice lists (model files, uploaded images)."""
+    msg = ns.NodeSchema(class_type=schema.class_type, display_name=schema.display_name,
+                        category=schema.category, description=schema.description,
+                        output_node=schema.output_node,
+                        outputs=[ns.OutputSchema(name=o.label, type=o.type) for o in schema.outputs])
+    for spec in schema.inputs:
+        item = ns.InputSchema(name=spec.name, type=spec.type, required=not spec.optional, tooltip=spec.tooltip)
+        if spec.has_default:
+            item.default_json = json.dumps(getattr(spec, "default"))
+        if isinstance(spec, (Int, Float)):
+            for bound in ("min", "max", "step"):
+                value = getattr(spec, bound)
+                if math.isfinite(value):
+                    setattr(item, bound, float(value))
+        if isinstance(spec, Int):
+            item.control_after_generate = spec.control_after_generate
+        if isinstance(spec, String):
+            item.multiline = spec.multiline
+        if isinstance(spec, Choice):
+            item.choices.extend(spec.options if not spec.source else choices(spec.source))
+            item.image_upload = spec.image_upload
+        msg.inputs.append(item)
+    return msg

@@ -1,0 +1,310 @@
+"""The `plinth` command line.
+
+Client commands (run/nodes with --server) import neither torch nor diffusers, so they start
+fast; the server and in-process modes import them only when they start a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_HOME = Path(os.environ.get("PLINTH_HOME", Path.home() / ".plinth"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plinth", description="gRPC server for ComfyUI API-format image graphs")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def dirs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models", type=Path, default=DEFAULT_HOME / "models", help="models directory")
+        p.add_argument("--data", type=Path, default=DEFAULT_HOME / "data", help="data directory (images, inputs)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+
+    p = sub.add_parser("serve", help="run the gRPC server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    dirs(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="run a graph file and write its images")
+    p.add_argument("graph", type=Path, help="graph in ComfyUI API format (.json)")
+    p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+                   help="override an input; VALUE is read as JSON when it parses, else as text")
+    p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=FILE",
+                   help="upload FILE as NAME, for LoadImage")
+    p.add_argument("-o", "--output", type=Path, default=Path("out"), help="directory for the PNGs (default: out)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    dirs(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("nodes", help="list the nodes and their schemas")
+    p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
+    p.add_argument("--json", action="store_true", help="an object keyed by class_type")
+    dirs(p)
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("models", help="list the models, or make the embedded tiny-sd")
+    p.add_argument("action", choices=["list", "init"])
+    dirs(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="start a server, run graphs/txt2img.json on tiny-sd, write PNGs to ./out")
+    p.add_argument("-o", "--output", type=Path, default=Path("out"))
+    dirs(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# server side
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice on every load; a server logs instead."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def _server(args: argparse.Namespace, host: str = "127.0.0.1", port: int = 0):
+    _quiet_libraries()
+    from plinth.server.app import PlinthServer
+    from plinth.server.service import ServiceConfig
+
+    config = ServiceConfig(models_dir=args.models, data_dir=args.data, device=args.device)
+    return PlinthServer(config, host=host, port=port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = _server(args, args.host, args.port).start()
+    print(f"plinth serving on {server.address}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+@contextmanager
+def _address(args: argparse.Namespace) -> Iterator[str]:
+    """The server to talk to: --server, or one started in this process for the command."""
+    if getattr(args, "server", None):
+        yield args.server
+        return
+    server = _server(args).start()
+    try:
+        yield server.address
+    finally:
+        server.stop(grace=0)
+
+
+# client side
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+    from plinth.server.workspace import Workspace
+
+    if args.action == "init":
+        _quiet_libraries()
+        print(f"tiny-sd is at {ensure_tiny_sd(args.models.resolve())}")
+        return 0
+    for name in Workspace(args.models, args.data).checkpoints():
+        print(f"checkpoints/{name}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from plinth.clients import Client, PlinthError
+
+    try:
+        with _address(args) as address, Client(address) as client:
+            schemas = client.list_nodes()
+    except PlinthError as exc:
+        return _refused(exc)
+    if args.json:
+        print(json.dumps({s.class_type: _schema_json(s) for s in schemas}, indent=1))
+        return 0
+    for s in sorted(schemas, key=lambda s: (s.category, s.class_type)):
+        ins = ", ".join(i.name for i in s.inputs)
+        outs = ", ".join(o.type for o in s.outputs) or "(output node)"
+        print(f"{s.category:<14} {s.class_type:<24} ({ins}) -> {outs}")
+    return 0
+
+
+def _schema_json(schema: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    data = MessageToDict(schema, preserving_proto_field_name=True)
+    for item in data.get("inputs", []):
+        if "default_json" in item:
+            item["default"] = json.loads(item.pop("default_json"))
+    return data
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from plinth.graphs import read
+
+    graph = read("txt2img.json")
+    args.graph, args.graph_text, args.server, args.sets, args.inputs, args.json = None, graph, None, [], [], False
+    print("plinth demo: starting a server on 127.0.0.1 and running graphs/txt2img.json on tiny-sd", file=sys.stderr)
+    return cmd_run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from plinth.clients import Client, JobFailed, PlinthError
+
+    try:
+        graph = _apply_sets(_load_graph(args), args.sets)
+        inputs = _parse_inputs(args.inputs)
+    except (OSError, ValueError) as exc:
+        print(f"plinth run: {exc}", file=sys.stderr)
+        return 2
+    bar = _ProgressBar() if sys.stderr.isatty() and not args.json else None
+    try:
+        with _address(args) as address, Client(address) as client:
+            result = client.run(graph, inputs=inputs, on_event=bar.update if bar else None, check=False)
+    except PlinthError as exc:
+        if bar:
+            bar.close()
+        code = _refused(exc)
+        if args.json:
+            print(json.dumps({"job_id": "", "status": "refused", "code": exc.code, "error": exc.message,
+                              "errors": [_error_json(e) for e in exc.errors], "outputs": [], "nodes": {}}))
+        return code
+    if bar:
+        bar.close()
+    paths = _write_images(result, args.output)
+    if not args.json:
+        for path in paths:
+            print(path)
+        if paths:
+            print(f"wrote {len(paths)} image(s) to {args.output.resolve()}", file=sys.stderr)
+    if result.status != "completed":
+        print(f"plinth run: job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "job_id": result.job_id, "status": result.status, "outputs": [str(p) for p in paths],
+            "nodes": {k: {"class_type": v.class_type, "status": v.status, "seconds": round(v.seconds, 6)}
+                      for k, v in result.nodes.items()},
+            **({"error": result.error} if result.error else {}),
+        }))
+    return 0 if result.status == "completed" else 1
+
+
+def _load_graph(args: argparse.Namespace) -> dict[str, Any]:
+    text = getattr(args, "graph_text", None) or args.graph.read_text()
+    try:
+        graph = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{args.graph}: not valid JSON ({exc})") from None
+    if not isinstance(graph, dict):
+        raise ValueError(f"{args.graph}: a graph is a JSON object of node id -> node")
+    return graph
+
+
+def _apply_sets(graph: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    for item in sets:
+        target, sep, raw = item.partition("=")
+        node_id, dot, name = target.partition(".")
+        if not sep or not dot or not node_id or not name:
+            raise ValueError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE")
+        if node_id not in graph or not isinstance(graph[node_id], dict):
+            raise ValueError(f"--set {item!r}: the graph has no node {node_id!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        graph[node_id].setdefault("inputs", {})[name] = value
+    return graph
+
+
+def _parse_inputs(items: list[str]) -> dict[str, bytes]:
+    inputs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--input {item!r}: expected NAME=FILE")
+        inputs[name] = Path(path).read_bytes()
+    return inputs
+
+
+def _write_images(result: Any, outdir: Path) -> list[Path]:
+    refs = [r for r in result.image_refs if r.kind == "output" and r.png]
+    if not refs:
+        return []
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ref in refs:
+        path = outdir / ref.filename
+        path.write_bytes(ref.png)
+        paths.append(path)
+    return paths
+
+
+def _error_json(error: Any) -> dict[str, str]:
+    return {"node_id": error.node_id, "class_type": error.class_type, "input": error.input,
+            "code": error.code, "message": error.message}
+
+
+def _refused(exc: Any) -> int:
+    print(f"plinth: {exc.code}: {exc.message.splitlines()[0] if exc.message else ''}", file=sys.stderr)
+    for e in exc.errors:
+        where = f"node {e.node_id} ({e.class_type})" if e.node_id else "graph"
+        if e.input:
+            where += f" input {e.input!r}"
+        print(f"  {where}: [{e.code}] {e.message}", file=sys.stderr)
+    return 1
+
+
+class _ProgressBar:
+    """One line on stderr: the node that runs and its sampler steps."""
+
+    WIDTH = 30
+
+    def __init__(self) -> None:
+        self.line = ""
+
+    def update(self, event: Any) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "node_started":
+            self._show(f"node {event.node_started.node_id} {event.node_started.class_type}")
+        elif kind == "progress":
+            p = event.progress
+            done = int(self.WIDTH * p.step / max(p.total, 1))
+            self._show(f"node {p.node_id} [{'#' * done}{'.' * (self.WIDTH - done)}] {p.step}/{p.total}")
+
+    def _show(self, text: str) -> None:
+        sys.stderr.write("\r" + text.ljust(len(self.line)))
+        sys.stderr.flush()
+        self.line = text
+
+    def close(self) -> None:
+        if self.line:
+            sys.stderr.write("\r" + " " * len(self.line) + "\r")
+            sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Validating a parsed graph against the node registry and turning it into an execution plan.
+
+Every node is checked (not only those that feed outputs: nothing a client sent is ignored
+silently) and every error is collected, so a client fixes a graph in one round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import networkx as nx
+
+from plinth.nodes.context import ValidationEnv
+from plinth.nodes.schema import WIDGET_TYPES, Node
+from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, LinkRef
+
+
+@dataclass
+class PlannedNode:
+    """A node ready to run: its class, coerced literal inputs, links and cache key."""
+
+    id: str
+    node_cls: type[Node]
+    literals: dict[str, Any]
+    links: dict[str, LinkRef]
+    key: str = ""
+
+    @property
+    def class_type(self) -> str:
+        return self.node_cls.schema.class_type
+
+    @property
+    def output_node(self) -> bool:
+        return self.node_cls.schema.output_node
+
+
+@dataclass
+class ExecutionPlan:
+    """The nodes that feed output nodes, in topological order."""
+
+    graph: Graph
+    nodes: list[PlannedNode]
+
+
+def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEnv) -> ExecutionPlan:
+    errors: list[GraphError] = []
+    planned: dict[str, PlannedNode] = {}
+    for node in graph.nodes.values():
+        node_cls = registry.get(node.class_type)
+        if node_cls is None:
+            errors.append(GraphError(node.id, node.class_type, "", "unknown_class_type",
+                                     f"unknown class_type {node.class_type!r}"))
+            continue
+        planned[node.id] = _check_node(node.id, node.inputs, node_cls, graph, registry, env, errors)
+
+    dag = nx.DiGraph()
+    dag.add_nodes_from(graph.nodes)
+    dag.add_edges_from((link.node_id, p.id) for p in planned.values() for link in p.links.values()
+                       if link.node_id in graph.nodes)
+    cycle_nodes = {n for scc in nx.strongly_connected_components(dag) if len(scc) > 1 for n in scc}
+    cycle_nodes |= {n for n in dag.nodes if dag.has_edge(n, n)}
+    for node_id in sorted(cycle_nodes):
+        errors.append(GraphError(node_id, graph.nodes[node_id].class_type, "", "dependency_cycle",
+                                 "node is part of a cycle of links"))
+
+    outputs = [p.id for p in planned.values() if p.output_node]
+    if not outputs and not any(e.code == "unknown_class_type" for e in errors):
+        errors.append(GraphError("", "", "", "prompt_no_outputs",
+                                 "graph has no output node (e.g. SaveImage or PreviewImage)"))
+    if errors:
+        raise GraphValidationError(errors)
+
+    needed = set(outputs).union(*(nx.ancestors(dag, o) for o in outputs))
+    order = [planned[n] for n in nx.lexicographical_topological_sort(dag.subgraph(needed), key=_id_order)]
+    for p in order:
+        p.key = _cache_key(p, planned, env)
+    return ExecutionPlan(graph, order)
+
+
+def _id_order(node_id: str) -> tuple:
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+def _check_node(node_id: str, inputs: dict[str, Any], node_cls: type[Node], graph: Graph,
+                registry: Mapping[str, type[Node]], env: ValidationEnv,
+                errors: list[GraphError]) -> PlannedNode:
+    schema = node_cls.schema
+    literals: dict[str, Any] = {}
+    links: dict[str, LinkRef] = {}
+    count = len(errors)
+
+    def error(name: str, code: str, message: str) -> None:
+        errors.append(GraphError(node_id, schema.class_type, name, code, message))
+
+    for name in inputs:
+        if schema.input(name) is None:
+            known = ", ".join(i.name for i in schema.inputs) or "none"
+            error(name, "unknown_input", f"{schema.class_type} has no input {name!r} (inputs: {known})")
+    for spec in schema.inputs:
+        value = inputs.get(spec.name, _MISSING)
+        if value is _MISSING:
+            if spec.has_default:
+                literals[spec.name] = spec.coerce(getattr(spec, "default"))
+            elif not spec.optional:
+                error(spec.name, "required_input_missing", "required input is missing")
+            continue
+        if isinstance(value, LinkRef):
+            reason = _check_link(value, spec.type, graph, registry)
+            if reason:
+                error(spec.name, *reason)
+            else:
+                links[spec.name] = value
+            continue
+        if spec.is_link:
+            error(spec.name, "invalid_input_type",
+                  f"expects a link [node_id, output_index] to a {spec.type} output, got {value!r}")
+            continue
+        problem = spec.check(value, env)
+        if problem:
+            error(spec.name, *problem)
+        else:
+            literals[spec.name] = spec.coerce(value)
+    if len(errors) == count:
+        for name, code, message in node_cls.check_inputs(literals):
+            error(name, code, message)
+    return PlannedNode(node_id, node_cls, literals, links)
+
+
+_MISSING = object()
+
+
+def _check_link(link: LinkRef, wanted: str, graph: Graph,
+                registry: Mapping[str, type[Node]]) -> tuple[str, str] | None:
+    source = graph.nodes.get(link.node_id)
+    if source is None:
+        return "bad_link", f"links to node {link.node_id!r}, which is not in the graph"
+    source_cls = registry.get(source.class_type)
+    if source_cls is None:
+        return None  # reported on the source node itself
+    outputs = source_cls.schema.outputs
+    if not 0 <= link.index < len(outputs):
+        return "bad_link", (f"links to output {link.index} of node {link.node_id} ({source.class_type}), "
+                            f"which has {len(outputs)} output(s)")
+    given = outputs[link.index].type
+    if given != wanted and not (wanted == "COMBO" and given in WIDGET_TYPES):
+        return "link_type_mismatch", (f"expects {wanted} but output {link.index} of node {link.node_id} "
+                                      f"({source.class_type}) is {given}")
+    return None
+
+
+def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: ValidationEnv) -> str:
+    """class_type + literal inputs + parents' keys (+ file fingerprints): independent of node
+    ids, so identical subgraphs share cache entries across graphs and jobs."""
+    material = {
+        "class_type": node.class_type,
+        "literals": node.literals,
+        "links": {name: [planned[link.node_id].key, link.index] for name, link in node.links.items()},
+        "fingerprint": node.node_cls.fingerprint(node.literals, env),
+    }
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
