@@ -88,4 +88,6 @@ def sample(
                 pred = uncond + plan.cfg * (cond - uncond)
             x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
             on_step(i + 1, len(timesteps))
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"sampling with {plan.sampler_name}/{plan.scheduler} produced non-finite values")
     return x

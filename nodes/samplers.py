@@ -25,7 +25,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("LCMScheduler", {}),
     "deis": ("DEISMultistepScheduler", {}),
     "ddim": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
-    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1"}),
+    # bh1's last step divides by a zero sigma; ending at sigma_min keeps it finite.
+    "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
     "uni_pc_bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
 }
 

@@ -1,14 +1,13 @@
 """Loading Stable Diffusion 1.x checkpoints into torch objects, fully offline.
 
 Two layouts load: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...) and a
-single .safetensors file in the original SD1.x key layout. The single file's architecture comes
-from the weightless SD1.5 config shipped in configs/sd15, so no config is fetched from anywhere.
+single .safetensors file in the original SD1.x key layout. The single file's architecture is read
+off its weights (single_file.py), so no config is fetched from anywhere.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,9 @@ from typing import Any
 import torch
 
 from plinth.nodes.context import NodeInputError
+from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file
 from plinth.nodes.models.tokenizer import load_tokenizer, write_tokenizer_files
 
-SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
-SD1_UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 
 
 @dataclass
@@ -65,7 +62,9 @@ def load_checkpoint(path: Path, models_dir: Path, device: torch.device, dtype: t
     else:
         raise NodeInputError(f"{path.name}: only diffusers folders and .safetensors files load")
     for module in (model.unet, model.vae, model.text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module.to(device).eval().requires_grad_(False)
+        if module.dtype != dtype:
+            module.to(dtype)
     return model
 
 
@@ -86,28 +85,9 @@ def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:
 
 
 def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
-    from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-    if SD1_UNET_KEY not in keys or not any(k.startswith(SD1_TEXT_PREFIX) for k in keys):
-        raise NodeInputError(f"{path.name}: not an SD1.x checkpoint in the original key layout "
-                             f"(no {SD1_UNET_KEY} or {SD1_TEXT_PREFIX}* keys)")
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(_sd15_config_dir(models_dir)), local_files_only=True,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return StableDiffusion(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+    unet, vae, text_encoder = load_single_file(path)
+    return StableDiffusion(unet, vae, text_encoder, load_tokenizer(tokenizer_dir(models_dir)),
                            _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"))
-
-
-def _sd15_config_dir(models_dir: Path) -> Path:
-    """The shipped SD1.5 configs plus the offline tokenizer, as one diffusers config folder."""
-    target = models_dir / ".plinth" / "sd15-config"
-    if not (target / "tokenizer" / "vocab.json").exists():
-        shutil.copytree(SD15_CONFIG, target, dirs_exist_ok=True)
-        shutil.copytree(tokenizer_dir(models_dir), target / "tokenizer", dirs_exist_ok=True)
-    return target
 
 
 def _scheduler_config(path: Path) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from plinth.nodes.models.single_file import SD15_CONFIG
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
@@ -40,58 +42,15 @@ _PrefixMap = list[tuple[str, str, dict[str, str]]]
 
 
 def sd15_configs() -> dict:
-    """Configs of the real SD1.5 (860M UNet, 83M VAE, 123M CLIP-L text encoder), as in its diffusers repo.
+    """Configs of the real SD1.5 (860M UNet, 83M VAE, 123M CLIP-L text encoder): the ones Plinth ships.
 
     For benchmarks only: the models take ~4 GB in fp32, far too big to build in unit tests.
     """
-    return {
-        "unet": {
-            "sample_size": 64,
-            "in_channels": 4,
-            "out_channels": 4,
-            "center_input_sample": False,
-            "flip_sin_to_cos": True,
-            "freq_shift": 0,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            "block_out_channels": [320, 640, 1280, 1280],
-            "layers_per_block": 2,
-            "downsample_padding": 1,
-            "mid_block_scale_factor": 1,
-            "act_fn": "silu",
-            "norm_num_groups": 32,
-            "norm_eps": 1e-5,
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-        },
-        "vae": {
-            "sample_size": 512,
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "block_out_channels": [128, 256, 512, 512],
-            "layers_per_block": 2,
-            "act_fn": "silu",
-            "latent_channels": 4,
-            "norm_num_groups": 32,
-            "scaling_factor": 0.18215,
-        },
-        "text_encoder": {
-            "vocab_size": 49408,
-            "max_position_embeddings": 77,
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "pad_token_id": 1,
-            "bos_token_id": 0,
-            "eos_token_id": 2,
-        },
-    }
+    def read(part: str) -> dict:
+        config = json.loads((SD15_CONFIG / part / "config.json").read_text())
+        return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+
+    return {part: read(part) for part in ("unet", "vae", "text_encoder")}
 
 
 def small_sd15_configs() -> dict:
@@ -105,7 +64,8 @@ def small_sd15_configs() -> dict:
     configs = sd15_configs()
     configs["unet"].update(sample_size=8, block_out_channels=[32, 64, 128, 128], cross_attention_dim=64)
     configs["vae"].update(sample_size=64, block_out_channels=[32, 64, 128, 128])
-    text = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2}
+    # One 64-wide head: CLIP text models keep 64-dimensional heads, which is how loaders infer the count.
+    text = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 1}
     configs["text_encoder"].update(text, projection_dim=64)
     return configs
 

@@ -1,0 +1,72 @@
+"""The wire contract: committed stubs match the .proto files, and ListNodes gives every node's
+full schema, matching ComfyUI's own (names, order, types, defaults, ranges, choices)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from plinth.nodes.registry import NODES
+
+COMFY = json.loads((Path(__file__).parent / "data" / "comfyui-core-nodes.json").read_text())
+
+
+def test_committed_stubs_match_the_protos():
+    proc = subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_registered_node_is_listed(client):
+    listed = {n.class_type: n for n in client.list_nodes()}
+    assert set(listed) == set(NODES)
+    for schema in listed.values():
+        assert schema.category and schema.display_name and schema.description
+
+
+def _comfy_inputs(class_type):
+    spec = COMFY[class_type]
+    order = spec["input_order"]
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            yield name, section, spec["input"][section][name]
+
+
+@pytest.mark.parametrize("class_type", sorted(set(COMFY) & set(NODES)))
+def test_schema_matches_comfyui(client, class_type):
+    ours = next(n for n in client.list_nodes() if n.class_type == class_type)
+    theirs = list(_comfy_inputs(class_type))
+    assert [i.name for i in ours.inputs] == [name for name, _, _ in theirs], "input names and widget order"
+    assert [o.type for o in ours.outputs] == COMFY[class_type]["output"]
+    assert ours.output_node == COMFY[class_type]["output_node"]
+    for item, (name, section, (ctype, *rest)) in zip(ours.inputs, theirs):
+        options = rest[0] if rest else {}
+        assert item.required == (section == "required"), name
+        if isinstance(ctype, list):
+            assert item.type == "COMBO", name
+            assert set(item.choices) <= set(ctype), f"{name}: choices ComfyUI does not have"
+        elif ctype.startswith("<"):
+            assert item.type == "COMBO", name  # a dynamic list: model files or uploaded images
+        else:
+            assert item.type == ctype, name
+        if "default" in options:
+            assert json.loads(item.default_json) == options["default"], name
+        for bound in ("min", "max", "step"):
+            if bound in options:
+                assert item.HasField(bound) and getattr(item, bound) == pytest.approx(float(options[bound])), (name, bound)
+        assert item.control_after_generate == bool(options.get("control_after_generate")), name
+
+
+def test_sampler_choices_cover_the_common_ones(client):
+    ksampler = next(n for n in client.list_nodes() if n.class_type == "KSampler")
+    inputs = {i.name: i for i in ksampler.inputs}
+    assert {"euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "ddim",
+            "uni_pc"} <= set(inputs["sampler_name"].choices)
+    assert {"normal", "karras", "exponential", "simple", "sgm_uniform"} <= set(inputs["scheduler"].choices)
+    ckpt = next(n for n in client.list_nodes() if n.class_type == "CheckpointLoaderSimple").inputs[0]
+    assert "tiny-sd" in ckpt.choices

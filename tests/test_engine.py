@@ -1,0 +1,71 @@
+"""Engine units: graph parsing, the output cache's bounds, cache keys, pruning."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from plinth.nodes.registry import NODES
+from plinth.server.engine.cache import OutputCache
+from plinth.server.engine.graph import GraphValidationError, LinkRef, parse_graph
+from plinth.server.engine.validate import validate
+
+
+class Env:
+    def choices(self, source):
+        return ["tiny-sd"] if source == "checkpoints" else ["a.png"]
+
+    def fingerprint(self, source, name):
+        return f"{source}:{name}"
+
+
+def test_links_and_literals_are_told_apart():
+    graph = parse_graph('{"1": {"class_type": "X", "inputs": {"a": ["2", 0], "b": [1, 2, 3], "c": "t"}}}')
+    inputs = graph.nodes["1"].inputs
+    assert inputs["a"] == LinkRef("2", 0)
+    assert inputs["b"] == [1, 2, 3] and inputs["c"] == "t"
+
+
+def test_only_nodes_that_feed_outputs_run(txt2img):
+    txt2img["50"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    plan = validate(parse_graph(txt2img), NODES, Env())
+    ids = [n.id for n in plan.nodes]
+    assert "50" not in ids
+    assert ids.index("4") < ids.index("6") < ids.index("3") < ids.index("8") < ids.index("9")
+
+
+def test_keys_depend_on_inputs_and_ancestry_not_ids(txt2img):
+    keys = {n.id: n.key for n in validate(parse_graph(txt2img), NODES, Env()).nodes}
+    txt2img["3"]["inputs"]["seed"] += 1
+    changed = {n.id: n.key for n in validate(parse_graph(txt2img), NODES, Env()).nodes}
+    assert {i for i in keys if keys[i] != changed[i]} == {"3", "8", "9"}
+    assert keys["6"] != keys["7"]  # different prompts
+
+
+def test_defaults_fill_missing_widgets_and_ints_coerce(txt2img):
+    del txt2img["3"]["inputs"]["denoise"]
+    txt2img["3"]["inputs"]["steps"] = 2.0
+    plan = validate(parse_graph(txt2img), NODES, Env())
+    sampler = next(n for n in plan.nodes if n.id == "3")
+    assert sampler.literals["denoise"] == 1.0
+    assert sampler.literals["steps"] == 2 and isinstance(sampler.literals["steps"], int)
+
+
+@pytest.mark.parametrize("value", [2.5, True, None, float("nan"), [1]])
+def test_bad_ints_are_refused(txt2img, value):
+    txt2img["3"]["inputs"]["steps"] = value
+    with pytest.raises(GraphValidationError) as info:
+        validate(parse_graph(txt2img), NODES, Env())
+    assert info.value.errors[0].input == "steps"
+
+
+def test_cache_is_bounded_in_bytes_and_least_recently_used_goes_first():
+    cache = OutputCache(max_bytes=3 * 4096 + 500)
+    for key in "abc":
+        cache.put(key, (torch.zeros(1024),))  # 4 KiB each
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", (torch.zeros(1024),))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
+    cache.put("huge", (torch.zeros(10**6),))
+    assert cache.get("huge") is None  # larger than the whole cache: not kept
+    assert cache.bytes_used <= cache.max_bytes

@@ -1,0 +1,163 @@
+"""Jobs over gRPC: event order, late watchers, cancellation, GetJob/ListJobs, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from plinth.clients import AsyncClient, JobFailed, PlinthError
+
+ORDER = ["queued", "started", "node_started", "progress", "node_cached", "node_finished", "output"]
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def kinds(events):
+    return [e.WhichOneof("kind") for e in events]
+
+
+def check_order(events):
+    """queued, started, then per node: node_started, progress*, node_finished (or node_cached),
+    output after an output node; exactly one terminal event, last."""
+    k = kinds(events)
+    assert k[:2] == ["queued", "started"]
+    assert k[-1] in TERMINAL and sum(x in TERMINAL for x in k) == 1
+    assert [e.seq for e in events] == list(range(len(events)))
+    current = None
+    for event, kind in zip(events[2:-1], k[2:-1]):
+        if kind == "node_started":
+            assert current is None
+            current = event.node_started.node_id
+        elif kind == "progress":
+            assert event.progress.node_id == current
+        elif kind == "node_finished":
+            assert event.node_finished.node_id == current
+            current = None
+        elif kind in ("node_cached", "output"):
+            assert current is None
+        else:
+            pytest.fail(f"unexpected {kind}")
+
+
+def test_events_come_in_the_documented_order(client, txt2img):
+    txt2img["3"]["inputs"].update(seed=8080, steps=3)
+    result = client.run(txt2img)
+    check_order(result.events)
+    progress = [e.progress for e in result.events if e.WhichOneof("kind") == "progress"]
+    assert [(p.node_id, p.step, p.total) for p in progress] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
+    output = [e for e in result.events if e.WhichOneof("kind") == "output"]
+    assert len(output) == 1 and output[0].output.node_id == "9"
+    cached = client.run(txt2img)
+    check_order(cached.events)
+    assert set(kinds(cached.events)) == {"queued", "started", "node_cached", "output", "completed"}
+
+
+def test_watch_from_the_first_event_after_the_job_ended(client, txt2img):
+    txt2img["3"]["inputs"]["seed"] = 9090
+    job_id = client.submit(txt2img)
+    live = list(client.watch(job_id))
+    late = list(client.watch(job_id))
+    assert kinds(late) == kinds(live)
+    assert kinds(late)[0] == "queued" and kinds(late)[-1] == "completed"
+
+
+def test_get_and_list_jobs(client, txt2img):
+    txt2img["3"]["inputs"]["seed"] = 1111
+    result = client.run(txt2img)
+    job = client.get_job(result.job_id)
+    assert job.status == 3  # JOB_STATUS_COMPLETED
+    assert {k: v.class_type for k, v in job.nodes.items()}["3"] == "KSampler"
+    assert len(job.outputs) == 2 and not job.outputs[0].png and job.outputs[0].width == 64
+    completed = client.list_jobs(statuses=["completed"], page_size=1)
+    assert len(completed.jobs) == 1 and completed.next_page_token
+    assert client.list_jobs(statuses=["completed"], page_size=1, page_token=completed.next_page_token).jobs
+    with pytest.raises(PlinthError) as info:
+        client.list_jobs(page_token="garbage")
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
+def long_graph(txt2img, seed, steps=400):
+    txt2img["3"]["inputs"].update(seed=seed, steps=steps)
+    txt2img["5"]["inputs"]["batch_size"] = 1
+    return txt2img
+
+
+def test_cancel_during_sampling_stops_within_one_step(server, client, txt2img):
+    job_id = client.submit(long_graph(txt2img, 1212))
+    events = client.watch(job_id)
+    for event in events:
+        if event.WhichOneof("kind") == "progress":
+            break
+    client.cancel(job_id)
+    job = server.service.get(job_id)
+    steps_at_cancel = max(e.payload.step for e in list(job.events) if type(e.payload).__name__ == "Progress")
+    rest = list(events)
+    assert kinds(rest)[-1] == "cancelled"
+    final_steps = max(e.payload.step for e in job.events if type(e.payload).__name__ == "Progress")
+    assert final_steps - steps_at_cancel <= 1
+    assert final_steps < 400
+    assert client.get_job(job_id).status == 5  # JOB_STATUS_CANCELLED
+
+
+def test_cancel_a_queued_job_and_priorities(server, client, txt2img):
+    blocker = client.submit(long_graph(txt2img, 1313))
+    low = client.submit(long_graph(txt2img, 1314, steps=2), priority=0)
+    high = client.submit(long_graph(txt2img, 1315, steps=2), priority=5)
+    doomed = client.submit(long_graph(txt2img, 1316, steps=2))
+    assert client.cancel(doomed).status == 5
+    client.cancel(blocker)
+    assert kinds(client.watch(doomed)) == ["queued", "cancelled"]
+    assert kinds(client.watch(low))[-1] == "completed"
+    assert client.get_job(high).started_at <= client.get_job(low).started_at
+
+
+def test_run_raises_job_failed_with_the_result(client, txt2img, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    with pytest.raises(JobFailed) as info:
+        client.run(graph, inputs={"photo.png": bad})
+    assert info.value.result.status == "failed"
+    assert "photo.png" in info.value.result.error and "node 1 (LoadImage)" in info.value.result.error
+
+
+def test_async_client_runs_a_graph(server, txt2img):
+    txt2img["3"]["inputs"]["seed"] = 1414
+
+    async def go():
+        async with AsyncClient(server.address) as aclient:
+            result = await aclient.run(txt2img)
+            nodes = await aclient.list_nodes()
+            return result, nodes
+
+    result, nodes = asyncio.run(go())
+    assert result.status == "completed" and len(result.images) == 2
+    assert "KSampler" in {n.class_type for n in nodes}
+
+
+def test_concurrent_clients_all_complete(server, txt2img):
+    from plinth.clients import Client
+
+    results, errors = [], []
+
+    def worker(seed):
+        graph = long_graph(dict((k, dict(v, inputs=dict(v["inputs"]))) for k, v in txt2img.items()), seed, steps=2)
+        try:
+            with Client(server.address, timeout=120) as c:
+                results.append(c.run(graph).status)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(2000 + i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == ["completed"] * 6
+
+
+def test_health_says_serving(client, server):
+    assert client.health() == "SERVING"
+    assert client.health("plinth.v1.GraphService") == "SERVING"

@@ -1,0 +1,91 @@
+"""KSampler: every offered sampler and scheduler really maps to a diffusers scheduler and runs;
+denoise below 1 keeps part of a given latent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from plinth.nodes.samplers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
+from plinth.nodes.models.checkpoint import SD15_CONFIG
+
+BASE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "steps_offset": 1}
+COMBOS = [(s, k) for s in SAMPLERS for k in SCHEDULERS
+          if not (k in SIGMA_SCHEDULES and s in NO_SIGMA_SCHEDULES)]
+
+
+def run(service, graph):
+    job = service.submit(graph)
+    list(job.watch())
+    assert job.status.value == "completed", job.error
+    return job
+
+
+def images(job):
+    from PIL import Image
+    import io
+
+    return [np.asarray(Image.open(io.BytesIO(i.png)), dtype=np.float32) / 255 for i in job.outputs]
+
+
+@pytest.mark.parametrize("sampler,scheduler", COMBOS)
+def test_every_pair_runs_on_its_diffusers_scheduler(server, txt2img, sampler, scheduler):
+    made = make_scheduler(sampler, scheduler, BASE)
+    assert type(made).__name__ == SAMPLERS[sampler][0]
+    for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+        assert bool(made.config.get(flag)) == (SCHEDULERS[scheduler].get(flag, False)), flag
+    txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler, steps=3, seed=31)
+    txt2img["5"]["inputs"]["batch_size"] = 1
+    job = run(server.service, txt2img)
+    assert np.isfinite(images(job)[0]).all()
+
+
+def test_samplers_differ(server, txt2img):
+    txt2img["5"]["inputs"]["batch_size"] = 1
+    outs = {}
+    for sampler in ("euler", "euler_ancestral", "dpmpp_2m", "ddim"):
+        txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler="normal", steps=4, seed=5)
+        outs[sampler] = images(run(server.service, txt2img))[0]
+    values = list(outs.values())
+    assert all(not np.array_equal(a, b) for i, a in enumerate(values) for b in values[i + 1:])
+
+
+def test_sigma_schedule_with_a_timestep_sampler_is_a_validation_error(client, txt2img):
+    from plinth.clients import PlinthError
+
+    txt2img["3"]["inputs"].update(sampler_name="ddim", scheduler="karras")
+    with pytest.raises(PlinthError) as info:
+        client.submit(txt2img)
+    assert [(e.node_id, e.input, e.code) for e in info.value.errors] == [("3", "scheduler", "invalid_combination")]
+
+
+def hires_graph(txt2img, denoise, seed=77):
+    """KSampler -> KSampler(denoise) -> decode, and the first pass decoded alongside."""
+    g = txt2img
+    g["5"]["inputs"]["batch_size"] = 1
+    g["3"]["inputs"].update(seed=seed, steps=4)
+    g["20"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "seed": seed + 1, "denoise": denoise,
+                                                     "latent_image": ["3", 0]}}
+    g["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
+    g["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "second"}}
+    return g
+
+
+def test_denoise_below_one_keeps_part_of_the_given_latent(server, txt2img):
+    import copy
+
+    distance = {}
+    for denoise in (0.0, 0.2, 0.95):
+        job = run(server.service, hires_graph(copy.deepcopy(txt2img), denoise))
+        first, second = images(job)
+        distance[denoise] = float(np.abs(first - second).mean())
+    assert distance[0.0] == 0.0  # denoise 0 returns the latent unchanged
+    assert 0 < distance[0.2] < distance[0.95]
+
+
+def test_shipped_scheduler_config_is_sd15s():
+    import json
+
+    config = json.loads((SD15_CONFIG / "scheduler" / "scheduler_config.json").read_text())
+    assert {k: config[k] for k in BASE} == BASE
