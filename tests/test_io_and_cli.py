@@ -107,8 +107,13 @@ def test_client_commands_do_not_import_torch(server):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_cli_models_list_shows_tiny_sd(models_dir, tmp_path):
-    proc = plinth("models", "list", "--models", str(models_dir), "--data", str(tmp_path))
+@pytest.mark.slow
+def test_cli_models_init_makes_tiny_sd_and_list_shows_it(tmp_path):
+    models = tmp_path / "models"
+    proc = plinth("models", "init", "--models", str(models), "--data", str(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stderr
+    assert (models / "checkpoints" / "tiny-sd" / "unet" / "config.json").exists()
+    proc = plinth("models", "list", "--models", str(models), "--data", str(tmp_path / "data"))
     assert proc.returncode == 0 and "checkpoints/tiny-sd" in proc.stdout.split()
 
 

@@ -161,3 +161,22 @@ def test_concurrent_clients_all_complete(server, txt2img):
 def test_health_says_serving(client, server):
     assert client.health() == "SERVING"
     assert client.health("plinth.v1.GraphService") == "SERVING"
+
+
+def test_preview_images_are_streamed_but_not_kept_as_outputs(server, client, txt2img):
+    txt2img["3"]["inputs"]["seed"] = 1515
+    txt2img["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    result = client.run(txt2img)
+    assert [r.kind for r in result.image_refs] == ["preview", "preview"]
+    assert len(result.images) == 2
+    assert not client.get_job(result.job_id).outputs
+    assert all(server.service.workspace.read_image(r.id) is None for r in result.image_refs)
+
+
+def test_reflection_lists_the_services(server):
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"plinth.v1.GraphService", "plinth.v1.NodeService", "grpc.health.v1.Health"} <= services
