@@ -124,14 +124,16 @@ def _address(args: argparse.Namespace) -> Iterator[str]:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-    from plinth.server.workspace import Workspace
+    from plinth.server.workspace import MODEL_FOLDERS, Workspace
 
     if args.action == "init":
         _quiet_libraries()
         print(f"tiny-sd is at {ensure_tiny_sd(args.models.resolve())}")
         return 0
-    for name in Workspace(args.models, args.data).checkpoints():
-        print(f"checkpoints/{name}")
+    workspace = Workspace(args.models, args.data)
+    for folder in MODEL_FOLDERS:
+        for name in workspace.models(folder):
+            print(f"{folder}/{name}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The server's directories: models to load, images to keep, and what one job may see of them.
 
-models/        checkpoints/ (diffusers folders, .safetensors), later loras/, upscale_models/, ...
+models/        checkpoints/ (diffusers folders, .safetensors), vae/, loras/, upscale_models/,
+               controlnet/, ipadapter/, clip_vision/ (.safetensors), rembg/ (.onnx cutout models)
 data/images/   output PNGs, content-addressed (sha256 of the file)
 data/inputs/   images a LoadImage may name besides those sent with the request
 """
@@ -17,6 +18,17 @@ from plinth.nodes.models.tiny_sd import NAME as TINY_SD, ensure_tiny_sd
 from plinth.server.models.manager import ModelManager
 
 MODEL_SUFFIXES = (".safetensors",)
+# Model folders and the file types each holds (ComfyUI's folder names where it has them).
+MODEL_FOLDERS = {
+    "checkpoints": MODEL_SUFFIXES,
+    "vae": MODEL_SUFFIXES,
+    "loras": MODEL_SUFFIXES,
+    "upscale_models": MODEL_SUFFIXES,
+    "controlnet": MODEL_SUFFIXES,
+    "ipadapter": MODEL_SUFFIXES,
+    "clip_vision": MODEL_SUFFIXES,
+    "rembg": (".onnx",),
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -26,22 +38,26 @@ class Workspace:
         self.data_dir = Path(data_dir).resolve()
         self.images_dir = self.data_dir / "images"
         self.inputs_dir = self.data_dir / "inputs"
-        for folder in (self.models_dir / "checkpoints", self.images_dir, self.inputs_dir):
+        for folder in (*(self.models_dir / f for f in MODEL_FOLDERS), self.images_dir, self.inputs_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     # models
 
-    def checkpoints(self) -> list[str]:
-        """tiny-sd plus every diffusers folder and .safetensors file under checkpoints/."""
-        root = self.models_dir / "checkpoints"
-        names = {TINY_SD}
-        for path in root.rglob("*"):
-            if path.name.startswith("."):
+    def models(self, source: str) -> list[str]:
+        """Model names in one folder: files of its types, and diffusers folders (marked by
+        model_index.json among checkpoints, config.json elsewhere); tiny-sd is always a checkpoint."""
+        root = self.models_dir / source
+        names = {TINY_SD} if source == "checkpoints" else set()
+        marker = "model_index.json" if source == "checkpoints" else "config.json"
+        for folder, subfolders, files in os.walk(root):
+            here = Path(folder)
+            if here != root and (here / marker).exists():
+                names.add(here.relative_to(root).as_posix())
+                subfolders.clear()  # its weight files belong to the folder model
                 continue
-            if path.is_dir() and (path / "model_index.json").exists():
-                names.add(path.relative_to(root).as_posix())
-            elif path.is_file() and path.suffix in MODEL_SUFFIXES:
-                names.add(path.relative_to(root).as_posix())
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            names.update((here / f).relative_to(root).as_posix() for f in files
+                         if not f.startswith(".") and Path(f).suffix in MODEL_FOLDERS[source])
         return sorted(names)
 
     def model_path(self, source: str, name: str) -> Path:
@@ -67,8 +83,8 @@ class Workspace:
         return hashlib.sha256(repr(stats).encode()).hexdigest()
 
     def choices(self, source: str) -> list[str]:
-        if source == "checkpoints":
-            return self.checkpoints()
+        if source in MODEL_FOLDERS:
+            return self.models(source)
         if source == "input_images":
             return sorted(p.name for p in self.inputs_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         raise KeyError(f"unknown choice source {source!r}")

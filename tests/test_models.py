@@ -95,3 +95,18 @@ def test_model_manager_shares_loads_and_evicts_least_recently_used():
 def test_model_names_stay_inside_the_models_dir(server):
     with pytest.raises(NodeInputError):
         server.service.workspace.model_path("checkpoints", "../../etc/passwd")
+
+
+def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
+    from plinth.server.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "models", tmp_path / "data")
+    folder = tmp_path / "models" / "checkpoints" / "brand" / "sd-folder"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (tmp_path / "models" / "checkpoints" / "one.safetensors").write_bytes(b"")
+    (tmp_path / "models" / "checkpoints" / "notes.txt").write_text("not a model")
+    (tmp_path / "models" / "loras" / "style.safetensors").write_bytes(b"")
+    assert workspace.models("checkpoints") == ["brand/sd-folder", "one.safetensors", "tiny-sd"]
+    assert workspace.choices("loras") == ["style.safetensors"]

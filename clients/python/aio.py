@@ -8,7 +8,7 @@ import grpc
 
 from plinth.clients.client import CHANNEL_OPTIONS, EventHandler
 from plinth.clients.results import (
-    STATUS_VALUES, GraphLike, ImageLike, JobFailed, RunResult, error_from_rpc, submit_request,
+    STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
 )
 from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
 from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
@@ -33,9 +33,7 @@ class AsyncClient:
                     on_event(event)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        if check and result.status != "completed":
-            raise JobFailed(result)
-        return result
+        return checked(result, check)
 
     async def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None,
                      priority: int = 0) -> str:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import grpc
 
 from plinth.clients.results import (
-    STATUS_VALUES, GraphLike, ImageLike, JobFailed, RunResult, error_from_rpc, submit_request,
+    STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
 )
 from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
 from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
@@ -47,9 +47,7 @@ class Client:
                     on_event(event)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        if check and result.status != "completed":
-            raise JobFailed(result)
-        return result
+        return checked(result, check)
 
     def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0) -> str:
         return self._call(self.graphs.Submit, submit_request(graph, inputs, priority)).job_id

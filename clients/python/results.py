@@ -42,6 +42,13 @@ class JobFailed(PlinthError):
         super().__init__(result.status.upper(), result.error or result.status)
 
 
+def checked(result: "RunResult", check: bool) -> "RunResult":
+    """The result, or JobFailed when asked to check and the job did not complete."""
+    if check and result.status != "completed":
+        raise JobFailed(result)
+    return result
+
+
 def error_from_rpc(error: grpc.RpcError) -> PlinthError:
     from grpc_status import rpc_status
 

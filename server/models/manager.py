@@ -18,6 +18,18 @@ from plinth.nodes.context import ModelHandle
 log = logging.getLogger("plinth.models")
 
 
+def model_bytes(model: Any) -> int:
+    """Memory a loaded model holds: its own nbytes() when it has one, else a torch module's
+    parameters and buffers; 0 for anything else."""
+    if hasattr(model, "nbytes") and callable(model.nbytes):
+        return int(model.nbytes())
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return 0
+
+
 class ModelTooLarge(RuntimeError):
     """A model does not fit the memory budget even with every other model unloaded."""
 
@@ -45,7 +57,7 @@ class ModelManager:
                 return entry.model
             start = time.perf_counter()
             model = handle.load()
-            nbytes = int(model.nbytes()) if hasattr(model, "nbytes") else 0
+            nbytes = model_bytes(model)
             if nbytes > self.budget_bytes:
                 raise ModelTooLarge(f"model {handle.key} needs {nbytes / 2**30:.2f} GiB, more than the "
                                     f"model memory budget of {self.budget_bytes / 2**30:.2f} GiB")
