@@ -47,9 +47,10 @@ def test_schema_matches_comfyui(client, class_type):
     for item, (name, section, (ctype, *rest)) in zip(ours.inputs, theirs):
         options = rest[0] if rest else {}
         assert item.required == (section == "required"), name
-        if isinstance(ctype, list):
+        if isinstance(ctype, list) or (ctype == "COMBO" and options.get("options")):
             assert item.type == "COMBO", name
-            assert set(item.choices) <= set(ctype), f"{name}: choices ComfyUI does not have"
+            comfy_choices = ctype if isinstance(ctype, list) else options["options"]
+            assert set(item.choices) <= set(comfy_choices), f"{name}: choices ComfyUI does not have"
         elif ctype.startswith("<"):
             assert item.type == "COMBO", name  # a dynamic list: model files or uploaded images
         else:
