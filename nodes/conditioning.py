@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from plinth.nodes.context import NodeContext
+from plinth.nodes.patches import patched
 from plinth.nodes.schema import Link, Node, Output, String
 from plinth.nodes.types import Conditioning, ConditioningEntry, TextEncoder
 
@@ -25,7 +26,7 @@ def encode_prompt(clip: TextEncoder, ctx: NodeContext, text: str) -> torch.Tenso
     windows = [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
     rows = [[bos] + w + [eos] + [pad] * (CHUNK - len(w)) for w in windows]
     tokens = torch.tensor(rows, dtype=torch.long, device=ctx.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), patched(ctx, clip.patches, encoder):
         if clip.stop_at_layer == -1:
             hidden = encoder(tokens).last_hidden_state
         else:

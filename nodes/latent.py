@@ -38,12 +38,12 @@ class VAEDecode(Node):
     vae = Link("VAE")
 
     def run(self, ctx: NodeContext, samples: Latent, vae: Vae) -> tuple[torch.Tensor]:
-        model = vae.load(ctx)
-        dtype = next(model.vae.parameters()).dtype
+        module = vae.module(ctx)
+        dtype = next(module.parameters()).dtype
         images = []
         with torch.inference_mode():
             for one in samples.samples.split(1):  # one at a time keeps decode memory flat
                 ctx.check_cancelled()
-                decoded = model.vae.decode(one.to(ctx.device, dtype)).sample
+                decoded = module.decode(one.to(ctx.device, dtype)).sample
                 images.append(((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         return (torch.cat(images),)

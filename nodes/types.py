@@ -7,23 +7,29 @@ checkpoint held by the model manager; they never hold weights themselves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from plinth.nodes.context import ModelHandle, NodeContext
 from plinth.nodes.models.checkpoint import StableDiffusion
+from plinth.nodes.patches import ModelPatch
 
 
 @dataclass(frozen=True)
 class CheckpointPart:
-    """A MODEL, CLIP or VAE: one part of a loaded checkpoint."""
+    """A MODEL, CLIP or VAE: one part of a loaded checkpoint, plus the patches (LoRA, ...)
+    the graph applied to it. Applying a patch makes a new value; the weights stay shared."""
 
     checkpoint: ModelHandle
+    patches: tuple[ModelPatch, ...] = ()
 
     def load(self, ctx: NodeContext) -> StableDiffusion:
         return ctx.model(self.checkpoint)
+
+    def with_patch(self, patch: ModelPatch):
+        return replace(self, patches=(*self.patches, patch))
 
 
 @dataclass(frozen=True)
@@ -39,13 +45,35 @@ class TextEncoder(CheckpointPart):
 
 
 @dataclass(frozen=True)
-class Vae(CheckpointPart):
-    """VAE: pixels to latents and back."""
+class Vae:
+    """VAE: pixels to latents and back; the VAE of a checkpoint, or one loaded on its own."""
+
+    source: ModelHandle
+
+    def module(self, ctx: NodeContext) -> Any:
+        """The AutoencoderKL."""
+        loaded = ctx.model(self.source)
+        return loaded.vae if isinstance(loaded, StableDiffusion) else loaded
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet applied to a conditioning entry: hint image, strength and the part of
+    the schedule (0 = start, 1 = end) in which it acts."""
+
+    controlnet: ModelHandle
+    hint: torch.Tensor = field(compare=False)  # IMAGE [B,H,W,C] in 0..1
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
 
 
 @dataclass
 class ConditioningEntry:
-    """One encoded prompt: token embeddings [1, 77*k, D] plus options such as an area."""
+    """One encoded prompt: token embeddings [1, 77*k, D] plus options, as in ComfyUI:
+    "area" (h, w, y, x) in latent cells and "strength" (ConditioningSetArea), "controls"
+    (a tuple of ControlSpec), "concat_latent" (unscaled LATENT samples) and "concat_mask"
+    ([B,1,H,W]) for inpainting models."""
 
     embeds: torch.Tensor
     options: dict[str, Any] = field(default_factory=dict)

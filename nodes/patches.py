@@ -1,0 +1,47 @@
+"""Model patches: changes a MODEL or CLIP carries (LoRA, IP-Adapter, ...) that are put on the
+shared torch modules only while one node runs, and taken off afterwards.
+
+Loaded weights are shared by every job and graph (the model manager holds one copy), so a patch
+never edits them for good: `applied()` installs hooks or processors for the duration of a
+`with` block. Patches stack in the order the graph applied them.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, ContextManager, Iterator, Protocol, Sequence
+
+import torch
+
+from plinth.nodes.context import NodeContext
+
+
+class ModelPatch(Protocol):
+    def applied(self, ctx: NodeContext, module: torch.nn.Module) -> ContextManager[None]:
+        """Put the patch on `module` (a UNet or a CLIP text model) for the duration of a `with`."""
+
+    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool]) -> dict[str, Any]:
+        """Extra keyword arguments for one UNet call whose batch rows are positive (True) or
+        negative (False) conditioning; {} for patches that only change weights."""
+
+
+@contextmanager
+def patched(ctx: NodeContext, patches: Sequence[ModelPatch], module: torch.nn.Module) -> Iterator[None]:
+    """All `patches` applied to `module`, in order, undone in reverse on exit."""
+    with ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch.applied(ctx, module))
+        yield
+
+
+def merged_call_kwargs(ctx: NodeContext, patches: Sequence[ModelPatch],
+                       positive_rows: Sequence[bool]) -> dict[str, Any]:
+    """The patches' extra UNet keyword arguments, merged (nested dicts merged key by key)."""
+    merged: dict[str, Any] = {}
+    for patch in patches:
+        for key, value in patch.call_kwargs(ctx, positive_rows).items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
