@@ -1,27 +1,59 @@
-"""The denoising loop shared by the sampler nodes: classifier-free guidance over a diffusers
-scheduler, with a progress and cancellation check at every model call."""
+"""The denoising loop shared by the sampler nodes.
+
+It drives a diffusers scheduler the way diffusers' own pipelines do (set_timesteps, a begin
+index for partial schedules, scale_model_input, step) and adds what ComfyUI graphs expect of a
+sampler: several conditioning entries with areas and strengths, ControlNets attached to
+conditioning, a noise mask that keeps the unmasked latent, inpainting UNets (9 input channels),
+model patches (LoRA, IP-Adapter), partial schedules with or without leftover noise, a progress
+call after every model call, and a cancellation check there too.
+
+Noisy latents handed between samplers (KSamplerAdvanced's leftover noise) are kept as
+x0 + sigma * noise, the form ComfyUI uses, whatever space the scheduler works in.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from plinth.nodes.context import NodeContext, NodeInputError
+from plinth.nodes.models.checkpoint import StableDiffusion
+from plinth.nodes.patches import merged_call_kwargs, patched
 from plinth.nodes.samplers import make_scheduler, takes_generator
+from plinth.nodes.types import Conditioning, ControlSpec, DiffusionModel, Latent
 
 
 @dataclass
 class SamplingPlan:
-    """What to sample: names as ComfyUI gives them, plus seed and guidance."""
+    """What to sample, with ComfyUI's names. KSampler uses `denoise`; KSamplerAdvanced the
+    step range, add_noise and leftover_noise."""
 
     sampler_name: str
     scheduler: str
     steps: int
     cfg: float
-    denoise: float
     seed: int
+    denoise: float = 1.0
+    start_step: int = 0
+    end_step: int | None = None
+    add_noise: bool = True
+    leftover_noise: bool = False
+
+
+@dataclass
+class Part:
+    """One conditioning entry as the UNet sees it."""
+
+    embeds: torch.Tensor  # [1, L, D]
+    positive: bool
+    area: tuple[int, int, int, int] | None  # h, w, y, x in latent cells
+    strength: float
+    controls: tuple[ControlSpec, ...]
+    concat: torch.Tensor | None  # inpainting UNets: [B, 1 + C, h, w] mask and masked latent
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -31,63 +63,237 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def match_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat prompt embeddings [1, 77*k, D] to a common length so both sides batch together."""
-    la, lb = a.shape[1], b.shape[1]
-    if la == lb:
-        return a, b
-    common = math.lcm(la, lb)
-    return a.repeat(1, common // la, 1), b.repeat(1, common // lb, 1)
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], batch: int) -> torch.Tensor:
+    """A mask [B,H,W] or [B,1,H,W] (any resolution) as [batch,1,h,w] at the latent size."""
+    mask = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False) if mask.shape[-2:] != size else mask
+    if mask.shape[0] != batch:
+        mask = mask.repeat(math.ceil(batch / mask.shape[0]), 1, 1, 1)[:batch]
+    return mask.clamp(0, 1)
 
 
-def sample(
-    unet: Any,
-    scheduler_config: dict[str, Any],
-    plan: SamplingPlan,
-    latents: torch.Tensor,
-    positive: torch.Tensor,
-    negative: torch.Tensor,
-    on_step: Callable[[int, int], None],
-) -> torch.Tensor:
-    """Sample from `latents` (already scaled into the UNet's space) and return the result.
+class Denoiser:
+    """One sampling run: the schedule, the guided model call and the loop."""
 
-    With denoise < 1 the schedule is computed for steps/denoise steps and only its last `steps`
-    run, starting from the given latents with the matching amount of noise (ComfyUI's meaning).
-    """
-    device, dtype = latents.device, next(unet.parameters()).dtype
-    scheduler = make_scheduler(plan.sampler_name, plan.scheduler, scheduler_config)
-    total = plan.steps if plan.denoise >= 1.0 else max(plan.steps, int(plan.steps / max(plan.denoise, 1e-4)))
-    scheduler.set_timesteps(total, device=device)
-    start = (total - plan.steps) * scheduler.order
-    timesteps = scheduler.timesteps[start:]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
+    def __init__(self, ctx: NodeContext, sd: StableDiffusion, model: DiffusionModel, plan: SamplingPlan) -> None:
+        self.ctx, self.sd, self.model, self.plan = ctx, sd, model, plan
+        self.unet = sd.unet
+        self.dtype = next(self.unet.parameters()).dtype
+        self.scheduler = make_scheduler(plan.sampler_name, plan.scheduler, sd.scheduler_config)
+        self.train_steps = int(self.scheduler.config.num_train_timesteps)
+        self.sigma_space = float(self.scheduler.init_noise_sigma) > 1.0
 
-    noise = initial_noise(tuple(latents.shape), plan.seed).to(device)
-    if plan.denoise >= 1.0 and not latents.any():
-        x = noise * scheduler.init_noise_sigma
-    else:
-        x = scheduler.add_noise(latents.float(), noise, timesteps[:1])
-    step_generator = torch.Generator("cpu").manual_seed(plan.seed + 1 if plan.seed < 2**64 - 1 else 0)
-    step_kwargs = {"generator": step_generator} if takes_generator(scheduler) else {}
+    # schedule
 
-    batch = latents.shape[0]
-    guided = plan.cfg != 1.0
-    if guided:
-        negative, positive = match_lengths(negative, positive)
-        context = torch.cat([negative.expand(batch, -1, -1), positive.expand(batch, -1, -1)]).to(device, dtype)
-    else:
-        context = positive.expand(batch, -1, -1).to(device, dtype)
+    def timesteps(self) -> tuple[torch.Tensor, bool]:
+        """The timesteps to run, and whether the run stops before the schedule's end."""
+        plan, scheduler = self.plan, self.scheduler
+        if plan.denoise < 1.0:
+            total = max(plan.steps, int(plan.steps / max(plan.denoise, 1e-4)))
+            first, last = total - plan.steps, total
+        else:
+            total = plan.steps
+            first, last = plan.start_step, min(plan.end_step if plan.end_step is not None else total, total)
+        scheduler.set_timesteps(total, device=self.ctx.device)
+        order = scheduler.order
+        start, stop = first * order, (last * order if last < total else len(scheduler.timesteps))
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        self._next_t = scheduler.timesteps[stop] if stop < len(scheduler.timesteps) else None
+        return scheduler.timesteps[start:stop], last < total
 
-    with torch.inference_mode():
-        for i, t in enumerate(timesteps):
-            model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            pred = unet(model_in.to(dtype), t, encoder_hidden_states=context).sample.float()
-            if guided:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + plan.cfg * (cond - uncond)
-            x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
-            on_step(i + 1, len(timesteps))
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"sampling with {plan.sampler_name}/{plan.scheduler} produced non-finite values")
-    return x
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(self.ctx.device)[int(t)]
+
+    def to_comfy_noisy(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x in the scheduler's space at timestep t as x0 + sigma * noise."""
+        return x if self.sigma_space else x / self._alpha_bar(t).sqrt()
+
+    def from_comfy_noisy(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x if self.sigma_space else x * self._alpha_bar(t).sqrt()
+
+    def denoised(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean sample the model predicts at t (used to finish early without noise)."""
+        if self.sigma_space:
+            index = self.scheduler.step_index
+            if index is None:  # no step taken yet
+                index = self.scheduler.begin_index or 0
+            sigma = self.scheduler.sigmas[index].to(x.device)
+            return x - sigma * eps
+        alpha_bar = self._alpha_bar(t)
+        return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+    def progress(self, t: torch.Tensor) -> float:
+        """How far through the noise range timestep t is: 0 at pure noise, 1 at clean, as
+        ComfyUI's start_percent/end_percent count it."""
+        return 1.0 - float(t) / self.train_steps
+
+    # model
+
+    def parts(self, cond: Conditioning, positive: bool, latents: Latent) -> list[Part]:
+        return [self._part(entry.embeds, entry.options, positive, latents) for entry in cond]
+
+    def _part(self, embeds: torch.Tensor, options: dict[str, Any], positive: bool, latents: Latent) -> Part:
+        concat = None
+        if self.unet.config.in_channels != self.sd.latent_channels:
+            concat = self._inpaint_concat(options, latents)
+        return Part(embeds.to(self.ctx.device, self.dtype), positive, options.get("area"),
+                    float(options.get("strength", 1.0)), tuple(options.get("controls", ())), concat)
+
+    def _inpaint_concat(self, options: dict[str, Any], latents: Latent) -> torch.Tensor:
+        """An inpainting UNet's extra input: the mask and the latent of the masked image
+        (InpaintModelConditioning's, else the latent being sampled and its noise mask)."""
+        samples = latents.samples
+        batch, _, h, w = samples.shape
+        masked = options.get("concat_latent", samples).to(self.ctx.device, torch.float32) * self.sd.latent_scale
+        mask = options.get("concat_mask", latents.noise_mask)
+        mask = (resize_mask(mask.to(self.ctx.device), (h, w), batch) if mask is not None
+                else torch.ones(batch, 1, h, w, device=self.ctx.device))
+        if masked.shape[0] != batch:
+            masked = masked.repeat(math.ceil(batch / masked.shape[0]), 1, 1, 1)[:batch]
+        concat = torch.cat([mask, masked], dim=1)
+        if concat.shape[1] + self.sd.latent_channels != self.unet.config.in_channels:
+            raise NodeInputError(f"the model takes {self.unet.config.in_channels} input channels; "
+                                 f"latent plus inpainting input give {concat.shape[1] + self.sd.latent_channels}")
+        return concat
+
+    def predict(self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+        """Noise prediction for one side (all positive or all negative parts): the strength
+        weighted average of each part's prediction over its area."""
+        total = torch.zeros_like(x_in, dtype=torch.float32)
+        weight = torch.full_like(total[:, :1], 1e-37)
+        whole = [p for p in parts if p.area is None]
+        if whole:
+            preds = self._call(x_in, t, whole)
+            for part, pred in zip(whole, preds.chunk(len(whole))):
+                total += part.strength * pred
+                weight += part.strength
+        for part in (p for p in parts if p.area is not None):
+            h, w, y, x = part.area
+            region = (slice(None), slice(None), slice(y, y + h), slice(x, x + w))
+            pred = self._call(x_in[region], t, [part], region)
+            total[region] += part.strength * pred
+            weight[region] += part.strength
+        return total / weight
+
+    def _call(self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part],
+              region: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """One batched UNet call over several parts (each gets the whole latent batch)."""
+        batch = x_in.shape[0]
+        length = math.lcm(*(p.embeds.shape[1] for p in parts))
+        context = torch.cat([p.embeds.repeat(batch, length // p.embeds.shape[1], 1) for p in parts])
+        sample = torch.cat([x_in] * len(parts)).to(self.dtype)
+        if any(p.concat is not None for p in parts):
+            sample = torch.cat([sample, torch.cat([p.concat[region] if region else p.concat for p in parts])
+                                .to(self.dtype)], dim=1)
+        rows = [p.positive for p in parts for _ in range(batch)]
+        kwargs = merged_call_kwargs(self.ctx, self.model.patches, rows, self.progress(t))
+        residuals = self._control_residuals(x_in, t, parts, context, region)
+        if residuals is not None:
+            kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = residuals
+        return self.unet(sample, t, encoder_hidden_states=context, **kwargs).sample.float()
+
+    def _control_residuals(self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part],
+                           context: torch.Tensor, region: tuple[slice, ...] | None):
+        """Sum of the active ControlNets' residuals, per part (zeros for parts without)."""
+        progress = self.progress(t)
+        active = [[c for c in p.controls if c.start_percent <= progress <= c.end_percent] for p in parts]
+        if not any(active):
+            return None
+        batch = x_in.shape[0]
+        per_part = []
+        for index, controls in enumerate(active):
+            rows = slice(index * batch, (index + 1) * batch)
+            down, mid = None, None
+            for spec in controls:
+                d, m = self._control(spec, x_in, t, context[rows], region)
+                down = d if down is None else [a + b for a, b in zip(down, d)]
+                mid = m if mid is None else mid + m
+            per_part.append((down, mid))
+        template = next(r for r in per_part if r[0] is not None)
+        zero_down = [torch.zeros_like(r) for r in template[0]]
+        downs = [torch.cat([(r[0] or zero_down)[i] for r in per_part]) for i in range(len(zero_down))]
+        mid = torch.cat([r[1] if r[1] is not None else torch.zeros_like(template[1]) for r in per_part])
+        return downs, mid
+
+    def _control(self, spec: ControlSpec, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 region: tuple[slice, ...] | None):
+        controlnet = self.ctx.model(spec.controlnet)
+        scale = self.sd.vae_scale
+        batch, _, h, w = x_in.shape
+        hint = spec.hint.movedim(-1, 1).to(self.ctx.device, torch.float32)
+        full = (self._full_size[0] * scale, self._full_size[1] * scale)
+        if hint.shape[-2:] != full:
+            hint = F.interpolate(hint, size=full, mode="bilinear", align_corners=False)
+        if region is not None:
+            hint = hint[:, :, region[2].start * scale:region[2].stop * scale, region[3].start * scale:region[3].stop * scale]
+        if hint.shape[0] != batch:
+            hint = hint.repeat(math.ceil(batch / hint.shape[0]), 1, 1, 1)[:batch]
+        dtype = next(controlnet.parameters()).dtype
+        down, mid = controlnet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype),
+                               controlnet_cond=hint.to(dtype), conditioning_scale=spec.strength, return_dict=False)
+        return list(down), mid
+
+    # loop
+
+    def run(self, latents: Latent, positive: Conditioning, negative: Conditioning,
+            on_step: Callable[[int, int], None]) -> torch.Tensor:
+        """Sample and return LATENT samples (unscaled); see the module docstring."""
+        plan, scheduler = self.plan, self.scheduler
+        device = self.ctx.device
+        timesteps, stops_early = self.timesteps()
+        clean = latents.samples.to(device, torch.float32) * self.sd.latent_scale
+        if len(timesteps) == 0:
+            return latents.samples
+        self._full_size = tuple(clean.shape[-2:])
+        noise = initial_noise(tuple(clean.shape), plan.seed).to(device)
+        if not plan.add_noise:
+            x = self.from_comfy_noisy(clean, timesteps[0])
+        elif plan.denoise >= 1.0 and plan.start_step == 0 and not clean.any():
+            x = noise * scheduler.init_noise_sigma
+        else:
+            x = scheduler.add_noise(clean, noise, timesteps[:1])
+        mask = (resize_mask(latents.noise_mask.to(device), tuple(clean.shape[-2:]), clean.shape[0])
+                if latents.noise_mask is not None else None)
+        step_generator = torch.Generator("cpu").manual_seed((plan.seed + 1) % 2**64)
+        step_kwargs = {"generator": step_generator} if takes_generator(scheduler) else {}
+        pos_parts = self.parts(positive, True, latents)
+        neg_parts = self.parts(negative, False, latents) if plan.cfg != 1.0 else []
+        finish_clean = stops_early and not plan.leftover_noise
+
+        with torch.inference_mode(), patched(self.ctx, self.model.patches, self.unet):
+            for i, t in enumerate(timesteps):
+                x_in = scheduler.scale_model_input(x, t)
+                if neg_parts:
+                    eps_pos, eps_neg = self._guided(x_in, t, pos_parts, neg_parts)
+                    eps = eps_neg + plan.cfg * (eps_pos - eps_neg)
+                else:
+                    eps = self.predict(x_in, t, pos_parts)
+                last = i == len(timesteps) - 1
+                if last and finish_clean:
+                    x = self.denoised(x, eps, t)
+                else:
+                    x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+                if mask is not None and not last:
+                    x = x * mask + scheduler.add_noise(clean, noise, timesteps[i + 1:i + 2]) * (1 - mask)
+                on_step(i + 1, len(timesteps))
+        if mask is not None:
+            if stops_early and plan.leftover_noise and self._next_t is not None:
+                keep = scheduler.add_noise(clean, noise, self._next_t.reshape(1))
+            else:
+                keep = clean
+            x = x * mask + keep * (1 - mask)
+        if stops_early and plan.leftover_noise and self._next_t is not None:
+            x = self.to_comfy_noisy(x, self._next_t)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"sampling with {plan.sampler_name}/{plan.scheduler} produced non-finite values")
+        return (x / self.sd.latent_scale).cpu()
+
+    def _guided(self, x_in: torch.Tensor, t: torch.Tensor, pos: list[Part], neg: list[Part]):
+        """Positive and negative predictions, in one batched call when both are single
+        whole-latent entries (the common case), else side by side."""
+        if len(pos) == 1 and len(neg) == 1 and pos[0].area is None and neg[0].area is None:
+            both = self._call(x_in, t, neg + pos)
+            eps_neg, eps_pos = both.chunk(2)
+            return eps_pos, eps_neg
+        return self.predict(x_in, t, pos), self.predict(x_in, t, neg)

@@ -20,9 +20,11 @@ class ModelPatch(Protocol):
     def applied(self, ctx: NodeContext, module: torch.nn.Module) -> ContextManager[None]:
         """Put the patch on `module` (a UNet or a CLIP text model) for the duration of a `with`."""
 
-    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool]) -> dict[str, Any]:
+    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:
         """Extra keyword arguments for one UNet call whose batch rows are positive (True) or
-        negative (False) conditioning; {} for patches that only change weights."""
+        negative (False) conditioning, at `progress` through the schedule (0 = pure noise,
+        1 = clean); {} for patches that only change weights. A patch active only in part of
+        the schedule (start/end) may switch itself on or off here."""
 
 
 @contextmanager
@@ -35,11 +37,11 @@ def patched(ctx: NodeContext, patches: Sequence[ModelPatch], module: torch.nn.Mo
 
 
 def merged_call_kwargs(ctx: NodeContext, patches: Sequence[ModelPatch],
-                       positive_rows: Sequence[bool]) -> dict[str, Any]:
+                       positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:
     """The patches' extra UNet keyword arguments, merged (nested dicts merged key by key)."""
     merged: dict[str, Any] = {}
     for patch in patches:
-        for key, value in patch.call_kwargs(ctx, positive_rows).items():
+        for key, value in patch.call_kwargs(ctx, positive_rows, progress).items():
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
                 merged[key] = {**merged[key], **value}
             else:

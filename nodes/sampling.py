@@ -1,22 +1,25 @@
-"""Sampler nodes."""
+"""Sampler nodes: KSampler and KSamplerAdvanced, on the shared denoising loop."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from plinth.nodes.context import NodeContext, NodeInputError
-from plinth.nodes.denoise import SamplingPlan, sample
+from plinth.nodes.context import NodeContext
+from plinth.nodes.denoise import Denoiser, SamplingPlan
 from plinth.nodes.samplers import SAMPLERS, SCHEDULERS, check_combination
 from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 from plinth.nodes.types import Conditioning, DiffusionModel, Latent
 
 
-def single_embedding(cond: Conditioning, which: str) -> torch.Tensor:
-    if len(cond) != 1:
-        raise NodeInputError(f"{which}: expected one conditioning entry, got {len(cond)}")
-    return cond[0].embeds
+def _check_pair(inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
+    reason = check_combination(inputs.get("sampler_name", ""), inputs.get("scheduler", ""))
+    return [("scheduler", "invalid_combination", reason)] if reason else []
+
+
+def _sample(ctx: NodeContext, model: DiffusionModel, plan: SamplingPlan, latent: Latent,
+            positive: Conditioning, negative: Conditioning) -> tuple[Latent]:
+    samples = Denoiser(ctx, model.load(ctx), model, plan).run(latent, positive, negative, ctx.progress)
+    return (Latent(samples, latent.noise_mask),)
 
 
 class KSampler(Node):
@@ -42,20 +45,47 @@ class KSampler(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
-        reason = check_combination(inputs.get("sampler_name", ""), inputs.get("scheduler", ""))
-        return [("scheduler", "invalid_combination", reason)] if reason else []
+        return _check_pair(inputs)
 
     def run(self, ctx: NodeContext, model: DiffusionModel, seed: int, steps: int, cfg: float,
             sampler_name: str, scheduler: str, positive: Conditioning, negative: Conditioning,
             latent_image: Latent, denoise: float) -> tuple[Latent]:
         if denoise <= 0:
             return (latent_image,)
-        sd = model.load(ctx)
-        plan = SamplingPlan(sampler_name, scheduler, steps, cfg, denoise, seed)
-        latents = latent_image.samples.to(ctx.device, torch.float32) * sd.latent_scale
-        if latents.shape[1] != sd.unet.config.in_channels:
-            raise NodeInputError(f"latent_image has {latents.shape[1]} channels; the model takes "
-                                 f"{sd.unet.config.in_channels}")
-        out = sample(sd.unet, sd.scheduler_config, plan, latents, single_embedding(positive, "positive"),
-                     single_embedding(negative, "negative"), ctx.progress)
-        return (Latent((out / sd.latent_scale).cpu()),)
+        plan = SamplingPlan(sampler_name, scheduler, steps, cfg, seed, denoise=denoise)
+        return _sample(ctx, model, plan, latent_image, positive, negative)
+
+
+class KSamplerAdvanced(Node):
+    """KSampler over a step range of a longer schedule: add noise or not, and return the
+    latent with its leftover noise for another sampler to finish (base and refiner, hires)."""
+
+    CATEGORY = "sampling"
+    OUTPUTS = (Output("LATENT"),)
+
+    model = Link("MODEL")
+    add_noise = Choice(options=("enable", "disable"), default="enable")
+    noise_seed = Int(default=0, min=0, max=2**64 - 1, control_after_generate=True)
+    steps = Int(default=20, min=1, max=10000)
+    cfg = Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
+    sampler_name = Choice(options=tuple(SAMPLERS), default="euler")
+    scheduler = Choice(options=tuple(SCHEDULERS), default="normal")
+    positive = Link("CONDITIONING")
+    negative = Link("CONDITIONING")
+    latent_image = Link("LATENT")
+    start_at_step = Int(default=0, min=0, max=10000)
+    end_at_step = Int(default=10000, min=0, max=10000)
+    return_with_leftover_noise = Choice(options=("disable", "enable"), default="disable")
+
+    @classmethod
+    def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
+        return _check_pair(inputs)
+
+    def run(self, ctx: NodeContext, model: DiffusionModel, add_noise: str, noise_seed: int, steps: int,
+            cfg: float, sampler_name: str, scheduler: str, positive: Conditioning, negative: Conditioning,
+            latent_image: Latent, start_at_step: int, end_at_step: int,
+            return_with_leftover_noise: str) -> tuple[Latent]:
+        plan = SamplingPlan(sampler_name, scheduler, steps, cfg, noise_seed, start_step=start_at_step,
+                            end_step=end_at_step, add_noise=add_noise == "enable",
+                            leftover_noise=return_with_leftover_noise == "enable")
+        return _sample(ctx, model, plan, latent_image, positive, negative)
