@@ -277,17 +277,18 @@ class Denoiser:
                 if mask is not None and not last:
                     x = x * mask + scheduler.add_noise(clean, noise, timesteps[i + 1:i + 2]) * (1 - mask)
                 on_step(i + 1, len(timesteps))
-        if mask is not None:
-            if stops_early and plan.leftover_noise and self._next_t is not None:
-                keep = scheduler.add_noise(clean, noise, self._next_t.reshape(1))
-            else:
-                keep = clean
-            x = x * mask + keep * (1 - mask)
-        if stops_early and plan.leftover_noise and self._next_t is not None:
+        leftover = stops_early and plan.leftover_noise and self._next_t is not None
+        if mask is not None and leftover:
+            x = x * mask + scheduler.add_noise(clean, noise, self._next_t.reshape(1)) * (1 - mask)
+        if leftover:
             x = self.to_comfy_noisy(x, self._next_t)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"sampling with {plan.sampler_name}/{plan.scheduler} produced non-finite values")
-        return (x / self.sd.latent_scale).cpu()
+        out = (x / self.sd.latent_scale).cpu()
+        if mask is not None and not leftover:  # unscaled, so the kept cells are bit-exact
+            keep = mask.cpu()
+            out = out * keep + latents.samples.float() * (1 - keep)
+        return out
 
     def _guided(self, x_in: torch.Tensor, t: torch.Tensor, pos: list[Part], neg: list[Part]):
         """Positive and negative predictions, in one batched call when both are single

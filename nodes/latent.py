@@ -1,14 +1,47 @@
-"""Latent nodes: empty latents and the VAE's way between pixels and latents."""
+"""Latent nodes: empty latents, the VAE's way between pixels and latents, resizing and
+batching latents."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
 from plinth.nodes.context import NodeContext
-from plinth.nodes.schema import Int, Link, Node, Output
+from plinth.nodes.resize import resize
+from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 from plinth.nodes.types import Latent, Vae
 
 MAX_RESOLUTION = 16384
+LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
+
+
+def crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    """IMAGE [B,H,W,C] centre-cropped to sides divisible by `multiple`, as the VAE needs."""
+    h, w = pixels.shape[1] // multiple * multiple, pixels.shape[2] // multiple * multiple
+    y, x = (pixels.shape[1] - h) // 2, (pixels.shape[2] - w) // 2
+    return pixels[:, y:y + h, x:x + w, :]
+
+
+def vae_encode(ctx: NodeContext, vae: Vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents of IMAGE pixels: the mean of the VAE's posterior, so encoding is
+    deterministic."""
+    module = vae.module(ctx)
+    scale = 2 ** (len(module.config.block_out_channels) - 1)
+    pixels = crop_to_multiple(pixels[..., :3], scale)
+    dtype = next(module.parameters()).dtype
+    latents = []
+    with torch.inference_mode():
+        for one in pixels.split(1):
+            ctx.check_cancelled()
+            x = one.movedim(-1, 1).to(ctx.device, dtype) * 2 - 1
+            latents.append(module.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(latents)
+
+
+def mask_batch(mask: torch.Tensor) -> torch.Tensor:
+    """A MASK as [B,1,H,W]."""
+    return mask.reshape(-1, 1, *mask.shape[-2:]).float()
 
 
 class EmptyLatentImage(Node):
@@ -47,3 +80,95 @@ class VAEDecode(Node):
                 decoded = module.decode(one.to(ctx.device, dtype)).sample
                 images.append(((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu())
         return (torch.cat(images),)
+
+
+class VAEEncode(Node):
+    """Encode an image to latents (img2img: sample from them with denoise below 1)."""
+
+    CATEGORY = "latent"
+    DISPLAY_NAME = "VAE Encode"
+    OUTPUTS = (Output("LATENT"),)
+
+    pixels = Link("IMAGE")
+    vae = Link("VAE")
+
+    def run(self, ctx: NodeContext, pixels: torch.Tensor, vae: Vae) -> tuple[Latent]:
+        return (Latent(vae_encode(ctx, vae, pixels)),)
+
+
+class LatentUpscale(Node):
+    """Resize latents to a pixel size (0 keeps the aspect ratio from the other side)."""
+
+    CATEGORY = "latent"
+    DISPLAY_NAME = "Upscale Latent"
+    OUTPUTS = (Output("LATENT"),)
+
+    samples = Link("LATENT")
+    upscale_method = Choice(options=LATENT_METHODS, default="nearest-exact")
+    width = Int(default=512, min=0, max=MAX_RESOLUTION, step=8)
+    height = Int(default=512, min=0, max=MAX_RESOLUTION, step=8)
+    crop = Choice(options=("disabled", "center"), default="disabled")
+
+    def run(self, ctx: NodeContext, samples: Latent, upscale_method: str, width: int, height: int,
+            crop: str) -> tuple[Latent]:
+        h, w = samples.samples.shape[-2:]
+        if width == 0 and height == 0:
+            return (samples,)
+        width = width // 8 if width else max(1, round(w * height / 8 / h))
+        height = height // 8 if height else max(1, round(h * width / w))
+        return (replace(samples, samples=resize(samples.samples, width, height, upscale_method, crop)),)
+
+
+class LatentUpscaleBy(Node):
+    """Resize latents by a factor (the hires-fix step between two samplers)."""
+
+    CATEGORY = "latent"
+    DISPLAY_NAME = "Upscale Latent By"
+    OUTPUTS = (Output("LATENT"),)
+
+    samples = Link("LATENT")
+    upscale_method = Choice(options=LATENT_METHODS, default="nearest-exact")
+    scale_by = Float(default=1.5, min=0.01, max=8.0, step=0.01)
+
+    def run(self, ctx: NodeContext, samples: Latent, upscale_method: str, scale_by: float) -> tuple[Latent]:
+        h, w = samples.samples.shape[-2:]
+        size = (max(1, round(w * scale_by)), max(1, round(h * scale_by)))
+        return (replace(samples, samples=resize(samples.samples, *size, upscale_method)),)
+
+
+class RepeatLatentBatch(Node):
+    """The batch repeated `amount` times (variants of one latent, each with its own noise)."""
+
+    CATEGORY = "latent/batch"
+    DISPLAY_NAME = "Repeat Latent Batch"
+    OUTPUTS = (Output("LATENT"),)
+
+    samples = Link("LATENT")
+    amount = Int(default=1, min=1, max=64)
+
+    def run(self, ctx: NodeContext, samples: Latent, amount: int) -> tuple[Latent]:
+        mask = samples.noise_mask
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask.repeat(amount, 1, 1, 1)
+        return (Latent(samples.samples.repeat(amount, 1, 1, 1), mask),)
+
+
+class LatentFromBatch(Node):
+    """`length` latents of a batch starting at `batch_index`."""
+
+    CATEGORY = "latent/batch"
+    DISPLAY_NAME = "Latent From Batch"
+    OUTPUTS = (Output("LATENT"),)
+
+    samples = Link("LATENT")
+    batch_index = Int(default=0, min=0, max=63)
+    length = Int(default=1, min=1, max=64)
+
+    def run(self, ctx: NodeContext, samples: Latent, batch_index: int, length: int) -> tuple[Latent]:
+        batch = samples.samples.shape[0]
+        start = min(batch_index, batch - 1)
+        stop = min(start + length, batch)
+        mask = samples.noise_mask
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[start:stop] if mask.shape[0] == batch else mask
+        return (Latent(samples.samples[start:stop].clone(), mask),)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from plinth.nodes.context import NodeInputError
-from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file
+from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file, load_vae_file
 from plinth.nodes.models.tokenizer import load_tokenizer, write_tokenizer_files
 
 
@@ -66,6 +66,15 @@ def load_checkpoint(path: Path, models_dir: Path, device: torch.device, dtype: t
         if module.dtype != dtype:
             module.to(dtype)
     return model
+
+
+def load_vae(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """A standalone AutoencoderKL: a diffusers folder or a .safetensors file."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True) if path.is_dir() else load_vae_file(path)
+    vae.to(device).eval().requires_grad_(False)
+    return vae if vae.dtype == dtype else vae.to(dtype)
 
 
 def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:

@@ -32,14 +32,33 @@ def _template(part: str) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
 
 
-def infer_configs(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
-    """diffusers configs for the UNet, VAE and CLIP text model whose weights have these shapes."""
-
+def _shape_of(shapes: dict[str, tuple[int, ...]]):
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
             raise NodeInputError(f"not an SD1.x checkpoint: weight {key} is missing")
         return shapes[key]
+    return shape
 
+
+def infer_vae_config(shapes: dict[str, tuple[int, ...]], prefix: str = VAE) -> dict[str, Any]:
+    """An AutoencoderKL config for original-layout VAE weights under `prefix`."""
+    shape = _shape_of(shapes)
+    vae = _template("vae")
+    vae["block_out_channels"] = [shape(f"{prefix}encoder.down.{i}.block.0.conv1.weight")[0]
+                                 for i in range(len(vae["block_out_channels"]))]
+    vae["latent_channels"] = shape(f"{prefix}post_quant_conv.weight")[0]
+    vae["layers_per_block"] = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
+    return vae
+
+
+def _count(shapes: dict[str, tuple[int, ...]], pattern: str) -> int:
+    """How many distinct indices the capture group of `pattern` takes over the keys."""
+    return len({m.group(1) for k in shapes if (m := re.match(pattern, k))})
+
+
+def infer_configs(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
+    """diffusers configs for the UNet, VAE and CLIP text model whose weights have these shapes."""
+    shape = _shape_of(shapes)
     unet = _template("unet")
     levels = len(unet["block_out_channels"])
     per_level = unet["layers_per_block"] + 1  # resnets plus the downsampler
@@ -49,33 +68,58 @@ def infer_configs(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any
                                   for i in range(levels)]
     unet["cross_attention_dim"] = shape(f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")[1]
 
-    vae = _template("vae")
-    vae["block_out_channels"] = [shape(f"{VAE}encoder.down.{i}.block.0.conv1.weight")[0]
-                                 for i in range(len(vae["block_out_channels"]))]
-    vae["latent_channels"] = shape(f"{VAE}post_quant_conv.weight")[0]
-
     text = _template("text_encoder")
     prefix = TEXT + ("text_model." if f"{TEXT}text_model.embeddings.token_embedding.weight" in shapes else "")
     vocab, hidden = shape(f"{prefix}embeddings.token_embedding.weight")
-    layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
-    text.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=len(layer_ids),
+    text.update(vocab_size=vocab, hidden_size=hidden,
+                num_hidden_layers=_count(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
                 intermediate_size=shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
                 num_attention_heads=max(1, hidden // HEAD_DIM), projection_dim=hidden,
                 max_position_embeddings=shape(f"{prefix}embeddings.position_embedding.weight")[0])
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+    return {"unet": unet, "vae": infer_vae_config(shapes), "text_encoder": text}
+
+
+def load_vae_file(path: Path) -> Any:
+    """An AutoencoderKL from a VAE-only .safetensors: the original layout (encoder.down.*, as
+    vae-ft-mse files have; a first_stage_model. prefix is accepted) or diffusers' layout."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    state = _read(path)
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        config = _template("vae")
+        config["block_out_channels"] = [shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]
+                                        for i in range(len(config["block_out_channels"]))]
+        config["latent_channels"] = shapes["post_quant_conv.weight"][0]
+        config["layers_per_block"] = _count(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+        vae = AutoencoderKL(**config)
+        _load_strict(vae, state, path, "VAE")
+        return vae
+    if not any(k.startswith(VAE) for k in state):
+        state = {VAE + k: v for k, v in state.items()}
+    config = infer_vae_config({k: tuple(v.shape) for k, v in state.items()})
+    vae = AutoencoderKL(**config)
+    _load_strict(vae, convert_ldm_vae_checkpoint(state, copy.deepcopy(config)), path, "VAE")
+    return vae
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise NodeInputError(f"{path.name}: not a readable .safetensors file ({exc})") from exc
 
 
 def load_single_file(path: Path) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) from an original-layout SD1.x .safetensors file."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise NodeInputError(f"{path.name}: not a readable .safetensors file ({exc})") from exc
+    state = _read(path)
     configs = infer_configs({k: tuple(v.shape) for k, v in state.items()})
 
     unet = UNet2DConditionModel(**configs["unet"])

@@ -1,0 +1,254 @@
+"""Conditioning, latent and inpainting nodes: behaviour, through the real server."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import node_output, png_bytes
+from plinth.nodes.models.checkpoint import load_checkpoint
+from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+from plinth.nodes.prompt import encode, parse_emphasis, weighted_tokens
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(models_dir):
+    return load_checkpoint(ensure_tiny_sd(models_dir), models_dir, CPU, torch.float32)
+
+
+def product_photo(h=64, w=64, alpha=False) -> np.ndarray:
+    """A red box on a light backdrop; with alpha, the backdrop's left half transparent."""
+    rgb = np.full((h, w, 3), 230, np.uint8)
+    rgb[16:48, 20:44] = (200, 30, 30)
+    if not alpha:
+        return rgb
+    a = np.full((h, w, 1), 255, np.uint8)
+    a[:, : w // 2] = 0
+    return np.concatenate([rgb, a], axis=2)
+
+
+# prompts
+
+def test_emphasis_is_read_as_comfyui_reads_it():
+    assert parse_emphasis("a (red:1.3) shoe") == [("a ", 1.0), ("red", 1.3), (" shoe", 1.0)]
+    assert parse_emphasis("((glossy))")[0][1] == pytest.approx(1.21)
+    assert parse_emphasis("[matte] box") == [("[matte] box", 1.0)]  # brackets carry no weight
+    assert parse_emphasis(r"\(tm\) (x:bad)") == [("(tm) ", 1.0), ("x:bad", pytest.approx(1.1))]
+
+
+def test_weights_scale_embeddings_from_the_empty_prompt(tiny):
+    tok, enc = tiny.tokenizer, tiny.text_encoder
+    plain = encode(tok, enc, "red sneaker", -1, CPU)
+    assert torch.equal(encode(tok, enc, "(red:1.0) sneaker", -1, CPU), plain)
+    heavy = encode(tok, enc, "(red:1.5) sneaker", -1, CPU)
+    empty = encode(tok, enc, "", -1, CPU)
+    # token 1 is "red": moved 1.5x as far from the empty prompt's embedding, the rest untouched
+    assert torch.allclose(heavy[0, 1], empty[0, 1] + 1.5 * (plain[0, 1] - empty[0, 1]), atol=1e-5)
+    assert torch.allclose(heavy[0, 2], plain[0, 2], atol=1e-6)
+
+
+def test_long_prompts_are_encoded_window_by_window(tiny):
+    text = " ".join(["sneaker"] * 100)
+    windows = weighted_tokens(tiny.tokenizer, text)
+    assert [len(w) for w in windows] == [75, 25]
+    embeds = encode(tiny.tokenizer, tiny.text_encoder, text, -1, CPU)
+    assert embeds.shape[1] == 154
+
+
+def test_clip_skip_and_conditioning_nodes_run(client, txt2img):
+    g = txt2img
+    g["3"]["inputs"].update(seed=21, steps=2)
+    g["5"]["inputs"]["batch_size"] = 1
+    base = client.run(g).images[0]
+    g["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -2}}
+    g["6"]["inputs"]["clip"] = ["10", 0]
+    skipped = client.run(g).images[0]
+    assert not np.array_equal(np.asarray(base), np.asarray(skipped))
+    g["11"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "marble plinth", "clip": ["4", 1]}}
+    g["12"] = {"class_type": "ConditioningSetArea",
+               "inputs": {"conditioning": ["11", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 0.8}}
+    g["13"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["12", 0]}}
+    g["14"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["7", 0]}}
+    g["3"]["inputs"].update(positive=["13", 0], negative=["14", 0])
+    result = client.run(g)
+    assert result.status == "completed"
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(skipped))
+
+
+def test_clip_skip_deeper_than_the_model_fails_clearly(client, txt2img):
+    from plinth.clients import JobFailed
+
+    txt2img["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -5}}
+    txt2img["6"]["inputs"]["clip"] = ["10", 0]
+    with pytest.raises(JobFailed, match="2 layers"):
+        client.run(txt2img)
+
+
+# latents
+
+def img2img_graph(txt2img, denoise=0.6):
+    g = txt2img
+    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "product.png"}}
+    g["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["4", 2]}}
+    g["3"]["inputs"].update(latent_image=["21", 0], denoise=denoise, steps=3, seed=5)
+    del g["5"]
+    return g
+
+
+def test_noise_mask_keeps_the_unmasked_latent_exactly(server, client, txt2img):
+    g = img2img_graph(txt2img, denoise=1.0)
+    g["22"] = {"class_type": "LoadImage", "inputs": {"image": "mask.png"}}
+    g["23"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["21", 0], "mask": ["22", 1]}}
+    g["3"]["inputs"]["latent_image"] = ["23", 0]
+    result = client.run(g, inputs={"product.png": png_bytes(product_photo()),
+                                   "mask.png": png_bytes(product_photo(alpha=True))})
+    before = node_output(server, result.job_id, "21")[0].samples
+    after = node_output(server, result.job_id, "3")[0].samples
+    # mask = 1 - alpha: 1 (sample) on the left half, 0 (keep) on the right; latent cells are 8 px
+    assert torch.equal(after[..., 5:], before[..., 5:])
+    assert (after[..., :3] - before[..., :3]).abs().mean() > 0.1
+
+
+def test_img2img_denoise_controls_how_much_changes(server, client, txt2img):
+    distances = {}
+    for denoise in (0.3, 0.9):
+        g = img2img_graph(copy.deepcopy(txt2img), denoise)
+        result = client.run(g, inputs={"product.png": png_bytes(product_photo())})
+        before = node_output(server, result.job_id, "21")[0].samples
+        after = node_output(server, result.job_id, "3")[0].samples
+        distances[denoise] = float((after - before).abs().mean())
+    assert 0 < distances[0.3] < distances[0.9]
+
+
+def test_latent_resize_and_batch_nodes(server, client, txt2img):
+    g = txt2img
+    g["5"]["inputs"].update(width=64, height=48, batch_size=2)
+    g["30"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bislerp", "scale_by": 1.5}}
+    g["31"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["30", 0], "upscale_method": "bilinear",
+                                                        "width": 0, "height": 96, "crop": "disabled"}}
+    g["32"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["31", 0], "amount": 3}}
+    g["33"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["32", 0], "batch_index": 1, "length": 4}}
+    g["8"]["inputs"]["samples"] = ["33", 0]
+    result = client.run(g)
+    assert [n.shape for n in (node_output(server, result.job_id, i)[0].samples for i in ("30", "31", "32", "33"))] == [
+        (2, 4, 9, 12), (2, 4, 12, 16), (6, 4, 12, 16), (4, 4, 12, 16)]
+    assert len(result.images) == 4 and result.images[0].size == (128, 96)
+
+
+def test_ksampler_advanced_in_two_halves_equals_one_run(server, client, txt2img):
+    for sampler in ("euler", "ddim"):
+        g = copy.deepcopy(txt2img)
+        g["5"]["inputs"]["batch_size"] = 1
+        common = {k: g["3"]["inputs"][k] for k in ("model", "cfg", "positive", "negative")}
+        common.update(noise_seed=9, steps=4, sampler_name=sampler, scheduler="normal")
+        g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **common, "add_noise": "enable", "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}}
+        g["40"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **common, "add_noise": "enable", "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 2,
+            "return_with_leftover_noise": "enable"}}
+        g["41"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **common, "add_noise": "disable", "latent_image": ["40", 0], "start_at_step": 2, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}}
+        g["42"] = {"class_type": "VAEDecode", "inputs": {"samples": ["41", 0], "vae": ["4", 2]}}
+        g["43"] = {"class_type": "PreviewImage", "inputs": {"images": ["42", 0]}}
+        result = client.run(g)
+        whole = node_output(server, result.job_id, "3")[0].samples
+        halves = node_output(server, result.job_id, "41")[0].samples
+        assert torch.allclose(whole, halves, atol=1e-4), sampler
+        early = node_output(server, result.job_id, "40")[0].samples
+        assert not torch.allclose(early, whole, atol=1e-2)
+
+
+def test_ksampler_advanced_full_range_equals_ksampler(server, client, txt2img):
+    g = txt2img
+    g["5"]["inputs"]["batch_size"] = 1
+    k = g["3"]["inputs"]
+    g["50"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": k["model"], "add_noise": "enable", "noise_seed": k["seed"], "steps": k["steps"], "cfg": k["cfg"],
+        "sampler_name": k["sampler_name"], "scheduler": k["scheduler"], "positive": k["positive"],
+        "negative": k["negative"], "latent_image": k["latent_image"], "start_at_step": 0, "end_at_step": 10000,
+        "return_with_leftover_noise": "disable"}}
+    g["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["4", 2]}}
+    g["52"] = {"class_type": "PreviewImage", "inputs": {"images": ["51", 0]}}
+    result = client.run(g)
+    assert torch.equal(node_output(server, result.job_id, "3")[0].samples,
+                       node_output(server, result.job_id, "50")[0].samples)
+
+
+# inpainting
+
+@pytest.fixture(scope="module")
+def inpaint_checkpoint(models_dir):
+    """tiny-sd with a 9-channel UNet: an inpainting checkpoint's shape."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from plinth.nodes.models.tiny_sd import UNET
+
+    target = models_dir / "checkpoints" / "tiny-sd-inpaint"
+    if not target.exists():
+        shutil.copytree(ensure_tiny_sd(models_dir), target)
+        shutil.rmtree(target / "unet")
+        torch.manual_seed(4)
+        UNet2DConditionModel(**{**UNET, "in_channels": 9}).save_pretrained(target / "unet")
+    return "tiny-sd-inpaint"
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny-sd", "inpaint"])
+def test_inpaint_model_conditioning_keeps_the_unmasked_area(server, client, txt2img, inpaint_checkpoint, checkpoint):
+    g = txt2img
+    g["4"]["inputs"]["ckpt_name"] = inpaint_checkpoint if checkpoint == "inpaint" else "tiny-sd"
+    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    g["21"] = {"class_type": "InpaintModelConditioning", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2], "pixels": ["20", 0], "mask": ["20", 1],
+        "noise_mask": True}}
+    g["3"]["inputs"].update(positive=["21", 0], negative=["21", 1], latent_image=["21", 2], steps=2)
+    del g["5"]
+    result = client.run(g, inputs={"photo.png": png_bytes(product_photo(alpha=True))})
+    before = node_output(server, result.job_id, "21")[2].samples
+    after = node_output(server, result.job_id, "3")[0].samples
+    assert torch.equal(after[..., 5:], before[..., 5:])
+    assert not torch.equal(after[..., :3], before[..., :3])
+
+
+def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2img):
+    g = txt2img
+    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    g["21"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["20", 0], "vae": ["4", 2],
+                                                              "mask": ["20", 1], "grow_mask_by": 6}}
+    g["3"]["inputs"].update(latent_image=["21", 0], steps=2)
+    del g["5"]
+    result = client.run(g, inputs={"photo.png": png_bytes(product_photo(alpha=True))})
+    latent = node_output(server, result.job_id, "21")[0]
+    mask = latent.noise_mask[0, 0]
+    assert mask.shape == (64, 64)
+    assert mask[:, :32].min() == 1 and mask[:, 36:].max() == 0 and mask[:, 32:35].min() == 1  # grown by 3 px
+
+
+def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny):
+    from safetensors.torch import save_file
+
+    from support.sd_original_layout import _rename, _vae_prefixes
+
+    state = tiny.vae.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(models_dir / "vae" / "tiny-diffusers.safetensors"))
+    prefixes = _vae_prefixes(tiny.vae.config)
+    original = {_rename(k, prefixes): (v[:, :, None, None] if v.ndim == 2 else v).contiguous() for k, v in state.items()}
+    save_file(original, str(models_dir / "vae" / "tiny-original.safetensors"))
+    images = {}
+    for name in ("checkpoint", "tiny-diffusers.safetensors", "tiny-original.safetensors"):
+        g = copy.deepcopy(txt2img)
+        g["3"]["inputs"]["seed"] = 61
+        if name != "checkpoint":
+            g["60"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
+            g["8"]["inputs"]["vae"] = ["60", 0]
+        images[name] = [np.asarray(i) for i in client.run(g).images]
+    assert all(np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-diffusers.safetensors"]))
+    assert all(np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-original.safetensors"]))
