@@ -26,6 +26,10 @@ from plinth.nodes.patches import merged_call_kwargs, patched
 from plinth.nodes.samplers import make_scheduler, takes_generator
 from plinth.nodes.types import Conditioning, ControlSpec, DiffusionModel, Latent
 
+# Multistep sigma-space schedulers whose history is sized by the step index: a run that
+# starts mid-schedule gets the schedule cut at its start instead of a begin index.
+CUT_SCHEDULE = frozenset({"LMSDiscreteScheduler"})
+
 
 @dataclass
 class SamplingPlan:
@@ -97,30 +101,45 @@ class Denoiser:
         scheduler.set_timesteps(total, device=self.ctx.device)
         order = scheduler.order
         start, stop = first * order, (last * order if last < total else len(scheduler.timesteps))
+        if start and type(scheduler).__name__ in CUT_SCHEDULE:
+            scheduler.timesteps = scheduler.timesteps[start:]
+            scheduler.sigmas = scheduler.sigmas[start:]
+            start, stop = 0, stop - start
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
+        self._start, self._stop = start, stop
         self._next_t = scheduler.timesteps[stop] if stop < len(scheduler.timesteps) else None
-        return scheduler.timesteps[start:stop], last < total
+        ends_above_zero = hasattr(scheduler, "sigmas") and float(scheduler.sigmas[-1]) > 0
+        return scheduler.timesteps[start:stop], last < total or ends_above_zero
 
-    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+    def _alpha_bar(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at schedule position `index` (timestep t): from the scheduler's own sigma where it
+        keeps one (karras and other sigma schedules round t), else from the training table."""
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        if sigmas is not None and index < len(sigmas):
+            return 1 / (1 + sigmas[index].to(self.ctx.device, torch.float32) ** 2)
         return self.scheduler.alphas_cumprod.to(self.ctx.device)[int(t)]
 
-    def to_comfy_noisy(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x in the scheduler's space at timestep t as x0 + sigma * noise."""
-        return x if self.sigma_space else x / self._alpha_bar(t).sqrt()
+    def to_comfy_noisy(self, x: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
+        """x in the scheduler's space at schedule position `index` as x0 + sigma * noise."""
+        return x if self.sigma_space else x / self._alpha_bar(index, t).sqrt()
 
-    def from_comfy_noisy(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return x if self.sigma_space else x * self._alpha_bar(t).sqrt()
+    def from_comfy_noisy(self, x: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
+        return x if self.sigma_space else x * self._alpha_bar(index, t).sqrt()
+
+    def _current_index(self) -> int:
+        index = getattr(self.scheduler, "step_index", None)
+        return index if index is not None else (getattr(self.scheduler, "begin_index", None) or 0)
 
     def denoised(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The clean sample the model predicts at t (used to finish early without noise)."""
+        """The clean sample the model predicts at t: the last step when a run must end
+        without noise before the scheduler's own end (k-diffusion's step to sigma 0)."""
         if self.sigma_space:
-            index = self.scheduler.step_index
-            if index is None:  # no step taken yet
-                index = self.scheduler.begin_index or 0
-            sigma = self.scheduler.sigmas[index].to(x.device)
-            return x - sigma * eps
-        alpha_bar = self._alpha_bar(t)
+            # The sigma x sits at, as the scheduler itself scales the model input for it
+            # (second-order schedulers evaluate between their listed sigmas).
+            ratio = float(self.scheduler.scale_model_input(torch.ones(1, device=x.device), t))
+            return x - math.sqrt(max(1 / ratio**2 - 1, 0.0)) * eps
+        alpha_bar = self._alpha_bar(self._current_index(), t)
         return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
     def progress(self, t: torch.Tensor) -> float:
@@ -241,14 +260,14 @@ class Denoiser:
         """Sample and return LATENT samples (unscaled); see the module docstring."""
         plan, scheduler = self.plan, self.scheduler
         device = self.ctx.device
-        timesteps, stops_early = self.timesteps()
+        timesteps, stops_early = self.timesteps()  # stops_early: before sigma 0
         clean = latents.samples.to(device, torch.float32) * self.sd.latent_scale
         if len(timesteps) == 0:
             return latents.samples
         self._full_size = tuple(clean.shape[-2:])
         noise = initial_noise(tuple(clean.shape), plan.seed).to(device)
         if not plan.add_noise:
-            x = self.from_comfy_noisy(clean, timesteps[0])
+            x = self.from_comfy_noisy(clean, self._start, timesteps[0])
         elif plan.denoise >= 1.0 and plan.start_step == 0 and not clean.any():
             x = noise * scheduler.init_noise_sigma
         else:
@@ -281,7 +300,7 @@ class Denoiser:
         if mask is not None and leftover:
             x = x * mask + scheduler.add_noise(clean, noise, self._next_t.reshape(1)) * (1 - mask)
         if leftover:
-            x = self.to_comfy_noisy(x, self._next_t)
+            x = self.to_comfy_noisy(x, self._stop, self._next_t)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"sampling with {plan.sampler_name}/{plan.scheduler} produced non-finite values")
         out = (x / self.sd.latent_scale).cpu()

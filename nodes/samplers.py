@@ -21,10 +21,13 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lms": ("LMSDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "ddpm": ("DDPMScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
+    # diffusers' own pipelines turn clip_sample off for SD: latents are not in -1..1.
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
     "deis": ("DEISMultistepScheduler", {}),
-    "ddim": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
+    # Deterministic DDIM is the Euler step of the same ODE in sigma space, which is how ComfyUI
+    # runs "ddim" too; diffusers' DDIMScheduler assumes an even timestep stride, which the
+    # "normal" (linspace) spacing breaks.
+    "ddim": ("EulerDiscreteScheduler", {}),
     # bh1's last step divides by a zero sigma; ending at sigma_min keeps it finite.
     "uni_pc": ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
     "uni_pc_bh2": ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
@@ -44,15 +47,24 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
 
 SIGMA_SCHEDULES = ("karras", "exponential", "beta")
 # diffusers' classes for these samplers work on timesteps and take no sigma schedule.
-NO_SIGMA_SCHEDULES = frozenset({"euler_ancestral", "ddim", "ddpm", "lcm"})
+NO_SIGMA_SCHEDULES = frozenset({"euler_ancestral", "ddpm"})
+# Longest schedule (steps / denoise) a sampler's diffusers class can lay out: DDPM steps over
+# training timesteps one stride at a time; every schedule is capped to keep memory sane.
+MAX_SCHEDULE = {"ddpm": 500}
+MAX_SCHEDULE_ANY = 10000
 
 
-def check_combination(sampler_name: str, scheduler: str) -> str | None:
-    """The reason a sampler/scheduler pair cannot run, or None when it can."""
+def check_combination(sampler_name: str, scheduler: str, schedule_length: int = 1) -> str | None:
+    """The reason a sampler/scheduler pair (over a schedule of that many steps) cannot run,
+    or None when it can."""
     if scheduler in SIGMA_SCHEDULES and sampler_name in NO_SIGMA_SCHEDULES:
         usable = ", ".join(s for s in SCHEDULERS if s not in SIGMA_SCHEDULES)
         return (f"scheduler {scheduler!r} needs a sigma schedule, which sampler {sampler_name!r} "
                 f"({SAMPLERS[sampler_name][0]}) does not take; use one of {usable}")
+    limit = MAX_SCHEDULE.get(sampler_name, MAX_SCHEDULE_ANY)
+    if schedule_length > limit:
+        return (f"a schedule of {schedule_length} steps (steps / denoise) is longer than sampler "
+                f"{sampler_name!r} allows ({limit})")
     return None
 
 

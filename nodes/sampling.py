@@ -12,7 +12,9 @@ from plinth.nodes.types import Conditioning, DiffusionModel, Latent
 
 
 def _check_pair(inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
-    reason = check_combination(inputs.get("sampler_name", ""), inputs.get("scheduler", ""))
+    steps, denoise = inputs.get("steps", 1), inputs.get("denoise", 1.0)
+    length = steps if denoise >= 1.0 or denoise <= 0 else int(steps / denoise)
+    reason = check_combination(inputs.get("sampler_name", ""), inputs.get("scheduler", ""), length)
     return [("scheduler", "invalid_combination", reason)] if reason else []
 
 
