@@ -49,6 +49,16 @@ class ImageRef:
     kind: str = "output"
 
 
+def file_model(ctx: "NodeContext", source: str, name: str, load: Callable[[Path], Any]) -> ModelHandle:
+    """A handle for the model file `name` in the models folder `source`, loaded by `load(path)`.
+
+    The key carries the file's fingerprint, so a file replaced under the same name is loaded
+    anew rather than served from the copy in memory (which the manager then releases).
+    """
+    path = ctx.model_path(source, name)
+    return ModelHandle(f"{source}/{name}@{ctx.model_fingerprint(source, name)[:16]}", lambda: load(path))
+
+
 class ValidationEnv(Protocol):
     """What validation needs from the server: dynamic choice lists and file fingerprints."""
 
@@ -72,6 +82,9 @@ class NodeContext(Protocol):
 
     def model_path(self, source: str, name: str) -> Path:
         """The file or folder of a model named in a choice list (e.g. ("checkpoints", name))."""
+
+    def model_fingerprint(self, source: str, name: str) -> str:
+        """A string that changes when that model file or folder changes."""
 
     def progress(self, step: int, total: int) -> None:
         """Report sampler progress; also checks for cancellation."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, ValidationEnv
+from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.models.single_file import SD15_CONFIG
 from plinth.nodes.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.types import Conditioning, ConditioningEntry, ControlSpec, Vae
@@ -190,14 +190,10 @@ class ControlNetLoader(Node):
 
     control_net_name = Choice(source="controlnet")
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("controlnet", inputs.get("control_net_name", ""))
 
     def run(self, ctx: NodeContext, control_net_name: str) -> tuple[ModelHandle]:
-        path = ctx.model_path("controlnet", control_net_name)
         device, dtype = ctx.device, ctx.dtype
-        handle = ModelHandle(f"controlnet/{control_net_name}", lambda: load_controlnet(path, device, dtype))
+        handle = file_model(ctx, "controlnet", control_net_name, lambda path: load_controlnet(path, device, dtype))
         ctx.model(handle)  # load now, so a bad file fails this node rather than the sampler
         return (handle,)
 

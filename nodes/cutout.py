@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from plinth.nodes.context import ModelHandle, NodeContext, ValidationEnv
+from plinth.nodes.context import NodeContext, file_model
 from plinth.nodes.image import resize_image
 from plinth.nodes.mask import resize_planes
 from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
@@ -147,14 +146,10 @@ class RemoveBackground(Node):
     image = Link("IMAGE")
     model = Choice(source="rembg")
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("rembg", inputs.get("model", ""))
 
     def run(self, ctx: NodeContext, image: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
-        path = ctx.model_path("rembg", model)
         use_cuda = ctx.device.type == "cuda"
-        cutout: CutoutModel = ctx.model(ModelHandle(f"rembg/{model}", lambda: CutoutModel(path, use_cuda)))
+        cutout: CutoutModel = ctx.model(file_model(ctx, "rembg", model, lambda path: CutoutModel(path, use_cuda)))
         masks = []
         for entry in image:
             ctx.check_cancelled()

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from plinth.nodes.context import NodeContext, ValidationEnv
-from plinth.nodes.io import LoadImage, decode_image
+from plinth.nodes.context import NodeContext
+from plinth.nodes.io import decode_image
 from plinth.nodes.mask import fit_mask, repeat_to_batch, resize_planes
 from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
@@ -161,9 +161,6 @@ class LoadImageMask(Node):
     image = Choice(source="input_images", image_upload=True)
     channel = Choice(options=("alpha", "red", "green", "blue"), default="alpha")
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return LoadImage.fingerprint(inputs, env)
 
     def run(self, ctx: NodeContext, image: str, channel: str) -> tuple[torch.Tensor]:
         pixels, transparency = decode_image(ctx.input_image(image), image)

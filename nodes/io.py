@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
-from plinth.nodes.context import ImageRef, NodeContext, NodeInputError, ValidationEnv
+from plinth.nodes.context import ImageRef, NodeContext, NodeInputError
 from plinth.nodes.schema import Choice, Link, Node, Output, String
 
 
@@ -96,9 +96,6 @@ class LoadImage(Node):
 
     image = Choice(source="input_images", image_upload=True)
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("input_images", inputs.get("image", ""))
 
     def run(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         return decode_image(ctx.input_image(image), image)

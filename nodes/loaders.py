@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-from plinth.nodes.context import ModelHandle, NodeContext, ValidationEnv
+from plinth.nodes.context import NodeContext, file_model
 from plinth.nodes.models.checkpoint import load_checkpoint, load_vae
 from plinth.nodes.schema import Choice, Node, Output
 from plinth.nodes.types import DiffusionModel, TextEncoder, Vae
@@ -20,15 +19,11 @@ class CheckpointLoaderSimple(Node):
 
     ckpt_name = Choice(source="checkpoints")
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("checkpoints", inputs.get("ckpt_name", ""))
 
     def run(self, ctx: NodeContext, ckpt_name: str) -> tuple:
-        path = ctx.model_path("checkpoints", ckpt_name)
         models_dir, device, dtype = ctx.models_dir, ctx.device, ctx.dtype
-        handle = ModelHandle(f"checkpoints/{ckpt_name}",
-                             lambda: load_checkpoint(path, models_dir, device, dtype))
+        handle = file_model(ctx, "checkpoints", ckpt_name,
+                            lambda path: load_checkpoint(path, models_dir, device, dtype))
         return DiffusionModel(handle), TextEncoder(handle), Vae(handle)
 
 
@@ -42,11 +37,7 @@ class VAELoader(Node):
 
     vae_name = Choice(source="vae")
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("vae", inputs.get("vae_name", ""))
 
     def run(self, ctx: NodeContext, vae_name: str) -> tuple[Vae]:
-        path = ctx.model_path("vae", vae_name)
         device, dtype = ctx.device, ctx.dtype
-        return (Vae(ModelHandle(f"vae/{vae_name}", lambda: load_vae(path, device, dtype))),)
+        return (Vae(file_model(ctx, "vae", vae_name, lambda path: load_vae(path, device, dtype))),)

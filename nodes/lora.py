@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, ValidationEnv
+from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.types import CheckpointPart, DiffusionModel, TextEncoder
 
@@ -291,8 +291,7 @@ def _few(names: Sequence[str], shown: int = 5) -> str:
 
 
 def _lora_handle(ctx: NodeContext, lora_name: str) -> ModelHandle:
-    path = ctx.model_path("loras", lora_name)
-    return ModelHandle(f"loras/{lora_name}", lambda: read_lora(path))
+    return file_model(ctx, "loras", lora_name, read_lora)
 
 
 def _with_lora(ctx: NodeContext, value: CheckpointPart, handle: ModelHandle, strength: float,
@@ -326,9 +325,6 @@ class LoraLoader(Node):
     strength_model = Float(default=1.0, min=-100.0, max=100.0, step=0.01)
     strength_clip = Float(default=1.0, min=-100.0, max=100.0, step=0.01)
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("loras", inputs.get("lora_name", ""))
 
     def run(self, ctx: NodeContext, model: DiffusionModel, clip: TextEncoder, lora_name: str,
             strength_model: float, strength_clip: float) -> tuple:
@@ -350,9 +346,6 @@ class LoraLoaderModelOnly(Node):
     lora_name = Choice(source="loras")
     strength_model = Float(default=1.0, min=-100.0, max=100.0, step=0.01)
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("loras", inputs.get("lora_name", ""))
 
     def run(self, ctx: NodeContext, model: DiffusionModel, lora_name: str, strength_model: float) -> tuple:
         if strength_model == 0:

@@ -235,7 +235,8 @@ class Node:
 
     @classmethod
     def fingerprint(cls, inputs: dict[str, Any], env: "ValidationEnv") -> str:
-        """Extra cache-key material beyond the literal inputs, e.g. a file's content hash.
+        """Extra cache-key material beyond the literal inputs. Files named by dynamic choices
+        (models, uploaded images) are fingerprinted by the engine already.
 
         Two runs with equal literal inputs and equal fingerprints must give equal outputs.
         """

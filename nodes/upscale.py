@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, ValidationEnv
+from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.latent import MAX_RESOLUTION
 from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 
@@ -202,15 +202,11 @@ class UpscaleModelLoader(Node):
 
     model_name = Choice(source="upscale_models")
 
-    @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: ValidationEnv) -> str:
-        return env.fingerprint("upscale_models", inputs.get("model_name", ""))
 
     def run(self, ctx: NodeContext, model_name: str) -> tuple[UpscaleModel]:
-        path = ctx.model_path("upscale_models", model_name)
         device, dtype = ctx.device, ctx.dtype
-        return (UpscaleModel(ModelHandle(f"upscale_models/{model_name}",
-                                         lambda: load_upscaler(path, device, dtype))),)
+        return (UpscaleModel(file_model(ctx, "upscale_models", model_name,
+                                        lambda path: load_upscaler(path, device, dtype))),)
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -175,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from plinth.clients import Client, JobFailed, PlinthError
+    from plinth.clients import Client, PlinthError
 
     try:
         graph = _apply_sets(_load_graph(args), args.sets)

@@ -238,7 +238,7 @@ def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 def unet_checksum(server) -> str:
-    sd = next(m.model for m in server.service.models.loaded() if m.key == "checkpoints/tiny-sd")
+    sd = next(m.model for m in server.service.models.loaded() if m.key.startswith("checkpoints/tiny-sd@"))
     digest = hashlib.sha256()
     for name, tensor in sd.unet.state_dict().items():
         digest.update(name.encode())

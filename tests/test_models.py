@@ -110,3 +110,20 @@ def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
     (tmp_path / "models" / "loras" / "style.safetensors").write_bytes(b"")
     assert workspace.models("checkpoints") == ["brand/sd-folder", "one.safetensors", "tiny-sd"]
     assert workspace.choices("loras") == ["style.safetensors"]
+
+
+def test_a_checkpoint_replaced_under_the_same_name_is_loaded_anew(server, client, txt2img, models_dir):
+    import os
+
+    import numpy as np
+
+    path = models_dir / "checkpoints" / "swapped.safetensors"
+    txt2img["4"]["inputs"]["ckpt_name"] = "swapped.safetensors"
+    images = []
+    for seed in (5, 6):
+        write_original_checkpoint(path, *build_random_sd(small_sd15_configs(), seed=seed))
+        os.utime(path, ns=(seed * 10**9, seed * 10**9))  # a distinct mtime even within one clock tick
+        images.append([np.asarray(i) for i in client.run(txt2img).images])
+    assert not np.array_equal(images[0][0], images[1][0])
+    loaded = [m.key for m in server.service.models.loaded() if m.key.startswith("checkpoints/swapped.safetensors@")]
+    assert len(loaded) == 1  # the replaced file's weights were released

@@ -39,6 +39,8 @@ class Resources(Protocol):
 
     def model_path(self, source: str, name: str) -> Path: ...
 
+    def fingerprint(self, source: str, name: str) -> str: ...
+
     def input_image(self, name: str) -> bytes: ...
 
     def save_image(self, png: bytes, width: int, height: int, prefix: str, kind: str) -> ImageRef: ...
@@ -73,6 +75,7 @@ class RunContext:
         self.node_id = ""
         self.input_image: Callable[[str], bytes] = resources.input_image
         self.model_path: Callable[[str, str], Path] = resources.model_path
+        self.model_fingerprint: Callable[[str, str], str] = resources.fingerprint
         self.save_image = resources.save_image
 
     def model(self, handle: ModelHandle) -> Any:

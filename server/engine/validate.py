@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import networkx as nx
 
 from plinth.nodes.context import ValidationEnv
-from plinth.nodes.schema import WIDGET_TYPES, Node
+from plinth.nodes.schema import WIDGET_TYPES, Choice, Node
 from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, LinkRef
 
 
@@ -152,12 +152,17 @@ def _check_link(link: LinkRef, wanted: str, graph: Graph,
 
 
 def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: ValidationEnv) -> str:
-    """class_type + literal inputs + parents' keys (+ file fingerprints): independent of node
-    ids, so identical subgraphs share cache entries across graphs and jobs."""
+    """class_type + literal inputs + parents' keys + the fingerprint of every model file or
+    image a dynamic choice names: independent of node ids, so identical subgraphs share cache
+    entries across graphs and jobs, and a file replaced under the same name is read anew."""
+    files = {spec.name: env.fingerprint(spec.source, node.literals[spec.name])
+             for spec in node.node_cls.schema.inputs
+             if isinstance(spec, Choice) and spec.source and spec.name in node.literals}
     material = {
         "class_type": node.class_type,
         "literals": node.literals,
         "links": {name: [planned[link.node_id].key, link.index] for name, link in node.links.items()},
+        "files": files,
         "fingerprint": node.node_cls.fingerprint(node.literals, env),
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=repr)

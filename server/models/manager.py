@@ -64,6 +64,9 @@ class ModelManager:
             while self._loaded and self.bytes_used + nbytes > self.budget_bytes:
                 evicted = self._loaded.popitem(last=False)[1]
                 log.info("unloaded %s (%d MiB) to make room for %s", evicted.key, evicted.nbytes >> 20, handle.key)
+            base = handle.key.split("@")[0]
+            for stale in [k for k in self._loaded if k.split("@")[0] == base]:
+                del self._loaded[stale]  # the same file, since replaced
             entry = LoadedModel(handle.key, model, nbytes, time.perf_counter() - start)
             self._loaded[handle.key] = entry
             self.loads += 1
