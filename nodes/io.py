@@ -25,6 +25,11 @@ def encode_png(image: torch.Tensor, graph: dict[str, Any] | None) -> bytes:
     return buffer.getvalue()
 
 
+# Decoded pixels one image may become, over all its frames: a small animated file can
+# otherwise expand to gigabytes of float32 (Pillow's bomb check looks at one frame only).
+MAX_DECODED_PIXELS = 2**26
+
+
 def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [B,H,W,3] and MASK [B,H,W] from encoded bytes; every frame of the same size as the
     first becomes one batch entry. The mask is 1 where the image is transparent (ComfyUI's
@@ -32,7 +37,10 @@ def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         picture = Image.open(io.BytesIO(data))
         frames, masks = [], []
-        for frame in ImageSequence.Iterator(picture):
+        for index, frame in enumerate(ImageSequence.Iterator(picture)):
+            if (index + 1) * frame.width * frame.height > MAX_DECODED_PIXELS:
+                raise NodeInputError(f"image {name!r} decodes to more than {MAX_DECODED_PIXELS} pixels "
+                                     f"({frame.width}x{frame.height}, frame {index + 1})")
             frame = ImageOps.exif_transpose(frame)
             if frame.mode == "I":
                 frame = frame.point(lambda v: v * (1 / 255))
@@ -65,6 +73,7 @@ class SaveImage(Node):
     CATEGORY = "image"
     DISPLAY_NAME = "Save Image"
     OUTPUT_NODE = True
+    USES_GRAPH = True
 
     images = Link("IMAGE")
     filename_prefix = String(default="ComfyUI")
@@ -79,6 +88,7 @@ class PreviewImage(Node):
     CATEGORY = "image"
     DISPLAY_NAME = "Preview Image"
     OUTPUT_NODE = True
+    USES_GRAPH = True
 
     images = Link("IMAGE")
 

@@ -210,6 +210,9 @@ class Node:
     CATEGORY: ClassVar[str] = ""
     OUTPUTS: ClassVar[tuple[Output, ...]] = ()
     OUTPUT_NODE: ClassVar[bool] = False
+    # The node reads the whole graph (ComfyUI's hidden "prompt" input), e.g. to embed it in a
+    # PNG: the graph is then part of its cache key.
+    USES_GRAPH: ClassVar[bool] = False
     schema: ClassVar[NodeSchema]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

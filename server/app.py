@@ -26,11 +26,12 @@ SERVICE_NAMES = (
 class PlinthServer:
     """A running Plinth server: the service core plus a gRPC server bound to host:port.
 
-    Port 0 picks a free port; `port` tells which after start().
+    Port 0 picks a free port; `port` tells which after start(). Each open Watch or Run stream
+    holds one of the `max_workers` threads for its job's life; calls beyond that wait.
     """
 
     def __init__(self, config: ServiceConfig, host: str = "127.0.0.1", port: int = 50051,
-                 max_workers: int = 32) -> None:
+                 max_workers: int = 128) -> None:
         self.service = PlinthService(config)
         self.host = host
         self.health = health.HealthServicer()

@@ -4,10 +4,11 @@ thread, and keep them for GetJob, Watch and ListJobs."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,10 +28,12 @@ from plinth.server.workspace import JobResources, Workspace
 log = logging.getLogger("plinth.service")
 
 
-def _default_model_budget() -> int:
-    """Half of physical memory: room for weights beside activations and the output cache."""
+def _default_model_budget(device: torch.device) -> int:
+    """Half of the memory models live in (the GPU's, or RAM): room for weights beside
+    activations and the output cache."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1] // 2
     try:
-        import os
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
         return 8 << 30
@@ -42,7 +45,7 @@ class ServiceConfig:
     data_dir: Path = Path("data")
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     cache_bytes: int = 2 << 30
-    model_budget_bytes: int = field(default_factory=_default_model_budget)
+    model_budget_bytes: int | None = None  # default: half of the device's memory
     max_finished_jobs: int = 1000
 
 
@@ -58,9 +61,9 @@ class PlinthService:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.workspace = Workspace(config.models_dir, config.data_dir)
-        self.models = ModelManager(config.model_budget_bytes)
-        self.cache = OutputCache(config.cache_bytes)
         self.device, self.dtype = pick_device(config.device)
+        self.models = ModelManager(config.model_budget_bytes or _default_model_budget(self.device))
+        self.cache = OutputCache(config.cache_bytes)
         self.executor = Executor(self.cache, self.device, self.dtype)
         self.registry = NODES
         self.queue = JobQueue()
@@ -86,16 +89,15 @@ class PlinthService:
     # requests
 
     def submit(self, graph: str | dict[str, Any], inputs: dict[str, bytes] | None = None,
-               priority: int = 0) -> Job:
+               priority: int = 0, omit_image_bytes: bool = False) -> Job:
         """Validate and queue; raises GraphValidationError with every error found."""
         resources = JobResources(self.workspace, self.models, dict(inputs or {}))
         plan = validate(parse_graph(graph), self.registry, resources)
-        job = Job(plan, resources, priority)
+        job = Job(plan, resources, priority, omit_image_bytes=omit_image_bytes)
         with self._jobs_lock:
             self._jobs[job.id] = job
             self._prune()
-        position = self.queue.put(job)
-        job.emit(ev.Queued(position))
+        self.queue.put(job, lambda ahead: job.emit(ev.Queued(ahead)))
         return job
 
     def get(self, job_id: str) -> Job:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ class Workspace:
         if kind == "output":
             path = self.images_dir / f"{digest}.png"
             if not path.exists():
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
                 tmp.write_bytes(png)
                 os.replace(tmp, path)
         safe_prefix = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)[:64] or "image"

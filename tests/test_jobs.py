@@ -109,7 +109,8 @@ def test_cancel_a_queued_job_and_priorities(server, client, txt2img):
     client.cancel(blocker)
     assert kinds(client.watch(doomed)) == ["queued", "cancelled"]
     assert kinds(client.watch(low))[-1] == "completed"
-    assert client.get_job(high).started_at <= client.get_job(low).started_at
+    assert kinds(client.watch(high))[-1] == "completed"
+    assert 0 < client.get_job(high).started_at <= client.get_job(low).started_at
 
 
 def test_run_raises_job_failed_with_the_result(client, txt2img, tmp_path):
@@ -180,3 +181,57 @@ def test_reflection_lists_the_services(server):
     with grpc.insecure_channel(server.address) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"plinth.v1.GraphService", "plinth.v1.NodeService", "grpc.health.v1.Health"} <= services
+
+
+def test_queued_is_always_the_first_event(server, txt2img):
+    jobs = [server.service.submit(long_graph(txt2img, 3000 + i, steps=1)) for i in range(8)]
+    server.service.cancel(jobs[3].id)
+    for job in jobs:
+        events = list(job.watch())
+        assert type(events[0].payload).__name__ == "Queued"
+        assert [e.seq for e in events] == list(range(len(events)))
+
+
+def test_outputs_without_bytes_are_fetched_by_id(client, txt2img):
+    from plinth.clients import PlinthError
+
+    txt2img["3"]["inputs"]["seed"] = 1616
+    full = client.run(txt2img)
+    slim = client.run(txt2img, omit_image_bytes=True)
+    assert slim.images == [] and [r.png for r in slim.image_refs] == [b"", b""]
+    assert [client.get_image(r.id) for r in slim.image_refs] == [r.png for r in full.image_refs]
+    with pytest.raises(PlinthError) as info:
+        client.get_image("0" * 64)
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_abandoned_run_cancels_its_job(server, txt2img):
+    import grpc
+
+    from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+    import json
+
+    channel = grpc.insecure_channel(server.address)
+    stream = gs_grpc.GraphServiceStub(channel).Run(gs.SubmitRequest(graph_json=json.dumps(long_graph(txt2img, 1717))))
+    job_id = next(e.job_id for e in stream if e.WhichOneof("kind") == "progress")
+    stream.cancel()
+    job = server.service.get(job_id)
+    assert type(list(job.watch())[-1].payload).__name__ == "Cancelled"
+    channel.close()
+
+
+def test_many_errors_still_come_back_as_invalid_argument(client, txt2img):
+    for i in range(300):
+        txt2img[str(100 + i)] = {"class_type": "KSampler", "inputs": {"steps": -1, "sampler_name": "nope"}}
+    with pytest.raises(PlinthError) as info:
+        client.submit(txt2img)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert 10 < len(info.value.errors) < 1800
+    assert info.value.errors[-1].code == "too_many_errors"
+
+
+@pytest.mark.parametrize("node_id", ["\u00b2", "x" * 5000, "1" * 5000])
+def test_odd_node_ids_are_handled(client, txt2img, node_id):
+    txt2img[node_id] = txt2img.pop("9")
+    txt2img["3"]["inputs"]["seed"] = 1818
+    assert client.run(txt2img).status == "completed"

@@ -23,11 +23,13 @@ class AsyncClient:
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
 
     async def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
-                  on_event: EventHandler | None = None, check: bool = True) -> RunResult:
+                  on_event: EventHandler | None = None, check: bool = True,
+                  omit_image_bytes: bool = False) -> RunResult:
         """As Client.run."""
         result = RunResult()
         try:
-            async for event in self.graphs.Run(submit_request(graph, inputs, priority), timeout=self.timeout):
+            request = submit_request(graph, inputs, priority, omit_image_bytes)
+            async for event in self.graphs.Run(request, timeout=self.timeout):
                 result.add(event)
                 if on_event:
                     on_event(event)
@@ -57,6 +59,10 @@ class AsyncClient:
         request = gs.ListJobsRequest(statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size,
                                      page_token=page_token)
         return await self._call(self.graphs.ListJobs, request)
+
+    async def get_image(self, image_id: str) -> bytes:
+        """As Client.get_image."""
+        return (await self._call(self.graphs.GetImage, gs.GetImageRequest(image_id=image_id))).png
 
     async def list_nodes(self) -> list[ns.NodeSchema]:
         return list((await self._call(self.nodes.ListNodes, ns.ListNodesRequest())).nodes)

@@ -33,7 +33,8 @@ class Client:
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
 
     def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
-            on_event: EventHandler | None = None, check: bool = True) -> RunResult:
+            on_event: EventHandler | None = None, check: bool = True,
+            omit_image_bytes: bool = False) -> RunResult:
         """Submit a graph, follow it to the end and return its images and per-node status.
 
         Raises PlinthError when the server refuses the graph, and JobFailed when the job fails
@@ -41,7 +42,8 @@ class Client:
         """
         result = RunResult()
         try:
-            for event in self.graphs.Run(submit_request(graph, inputs, priority), timeout=self.timeout):
+            request = submit_request(graph, inputs, priority, omit_image_bytes)
+            for event in self.graphs.Run(request, timeout=self.timeout):
                 result.add(event)
                 if on_event:
                     on_event(event)
@@ -69,6 +71,10 @@ class Client:
         request = gs.ListJobsRequest(statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size,
                                      page_token=page_token)
         return self._call(self.graphs.ListJobs, request)
+
+    def get_image(self, image_id: str) -> bytes:
+        """The PNG bytes of a stored output image (for jobs run with omit_image_bytes)."""
+        return self._call(self.graphs.GetImage, gs.GetImageRequest(image_id=image_id)).png
 
     def list_nodes(self) -> list[ns.NodeSchema]:
         return list(self._call(self.nodes.ListNodes, ns.ListNodesRequest()).nodes)

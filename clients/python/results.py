@@ -81,9 +81,10 @@ def image_bytes(value: ImageLike) -> bytes:
     return Path(value).read_bytes()
 
 
-def submit_request(graph: GraphLike, inputs: Mapping[str, ImageLike] | None, priority: int) -> gs.SubmitRequest:
+def submit_request(graph: GraphLike, inputs: Mapping[str, ImageLike] | None, priority: int,
+                   omit_image_bytes: bool = False) -> gs.SubmitRequest:
     return gs.SubmitRequest(
-        graph_json=graph_json(graph), priority=priority,
+        graph_json=graph_json(graph), priority=priority, omit_image_bytes=omit_image_bytes,
         inputs=[gs.InputImage(name=name, data=image_bytes(v)) for name, v in (inputs or {}).items()])
 
 

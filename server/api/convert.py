@@ -23,8 +23,10 @@ PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
 
 
 def image_ref(image: ImageRef, node_id: str, with_bytes: bool) -> common_pb2.ImageRef:
+    """A reference; previews always carry their bytes, since they are not stored to fetch."""
+    keep = with_bytes or image.kind != "output"
     return common_pb2.ImageRef(id=image.id, node_id=node_id, filename=image.filename, width=image.width,
-                               height=image.height, png=image.png if with_bytes else b"", kind=image.kind)
+                               height=image.height, png=image.png if keep else b"", kind=image.kind)
 
 
 def event(event: ev.Event, with_bytes: bool = True) -> gs.JobEvent:

@@ -12,21 +12,36 @@ from plinth.server.api import convert
 from plinth.server.engine.graph import GraphValidationError
 
 
+# Status details travel in trailing metadata, which clients cap (8 KiB soft, 16 KiB hard by
+# default); past the cap a client sees RESOURCE_EXHAUSTED and no errors at all.
+DETAILS_BUDGET = 4000  # bytes before base64
+SUMMARY_CHARS = 1000
+
+
 def invalid_graph(error: GraphValidationError) -> grpc.Status:
-    """INVALID_ARGUMENT with every error: a plinth.v1.GraphErrors detail for Plinth clients and a
+    """INVALID_ARGUMENT with every error that fits the metadata budget, and a last entry saying
+    how many more there are: a plinth.v1.GraphErrors detail for Plinth clients and a
     google.rpc.BadRequest (field `nodes.<id>.inputs.<name>`) for generic gRPC tooling."""
-    errors = common_pb2.GraphErrors(errors=[convert.node_error(e) for e in error.errors])
-    bad_request = error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=_field_path(e.node_id, e.input), description=str(e))
-        for e in error.errors])
+    errors = common_pb2.GraphErrors()
+    bad_request = error_details_pb2.BadRequest()
+    for index, e in enumerate(error.errors):
+        if errors.ByteSize() + bad_request.ByteSize() > DETAILS_BUDGET:
+            more = len(error.errors) - index
+            errors.errors.append(common_pb2.NodeError(code="too_many_errors", message=f"... and {more} more errors"))
+            break
+        errors.errors.append(convert.node_error(e))
+        bad_request.field_violations.append(error_details_pb2.BadRequest.FieldViolation(
+            field=_field_path(e.node_id, e.input), description=str(e)[:500]))
     details = []
     for message in (errors, bad_request):
         packed = any_pb2.Any()
         packed.Pack(message)
         details.append(packed)
-    summary = f"graph is invalid ({len(error.errors)} error{'s' if len(error.errors) != 1 else ''}): {error}"
-    return rpc_status.to_status(status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT, message=summary[:4000], details=details))
+    count = len(error.errors)
+    summary = f"graph is invalid ({count} error{'s' if count != 1 else ''}): {error}"
+    if len(summary) > SUMMARY_CHARS:
+        summary = summary[:SUMMARY_CHARS] + " ..."
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=summary, details=details))
 
 
 def _field_path(node_id: str, input_name: str) -> str:

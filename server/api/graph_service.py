@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from typing import Iterator
 
 import grpc
+from PIL import Image
 
-from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
 from plinth.server.api import convert
 from plinth.server.api.errors import invalid_graph
 from plinth.server.engine.graph import GraphValidationError
@@ -30,7 +32,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input image {image.name!r} sent twice")
             inputs[image.name] = image.data
         try:
-            return self.service.submit(request.graph_json, inputs, request.priority)
+            return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes)
         except GraphValidationError as exc:
             context.abort_with_status(invalid_graph(exc))
             raise  # abort_with_status raises; this line only satisfies type checkers
@@ -42,17 +44,18 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}")
             raise
 
-    def _stream(self, job: Job, context: grpc.ServicerContext, with_bytes: bool) -> Iterator[gs.JobEvent]:
+    def _stream(self, job: Job, context: grpc.ServicerContext) -> Iterator[gs.JobEvent]:
         gone = threading.Event()
-        context.add_callback(gone.set)
+        if not context.add_callback(gone.set):
+            return  # the caller has already gone
         for event in job.watch(stop=gone):
-            yield convert.event(event, with_bytes)
+            yield convert.event(event, with_bytes=not job.omit_image_bytes)
 
     def Submit(self, request, context):
         return gs.SubmitResponse(job_id=self._submit(request, context).id)
 
     def Watch(self, request, context):
-        yield from self._stream(self._job(request.job_id, context), context, True)
+        yield from self._stream(self._job(request.job_id, context), context)
 
     def Run(self, request, context):
         job = self._submit(request, context)
@@ -61,8 +64,18 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
             if not job.status.terminal:
                 self.service.cancel(job.id)
 
-        context.add_callback(cancel_if_abandoned)
-        yield from self._stream(job, context, not request.omit_image_bytes)
+        if not context.add_callback(cancel_if_abandoned):
+            cancel_if_abandoned()
+            return
+        yield from self._stream(job, context)
+
+    def GetImage(self, request, context):
+        png = self.service.workspace.read_image(request.image_id)
+        if png is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no stored image {request.image_id!r}")
+        with Image.open(io.BytesIO(png)) as picture:
+            width, height = picture.size
+        return common_pb2.ImageRef(id=request.image_id, width=width, height=height, png=png, kind="output")
 
     def GetJob(self, request, context):
         return convert.job(self._job(request.job_id, context))
@@ -74,10 +87,10 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
     def ListJobs(self, request, context):
         if request.page_size < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
-        try:
-            offset = int(request.page_token or 0)
-        except ValueError:
+        token = request.page_token or "0"
+        if not (token.isascii() and token.isdigit()):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad page_token {request.page_token!r}")
+        offset = int(token)
         unknown = [s for s in request.statuses if s not in convert.PB_TO_STATUS]
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown status value(s) {unknown}")

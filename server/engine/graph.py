@@ -78,6 +78,7 @@ def parse_graph(source: str | bytes | dict[str, Any]) -> Graph:
             "", "", "", "invalid_graph",
             "graph must be a non-empty JSON object of node id -> {class_type, inputs} (ComfyUI API format)")])
     errors, nodes = [], {}
+    raw = {str(node_id): spec for node_id, spec in raw.items()}
     for node_id, spec in raw.items():
         if not isinstance(spec, dict):
             errors.append(GraphError(node_id, "", "", "invalid_node", "node must be an object with class_type and inputs"))

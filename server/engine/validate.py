@@ -75,13 +75,16 @@ def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEn
 
     needed = set(outputs).union(*(nx.ancestors(dag, o) for o in outputs))
     order = [planned[n] for n in nx.lexicographical_topological_sort(dag.subgraph(needed), key=_id_order)]
+    graph_hash = hashlib.sha256(json.dumps(graph.raw, sort_keys=True, default=repr).encode()).hexdigest()
     for p in order:
-        p.key = _cache_key(p, planned, env)
+        p.key = _cache_key(p, planned, env, graph_hash)
     return ExecutionPlan(graph, order)
 
 
 def _id_order(node_id: str) -> tuple:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    """Numeric ids in numeric order, then the rest by name (ties broken by name)."""
+    numeric = node_id.isascii() and node_id.isdigit() and len(node_id) < 20
+    return (0, int(node_id) if numeric else 0, node_id) if numeric else (1, 0, node_id)
 
 
 def _check_node(node_id: str, inputs: dict[str, Any], node_cls: type[Node], graph: Graph,
@@ -151,7 +154,7 @@ def _check_link(link: LinkRef, wanted: str, graph: Graph,
     return None
 
 
-def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: ValidationEnv) -> str:
+def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: ValidationEnv, graph_hash: str) -> str:
     """class_type + literal inputs + parents' keys + the fingerprint of every model file or
     image a dynamic choice names: independent of node ids, so identical subgraphs share cache
     entries across graphs and jobs, and a file replaced under the same name is read anew."""
@@ -164,6 +167,7 @@ def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: Validati
         "links": {name: [planned[link.node_id].key, link.index] for name, link in node.links.items()},
         "files": files,
         "fingerprint": node.node_cls.fingerprint(node.literals, env),
+        "graph": graph_hash if node.node_cls.USES_GRAPH else "",
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -33,6 +33,8 @@ class Job:
     plan: ExecutionPlan
     resources: JobResources
     priority: int = 0
+    # Output events carry image ids only (GetImage fetches them); previews keep their bytes.
+    omit_image_bytes: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
     created_at: float = field(default_factory=time.time)
@@ -68,6 +70,7 @@ class Job:
             if self.status.terminal:
                 return
             self.status, self.error, self.finished_at = status, error, time.time()
+            self.resources.inputs.clear()  # uploads are not needed once the job has ended
             self.emit(terminal)
 
     def watch(self, start: int = 0, stop: threading.Event | None = None) -> Iterator[ev.Event]:

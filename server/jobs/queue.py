@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+from typing import Callable
 
 from plinth.server.jobs.job import Job
 
@@ -16,13 +17,13 @@ class JobQueue:
         self._ready = threading.Condition()
         self._closed = False
 
-    def put(self, job: Job) -> int:
-        """Queue a job; returns how many queued jobs are ahead of it."""
+    def put(self, job: Job, on_queued: Callable[[int], None]) -> None:
+        """Queue a job. `on_queued(jobs_ahead)` runs first, under the queue's lock, so nothing
+        (the worker, a cancel) sees the job before it has recorded being queued."""
         with self._ready:
-            ahead = sum(1 for priority, _, _ in self._heap if -priority >= job.priority)
+            on_queued(sum(1 for priority, _, _ in self._heap if -priority >= job.priority))
             heapq.heappush(self._heap, (-job.priority, next(self._order), job))
             self._ready.notify()
-            return ahead
 
     def get(self, timeout: float | None = None) -> Job | None:
         """The next job, waiting up to `timeout`; None when closed or timed out."""

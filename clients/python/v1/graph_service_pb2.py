@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from plinth.clients.v1 import common_pb2 as plinth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dplinth/v1/graph_service.proto\x12\tplinth.v1\x1a\x16plinth/v1/common.proto\"(\n\nInputImage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"v\n\rSubmitRequest\x12\x12\n\ngraph_json\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.plinth.v1.InputImage\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x18\n\x10omit_image_bytes\x18\x04 \x01(\x08\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"`\n\x0fListJobsRequest\x12&\n\x08statuses\x18\x01 \x03(\x0e\x32\x14.plinth.v1.JobStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.plinth.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x07NodeRun\x12\x12\n\nclass_type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xab\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.plinth.v1.JobStatus\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12$\n\x07outputs\x18\x08 \x03(\x0b\x32\x13.plinth.v1.ImageRef\x12(\n\x05nodes\x18\t \x03(\x0b\x32\x19.plinth.v1.Job.NodesEntry\x1a@\n\nNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.plinth.v1.NodeRun:\x02\x38\x01\"\xe2\x03\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12#\n\x06queued\x18\n \x01(\x0b\x32\x11.plinth.v1.QueuedH\x00\x12%\n\x07started\x18\x0b \x01(\x0b\x32\x12.plinth.v1.StartedH\x00\x12.\n\x0cnode_started\x18\x0c \x01(\x0b\x32\x16.plinth.v1.NodeStartedH\x00\x12\'\n\x08progress\x18\r \x01(\x0b\x32\x13.plinth.v1.ProgressH\x00\x12,\n\x0bnode_cached\x18\x0e \x01(\x0b\x32\x15.plinth.v1.NodeCachedH\x00\x12\x30\n\rnode_finished\x18\x0f \x01(\x0b\x32\x17.plinth.v1.NodeFinishedH\x00\x12#\n\x06output\x18\x10 \x01(\x0b\x32\x11.plinth.v1.OutputH\x00\x12)\n\tcompleted\x18\x11 \x01(\x0b\x32\x14.plinth.v1.CompletedH\x00\x12#\n\x06\x66\x61iled\x18\x12 \x01(\x0b\x32\x11.plinth.v1.FailedH\x00\x12)\n\tcancelled\x18\x13 \x01(\x0b\x32\x14.plinth.v1.CancelledH\x00\x42\x06\n\x04kind\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"\x1b\n\x07Started\x12\x10\n\x08node_ids\x18\x01 \x03(\t\"2\n\x0bNodeStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nclass_type\x18\x02 \x01(\t\"8\n\x08Progress\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"1\n\nNodeCached\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nclass_type\x18\x02 \x01(\t\"D\n\x0cNodeFinished\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nclass_type\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\">\n\x06Output\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.plinth.v1.ImageRef\"\x1c\n\tCompleted\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"R\n\x06\x46\x61iled\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nclass_type\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\"\x1b\n\tCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t2\xf1\x02\n\x0cGraphService\x12=\n\x06Submit\x12\x18.plinth.v1.SubmitRequest\x1a\x19.plinth.v1.SubmitResponse\x12\x37\n\x05Watch\x12\x17.plinth.v1.WatchRequest\x1a\x13.plinth.v1.JobEvent0\x01\x12\x36\n\x03Run\x12\x18.plinth.v1.SubmitRequest\x1a\x13.plinth.v1.JobEvent0\x01\x12\x32\n\x06GetJob\x12\x18.plinth.v1.GetJobRequest\x1a\x0e.plinth.v1.Job\x12\x38\n\tCancelJob\x12\x1b.plinth.v1.CancelJobRequest\x1a\x0e.plinth.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.plinth.v1.ListJobsRequest\x1a\x1b.plinth.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dplinth/v1/graph_service.proto\x12\tplinth.v1\x1a\x16plinth/v1/common.proto\"(\n\nInputImage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"v\n\rSubmitRequest\x12\x12\n\ngraph_json\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.plinth.v1.InputImage\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x18\n\x10omit_image_bytes\x18\x04 \x01(\x08\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"`\n\x0fListJobsRequest\x12&\n\x08statuses\x18\x01 \x03(\x0e\x32\x14.plinth.v1.JobStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.plinth.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\">\n\x07NodeRun\x12\x12\n\nclass_type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xab\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.plinth.v1.JobStatus\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12$\n\x07outputs\x18\x08 \x03(\x0b\x32\x13.plinth.v1.ImageRef\x12(\n\x05nodes\x18\t \x03(\x0b\x32\x19.plinth.v1.Job.NodesEntry\x1a@\n\nNodesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.plinth.v1.NodeRun:\x02\x38\x01\"\xe2\x03\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12#\n\x06queued\x18\n \x01(\x0b\x32\x11.plinth.v1.QueuedH\x00\x12%\n\x07started\x18\x0b \x01(\x0b\x32\x12.plinth.v1.StartedH\x00\x12.\n\x0cnode_started\x18\x0c \x01(\x0b\x32\x16.plinth.v1.NodeStartedH\x00\x12\'\n\x08progress\x18\r \x01(\x0b\x32\x13.plinth.v1.ProgressH\x00\x12,\n\x0bnode_cached\x18\x0e \x01(\x0b\x32\x15.plinth.v1.NodeCachedH\x00\x12\x30\n\rnode_finished\x18\x0f \x01(\x0b\x32\x17.plinth.v1.NodeFinishedH\x00\x12#\n\x06output\x18\x10 \x01(\x0b\x32\x11.plinth.v1.OutputH\x00\x12)\n\tcompleted\x18\x11 \x01(\x0b\x32\x14.plinth.v1.CompletedH\x00\x12#\n\x06\x66\x61iled\x18\x12 \x01(\x0b\x32\x11.plinth.v1.FailedH\x00\x12)\n\tcancelled\x18\x13 \x01(\x0b\x32\x14.plinth.v1.CancelledH\x00\x42\x06\n\x04kind\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"\x1b\n\x07Started\x12\x10\n\x08node_ids\x18\x01 \x03(\t\"2\n\x0bNodeStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nclass_type\x18\x02 \x01(\t\"8\n\x08Progress\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\"1\n\nNodeCached\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nclass_type\x18\x02 \x01(\t\"D\n\x0cNodeFinished\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nclass_type\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\">\n\x06Output\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.plinth.v1.ImageRef\"\x1c\n\tCompleted\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\"R\n\x06\x46\x61iled\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nclass_type\x18\x03 \x01(\t\x12\x12\n\nerror_type\x18\x04 \x01(\t\"\x1b\n\tCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\t2\xae\x03\n\x0cGraphService\x12=\n\x06Submit\x12\x18.plinth.v1.SubmitRequest\x1a\x19.plinth.v1.SubmitResponse\x12\x37\n\x05Watch\x12\x17.plinth.v1.WatchRequest\x1a\x13.plinth.v1.JobEvent0\x01\x12\x36\n\x03Run\x12\x18.plinth.v1.SubmitRequest\x1a\x13.plinth.v1.JobEvent0\x01\x12\x32\n\x06GetJob\x12\x18.plinth.v1.GetJobRequest\x1a\x0e.plinth.v1.Job\x12\x38\n\tCancelJob\x12\x1b.plinth.v1.CancelJobRequest\x1a\x0e.plinth.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.plinth.v1.ListJobsRequest\x1a\x1b.plinth.v1.ListJobsResponse\x12;\n\x08GetImage\x12\x1a.plinth.v1.GetImageRequest\x1a\x13.plinth.v1.ImageRefb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,40 +44,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_end=294
   _globals['_GETJOBREQUEST']._serialized_start=296
   _globals['_GETJOBREQUEST']._serialized_end=327
-  _globals['_CANCELJOBREQUEST']._serialized_start=329
-  _globals['_CANCELJOBREQUEST']._serialized_end=363
-  _globals['_LISTJOBSREQUEST']._serialized_start=365
-  _globals['_LISTJOBSREQUEST']._serialized_end=461
-  _globals['_LISTJOBSRESPONSE']._serialized_start=463
-  _globals['_LISTJOBSRESPONSE']._serialized_end=536
-  _globals['_NODERUN']._serialized_start=538
-  _globals['_NODERUN']._serialized_end=600
-  _globals['_JOB']._serialized_start=603
-  _globals['_JOB']._serialized_end=902
-  _globals['_JOB_NODESENTRY']._serialized_start=838
-  _globals['_JOB_NODESENTRY']._serialized_end=902
-  _globals['_JOBEVENT']._serialized_start=905
-  _globals['_JOBEVENT']._serialized_end=1387
-  _globals['_QUEUED']._serialized_start=1389
-  _globals['_QUEUED']._serialized_end=1415
-  _globals['_STARTED']._serialized_start=1417
-  _globals['_STARTED']._serialized_end=1444
-  _globals['_NODESTARTED']._serialized_start=1446
-  _globals['_NODESTARTED']._serialized_end=1496
-  _globals['_PROGRESS']._serialized_start=1498
-  _globals['_PROGRESS']._serialized_end=1554
-  _globals['_NODECACHED']._serialized_start=1556
-  _globals['_NODECACHED']._serialized_end=1605
-  _globals['_NODEFINISHED']._serialized_start=1607
-  _globals['_NODEFINISHED']._serialized_end=1675
-  _globals['_OUTPUT']._serialized_start=1677
-  _globals['_OUTPUT']._serialized_end=1739
-  _globals['_COMPLETED']._serialized_start=1741
-  _globals['_COMPLETED']._serialized_end=1769
-  _globals['_FAILED']._serialized_start=1771
-  _globals['_FAILED']._serialized_end=1853
-  _globals['_CANCELLED']._serialized_start=1855
-  _globals['_CANCELLED']._serialized_end=1882
-  _globals['_GRAPHSERVICE']._serialized_start=1885
-  _globals['_GRAPHSERVICE']._serialized_end=2254
+  _globals['_GETIMAGEREQUEST']._serialized_start=329
+  _globals['_GETIMAGEREQUEST']._serialized_end=364
+  _globals['_CANCELJOBREQUEST']._serialized_start=366
+  _globals['_CANCELJOBREQUEST']._serialized_end=400
+  _globals['_LISTJOBSREQUEST']._serialized_start=402
+  _globals['_LISTJOBSREQUEST']._serialized_end=498
+  _globals['_LISTJOBSRESPONSE']._serialized_start=500
+  _globals['_LISTJOBSRESPONSE']._serialized_end=573
+  _globals['_NODERUN']._serialized_start=575
+  _globals['_NODERUN']._serialized_end=637
+  _globals['_JOB']._serialized_start=640
+  _globals['_JOB']._serialized_end=939
+  _globals['_JOB_NODESENTRY']._serialized_start=875
+  _globals['_JOB_NODESENTRY']._serialized_end=939
+  _globals['_JOBEVENT']._serialized_start=942
+  _globals['_JOBEVENT']._serialized_end=1424
+  _globals['_QUEUED']._serialized_start=1426
+  _globals['_QUEUED']._serialized_end=1452
+  _globals['_STARTED']._serialized_start=1454
+  _globals['_STARTED']._serialized_end=1481
+  _globals['_NODESTARTED']._serialized_start=1483
+  _globals['_NODESTARTED']._serialized_end=1533
+  _globals['_PROGRESS']._serialized_start=1535
+  _globals['_PROGRESS']._serialized_end=1591
+  _globals['_NODECACHED']._serialized_start=1593
+  _globals['_NODECACHED']._serialized_end=1642
+  _globals['_NODEFINISHED']._serialized_start=1644
+  _globals['_NODEFINISHED']._serialized_end=1712
+  _globals['_OUTPUT']._serialized_start=1714
+  _globals['_OUTPUT']._serialized_end=1776
+  _globals['_COMPLETED']._serialized_start=1778
+  _globals['_COMPLETED']._serialized_end=1806
+  _globals['_FAILED']._serialized_start=1808
+  _globals['_FAILED']._serialized_end=1890
+  _globals['_CANCELLED']._serialized_start=1892
+  _globals['_CANCELLED']._serialized_end=1919
+  _globals['_GRAPHSERVICE']._serialized_start=1922
+  _globals['_GRAPHSERVICE']._serialized_end=2352
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from plinth.clients.v1 import common_pb2 as plinth_dot_v1_dot_common__pb2
 from plinth.clients.v1 import graph_service_pb2 as plinth_dot_v1_dot_graph__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -65,6 +66,11 @@ class GraphServiceStub:
                 request_serializer=plinth_dot_v1_dot_graph__service__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=plinth_dot_v1_dot_graph__service__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.GetImage = channel.unary_unary(
+                '/plinth.v1.GraphService/GetImage',
+                request_serializer=plinth_dot_v1_dot_graph__service__pb2.GetImageRequest.SerializeToString,
+                response_deserializer=plinth_dot_v1_dot_common__pb2.ImageRef.FromString,
+                _registered_method=True)
 
 
 class GraphServiceServicer:
@@ -113,6 +119,13 @@ class GraphServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetImage(self, request, context):
+        """A stored output image (SaveImage) by its id, with its PNG bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GraphServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_GraphServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=plinth_dot_v1_dot_graph__service__pb2.ListJobsRequest.FromString,
                     response_serializer=plinth_dot_v1_dot_graph__service__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImage,
+                    request_deserializer=plinth_dot_v1_dot_graph__service__pb2.GetImageRequest.FromString,
+                    response_serializer=plinth_dot_v1_dot_common__pb2.ImageRef.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class GraphService:
             '/plinth.v1.GraphService/ListJobs',
             plinth_dot_v1_dot_graph__service__pb2.ListJobsRequest.SerializeToString,
             plinth_dot_v1_dot_graph__service__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plinth.v1.GraphService/GetImage',
+            plinth_dot_v1_dot_graph__service__pb2.GetImageRequest.SerializeToString,
+            plinth_dot_v1_dot_common__pb2.ImageRef.FromString,
             options,
             channel_credentials,
             insecure,
