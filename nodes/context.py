@@ -75,6 +75,8 @@ class NodeContext(Protocol):
     device: torch.device
     dtype: torch.dtype
     graph: dict[str, Any]
+    # More PNG text chunks for saved images: "workflow" holds the editor file a graph came from.
+    extra_pnginfo: dict[str, Any]
     models_dir: Path
 
     def model(self, handle: ModelHandle) -> Any:

@@ -14,12 +14,15 @@ from plinth.nodes.context import ImageRef, NodeContext, NodeInputError
 from plinth.nodes.schema import Choice, Link, Node, Output, String
 
 
-def encode_png(image: torch.Tensor, graph: dict[str, Any] | None) -> bytes:
-    """One IMAGE [H,W,C] as PNG bytes, with the graph in a "prompt" text chunk as ComfyUI writes it."""
+def encode_png(image: torch.Tensor, graph: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:
+    """One IMAGE [H,W,C] as PNG bytes, with the graph in a "prompt" text chunk as ComfyUI writes
+    it (and the editor workflow, when the graph came from one, in a "workflow" chunk)."""
     pixels = np.clip(image.detach().cpu().float().numpy() * 255.0, 0, 255).astype(np.uint8)
     info = PngImagePlugin.PngInfo()
     if graph is not None:
         info.add_text("prompt", json.dumps(graph))
+    for key, value in (extra or {}).items():
+        info.add_text(key, json.dumps(value))
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info, compress_level=4)
     return buffer.getvalue()
@@ -62,7 +65,7 @@ def save_images(ctx: NodeContext, images: torch.Tensor, prefix: str, kind: str) 
     refs = []
     for image in images:
         ctx.check_cancelled()
-        png = encode_png(image, ctx.graph)
+        png = encode_png(image, ctx.graph, ctx.extra_pnginfo)
         refs.append(ctx.save_image(png, int(image.shape[1]), int(image.shape[0]), prefix, kind))
     return {"images": refs}
 

@@ -18,8 +18,9 @@ from plinth.nodes.registry import NODES
 from plinth.server.engine import events as ev
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.executor import Executor
-from plinth.server.engine.graph import parse_graph
+from plinth.server.engine.graph import Graph, load_json, parse_graph
 from plinth.server.engine.validate import validate
+from plinth.server.engine.workflow import is_editor_workflow, to_api_format
 from plinth.server.jobs.job import Job, JobStatus
 from plinth.server.jobs.queue import JobQueue
 from plinth.server.models.manager import ModelManager
@@ -92,13 +93,22 @@ class PlinthService:
                priority: int = 0, omit_image_bytes: bool = False) -> Job:
         """Validate and queue; raises GraphValidationError with every error found."""
         resources = JobResources(self.workspace, self.models, dict(inputs or {}))
-        plan = validate(parse_graph(graph), self.registry, resources)
+        plan = validate(self.parse(graph), self.registry, resources)
         job = Job(plan, resources, priority, omit_image_bytes=omit_image_bytes)
         with self._jobs_lock:
             self._jobs[job.id] = job
             self._prune()
         self.queue.put(job, lambda ahead: job.emit(ev.Queued(ahead)))
         return job
+
+    def parse(self, graph: str | dict[str, Any]) -> Graph:
+        """A graph in API format, or a workflow file ComfyUI's editor saved (converted here)."""
+        raw = load_json(graph)
+        if is_editor_workflow(raw):
+            parsed = parse_graph(to_api_format(raw, self.registry))
+            parsed.workflow = raw
+            return parsed
+        return parse_graph(raw)
 
     def get(self, job_id: str) -> Job:
         with self._jobs_lock:

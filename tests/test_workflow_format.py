@@ -290,3 +290,13 @@ def test_a_loop_of_reroutes_is_an_error_not_a_hang():
 def test_malformed_files_are_invalid_workflow_errors(broken):
     errors = conversion_errors(copy.deepcopy(broken))
     assert [e.code for e in errors] == ["invalid_workflow"]
+
+
+def test_an_editor_file_runs_through_submit_and_is_embedded_in_the_png(client):
+    import json as _json
+
+    workflow = _json.loads((WORKFLOWS / "txt2img.json").read_text())
+    result = client.run(workflow)
+    assert result.status == "completed"
+    assert _json.loads(result.images[0].text["workflow"]) == workflow
+    assert _json.loads(result.images[0].text["prompt"])["3"]["class_type"] == "KSampler"

@@ -69,6 +69,7 @@ class RunContext:
         self._resources = resources
         self._control = control
         self.graph = graph
+        self.extra_pnginfo: dict[str, Any] = {}
         self.device = device
         self.dtype = dtype
         self.models_dir = resources.models_dir
@@ -100,6 +101,8 @@ class Executor:
         """Run the plan; emits Started, per-node and Output events but not the terminal event,
         which the caller sends once it has recorded the result."""
         ctx = RunContext(resources, control, plan.graph.raw, self.device, self.dtype)
+        if plan.graph.workflow is not None:
+            ctx.extra_pnginfo["workflow"] = plan.graph.workflow
         result = RunResult("completed")
         outputs: dict[str, Any] = {}
         control.emit(ev.Started([n.id for n in plan.nodes]))

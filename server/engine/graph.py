@@ -54,7 +54,8 @@ class GraphNode:
 @dataclass
 class Graph:
     nodes: dict[str, GraphNode]
-    raw: dict[str, Any]
+    raw: dict[str, Any]  # the API-format graph
+    workflow: dict[str, Any] | None = None  # the editor file it was converted from, if any
 
 
 def _as_link(value: Any) -> LinkRef | None:
@@ -64,15 +65,19 @@ def _as_link(value: Any) -> LinkRef | None:
     return None
 
 
+def load_json(source: str | bytes | dict[str, Any]) -> Any:
+    """Decoded graph JSON (an already decoded object passes through)."""
+    if not isinstance(source, (str, bytes)):
+        return source
+    try:
+        return json.loads(source)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise GraphValidationError([GraphError("", "", "", "invalid_json", f"graph is not valid JSON: {exc}")])
+
+
 def parse_graph(source: str | bytes | dict[str, Any]) -> Graph:
     """Parse API-format JSON (text or an already decoded object); raise GraphValidationError."""
-    if isinstance(source, (str, bytes)):
-        try:
-            raw = json.loads(source)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GraphValidationError([GraphError("", "", "", "invalid_json", f"graph is not valid JSON: {exc}")])
-    else:
-        raw = source
+    raw = load_json(source)
     if not isinstance(raw, dict) or not raw:
         raise GraphValidationError([GraphError(
             "", "", "", "invalid_graph",

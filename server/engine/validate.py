@@ -75,7 +75,8 @@ def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEn
 
     needed = set(outputs).union(*(nx.ancestors(dag, o) for o in outputs))
     order = [planned[n] for n in nx.lexicographical_topological_sort(dag.subgraph(needed), key=_id_order)]
-    graph_hash = hashlib.sha256(json.dumps(graph.raw, sort_keys=True, default=repr).encode()).hexdigest()
+    embedded = {"prompt": graph.raw, "workflow": graph.workflow}  # what SaveImage writes into PNGs
+    graph_hash = hashlib.sha256(json.dumps(embedded, sort_keys=True, default=repr).encode()).hexdigest()
     for p in order:
         p.key = _cache_key(p, planned, env, graph_hash)
     return ExecutionPlan(graph, order)

@@ -10,6 +10,7 @@ so the loader's key conversion and layer numbering are what the tests exercise.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -21,17 +22,23 @@ TINY_SD_LAYERS = {1: 32, 3: 32, 5: 32, 7: 64}
 TINY_SD_CROSS = 64  # tiny-sd's cross_attention_dim: the width of text and image tokens
 
 
-def clip_vision(seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int = 32, patch: int = 8,
-                projection: int = 32, prefixed: bool = True) -> dict[str, torch.Tensor]:
-    """A CLIPVisionModelWithProjection's weights (gelu, 64-wide heads, as LAION's ViT-H);
-    `prefixed=False` drops "vision_model." as some exported files do."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+def clip_vision_config(hidden: int = 64, layers: int = 2, image_size: int = 32, patch: int = 8,
+                       projection: int = 32) -> Any:
+    """A small CLIPVisionConfig shaped as LAION's ViT-H: gelu, 64-wide attention heads."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=max(1, hidden // 64), image_size=image_size, patch_size=patch,
+                            projection_dim=projection, hidden_act="gelu")
+
+
+def clip_vision(seed: int = 0, prefixed: bool = True, **config: int) -> dict[str, torch.Tensor]:
+    """A CLIPVisionModelWithProjection's weights; `prefixed=False` drops "vision_model." as some
+    exported files do."""
+    from transformers import CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=max(1, hidden // 64), image_size=image_size, patch_size=patch,
-                              projection_dim=projection, hidden_act="gelu")
-    state = CLIPVisionModelWithProjection(config).state_dict()
+    state = CLIPVisionModelWithProjection(clip_vision_config(**config)).state_dict()
     if not prefixed:
         state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     return {k: v.contiguous() for k, v in state.items()}
