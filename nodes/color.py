@@ -96,6 +96,7 @@ class ColorTransfer(Node):
     Lab or RGB); an optional mask limits where the image is measured and changed, an optional
     reference_mask where the reference is measured."""
 
+    ORIGIN = "Plinth"
     CATEGORY = "image/color"
     DISPLAY_NAME = "Color Transfer"
     OUTPUTS = (Output("IMAGE"),)

@@ -139,6 +139,7 @@ class RemoveBackground(Node):
     """Cut the product out with a local rembg-style ONNX model (models/rembg/*.onnx): MASK is
     1 on the product, 0 on the background; IMAGE is the input image."""
 
+    ORIGIN = "Plinth"
     CATEGORY = "image/cutout"
     DISPLAY_NAME = "Remove Background"
     OUTPUTS = (Output("IMAGE"), Output("MASK"))
@@ -161,6 +162,7 @@ class PlainBackgroundCutout(Node):
     """Cut a product out of a plain or seamless backdrop without any model: the backdrop colour
     is read from the image border and flood-filled inwards. MASK is 1 on the product."""
 
+    ORIGIN = "Plinth"
     CATEGORY = "image/cutout"
     DISPLAY_NAME = "Plain Background Cutout"
     OUTPUTS = (Output("MASK"),)

@@ -402,6 +402,7 @@ class CLIPVisionEncode(Node):
 class IPAdapterModelLoader(Node):
     """Load an SD1.x IP-Adapter (plain or plus) from models/ipadapter."""
 
+    ORIGIN = "ComfyUI_IPAdapter_plus"
     CATEGORY = "ipadapter/loaders"
     DISPLAY_NAME = "IPAdapter Model Loader"
     OUTPUTS = (Output("IPADAPTER"),)
@@ -426,6 +427,7 @@ class IPAdapterAdvanced(Node):
     add their tokens side by side) and "V only" (the weight scales the image attention's output).
     """
 
+    ORIGIN = "ComfyUI_IPAdapter_plus"
     CATEGORY = "ipadapter"
     DISPLAY_NAME = "IPAdapter Advanced"
     OUTPUTS = (Output("MODEL"),)

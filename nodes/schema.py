@@ -157,8 +157,8 @@ class Choice(InputSpec):
         choices = self.choices(env)
         if value not in choices:
             shown = ", ".join(choices[:20]) + (f", ... ({len(choices)} in all)" if len(choices) > 20 else "")
-            what = {"checkpoints": "unknown model", "input_images": "unknown input image"}.get(
-                self.source, "value not in the choice list")
+            what = ("value not in the choice list" if not self.source
+                    else "unknown input image" if self.source == "input_images" else f"unknown model in {self.source}/")
             return "value_not_in_list", f"{what} {value!r}; choices: {shown or '(none)'}"
         return None
 
@@ -192,6 +192,7 @@ class NodeSchema:
     inputs: list[InputSpec] = field(default_factory=list)
     outputs: tuple[Output, ...] = ()
     output_node: bool = False
+    origin: str = "ComfyUI"
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -213,6 +214,9 @@ class Node:
     # The node reads the whole graph (ComfyUI's hidden "prompt" input), e.g. to embed it in a
     # PNG: the graph is then part of its cache key.
     USES_GRAPH: ClassVar[bool] = False
+    # Whose node this is: "ComfyUI" (a core node, same name, inputs and meaning), the custom
+    # node pack whose class_type it keeps, or "Plinth" for nodes of its own.
+    ORIGIN: ClassVar[str] = "ComfyUI"
     schema: ClassVar[NodeSchema]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -227,10 +231,11 @@ class Node:
             class_type=class_type,
             display_name=cls.DISPLAY_NAME or class_type,
             category=cls.CATEGORY,
-            description=(cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "),
+            description=" ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()),
             inputs=list(inputs.values()),
             outputs=tuple(cls.OUTPUTS),
             output_node=cls.OUTPUT_NODE,
+            origin=cls.ORIGIN,
         )
 
     def run(self, ctx: "NodeContext", **inputs: Any) -> Any:

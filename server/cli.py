@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nodes", help="list the nodes and their schemas")
     p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
     p.add_argument("--json", action="store_true", help="an object keyed by class_type")
+    p.add_argument("--markdown", action="store_true", help="the docs/nodes.md table, from this install's registry")
     dirs(p)
     p.set_defaults(func=cmd_nodes)
 
@@ -140,6 +141,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     from plinth.clients import Client, PlinthError
 
+    if args.markdown:
+        from plinth.nodes.registry import NODES
+        from plinth.server.docs import nodes_markdown
+
+        sys.stdout.write(nodes_markdown(NODES))
+        return 0
     try:
         with _address(args) as address, Client(address) as client:
             schemas = client.list_nodes()

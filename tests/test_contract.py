@@ -71,3 +71,16 @@ def test_sampler_choices_cover_the_common_ones(client):
     assert {"normal", "karras", "exponential", "simple", "sgm_uniform"} <= set(inputs["scheduler"].choices)
     ckpt = next(n for n in client.list_nodes() if n.class_type == "CheckpointLoaderSimple").inputs[0]
     assert "tiny-sd" in ckpt.choices
+
+
+def test_docs_node_table_is_current():
+    from plinth.server.docs import nodes_markdown
+
+    assert (REPO / "docs" / "nodes.md").read_text() == nodes_markdown(NODES), \
+        "docs/nodes.md is stale: plinth nodes --markdown > docs/nodes.md"
+
+
+def test_every_comfyui_node_of_the_registry_is_a_core_node():
+    for cls in NODES.values():
+        if cls.schema.origin == "ComfyUI":
+            assert cls.schema.class_type in COMFY, cls.schema.class_type

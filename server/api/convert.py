@@ -80,7 +80,7 @@ def node_schema(schema: NodeSchema, choices) -> ns.NodeSchema:
     """`choices(source)` resolves dynamic choice lists (model files, uploaded images)."""
     msg = ns.NodeSchema(class_type=schema.class_type, display_name=schema.display_name,
                         category=schema.category, description=schema.description,
-                        output_node=schema.output_node,
+                        output_node=schema.output_node, origin=schema.origin,
                         outputs=[ns.OutputSchema(name=o.label, type=o.type) for o in schema.outputs])
     for spec in schema.inputs:
         item = ns.InputSchema(name=spec.name, type=spec.type, required=not spec.optional, tooltip=spec.tooltip)

@@ -99,8 +99,9 @@ def _check_node(node_id: str, inputs: dict[str, Any], node_cls: type[Node], grap
     def error(name: str, code: str, message: str) -> None:
         errors.append(GraphError(node_id, schema.class_type, name, code, message))
 
+    editor_widgets = {"upload"} if any(getattr(i, "image_upload", False) for i in schema.inputs) else set()
     for name in inputs:
-        if schema.input(name) is None:
+        if schema.input(name) is None and name not in editor_widgets:  # ComfyUI exports "upload": "image"
             known = ", ".join(i.name for i in schema.inputs) or "none"
             error(name, "unknown_input", f"{schema.class_type} has no input {name!r} (inputs: {known})")
     for spec in schema.inputs:

@@ -53,7 +53,7 @@ class OutputSchema(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ...) -> None: ...
 
 class NodeSchema(_message.Message):
-    __slots__ = ("class_type", "display_name", "category", "description", "output_node", "inputs", "outputs")
+    __slots__ = ("class_type", "display_name", "category", "description", "output_node", "inputs", "outputs", "origin")
     CLASS_TYPE_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class NodeSchema(_message.Message):
     OUTPUT_NODE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     class_type: str
     display_name: str
     category: str
@@ -68,4 +69,5 @@ class NodeSchema(_message.Message):
     output_node: bool
     inputs: _containers.RepeatedCompositeFieldContainer[InputSchema]
     outputs: _containers.RepeatedCompositeFieldContainer[OutputSchema]
-    def __init__(self, class_type: _Optional[str] = ..., display_name: _Optional[str] = ..., category: _Optional[str] = ..., description: _Optional[str] = ..., output_node: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[InputSchema, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputSchema, _Mapping]]] = ...) -> None: ...
+    origin: str
+    def __init__(self, class_type: _Optional[str] = ..., display_name: _Optional[str] = ..., category: _Optional[str] = ..., description: _Optional[str] = ..., output_node: _Optional[bool] = ..., inputs: _Optional[_Iterable[_Union[InputSchema, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputSchema, _Mapping]]] = ..., origin: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,149 @@
+"""Every saved graph in graphs/ runs unchanged on the embedded model, with the model files it
+names made here (random weights, real layouts), and does what graphs/README.md says."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import GRAPHS, node_output, png_bytes
+from support import controlnet_files, ipadapter_files, lora_files, upscaler_files
+
+SAVED = sorted(p.name for p in GRAPHS.glob("*.json"))
+
+
+def product_photo() -> np.ndarray:
+    """A 64x64 packshot: a red box with a white label on a plain light-grey backdrop."""
+    pixels = np.full((64, 64, 3), 236, np.uint8)
+    pixels[14:50, 20:44] = (190, 30, 35)
+    pixels[26:34, 26:38] = (250, 250, 250)
+    return pixels
+
+
+def reference_photo() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[..., 0] = np.linspace(20, 240, 64, dtype=np.uint8)[None, :]
+    pixels[..., 2] = np.linspace(240, 20, 64, dtype=np.uint8)[:, None]
+    return np.clip(pixels + rng.integers(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+
+
+INPUTS = {"product.png": png_bytes(product_photo()), "reference.png": png_bytes(reference_photo())}
+
+
+@pytest.fixture(scope="module")
+def graph_models(models_dir):
+    """The model files the saved graphs name, made for tiny-sd."""
+    upscaler_files.write(upscaler_files.real_esrgan_x4(), models_dir / "upscale_models", "RealESRGAN_x4plus.safetensors")
+    controlnet = controlnet_files.tiny_controlnet(seed=11)
+    controlnet_files.write(controlnet_files.to_original_state_dict(controlnet),
+                           models_dir / "controlnet" / "control_v11p_sd15_canny.safetensors")
+    ipadapter_files.write(ipadapter_files.plain(seed=12), models_dir / "ipadapter", "ip-adapter_sd15.safetensors")
+    ipadapter_files.write(ipadapter_files.clip_vision(seed=13), models_dir / "clip_vision",
+                          "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
+    lora_files.write(lora_files.kohya(lora_files.random_lora(seed=14)), models_dir / "loras", "product-style.safetensors")
+
+
+def load(name: str) -> dict:
+    return json.loads((GRAPHS / name).read_text())
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_every_saved_graph_runs_and_is_described(client, graph_models, name):
+    graph = load(name)
+    wanted = {n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"}
+    result = client.run(graph, inputs={k: v for k, v in INPUTS.items() if k in wanted})
+    assert result.status == "completed" and result.images
+    assert f"## {name}" in (GRAPHS / "README.md").read_text()
+
+
+def outputs_by_prefix(result) -> dict[str, list[Image.Image]]:
+    found: dict[str, list[Image.Image]] = {}
+    for ref, image in zip((r for r in result.image_refs if r.png), result.images):
+        found.setdefault(ref.filename.rsplit("_", 1)[0], []).append(image)
+    return found
+
+
+def test_background_replacement_keeps_the_product_pixels_and_changes_the_backdrop(server, client, graph_models):
+    result = client.run(load("background_replace.json"), inputs={"product.png": INPUTS["product.png"]})
+    out = outputs_by_prefix(result)
+    composite = pixels(out["background"][0])
+    original = product_photo().astype(np.int16)
+    product = node_output(server, result.job_id, "11")[0][0].numpy()  # the cutout mask, 1 = product
+    assert (product == 1).sum() > 400  # the product's core (its soft edge is below 1)
+    assert np.array_equal(composite[product == 1], original[product == 1])
+    assert np.abs(composite[product > 0.99] - original[product > 0.99]).max() <= 1
+    backdrop = product == 0
+    assert np.abs(composite[backdrop] - original[backdrop]).mean() > 5
+    assert out["background_2x"][0].size == (128, 128)
+
+
+def test_outpaint_keeps_the_original_region_and_fills_the_new_area(client, graph_models):
+    result = client.run(load("outpaint_ad_formats.json"), inputs={"product.png": INPUTS["product.png"]})
+    out = outputs_by_prefix(result)
+    original = product_photo().astype(np.int16)
+    for prefix, size, (x, y) in (("ad_4x5", (64, 80), (0, 8)), ("ad_16x9", (112, 64), (24, 0))):
+        image = out[prefix][0]
+        assert image.size == size
+        canvas = pixels(image)
+        assert np.array_equal(canvas[y:y + 64, x:x + 64], original)
+        new_area = np.ones(canvas.shape[:2], bool)
+        new_area[y:y + 64, x:x + 64] = False
+        assert np.abs(canvas[new_area] - 128).mean() > 3  # sampled, not left as the grey padding
+
+
+def test_upscale_graph_gives_four_times_the_size(client, graph_models):
+    result = client.run(load("upscale_4x.json"), inputs={"product.png": INPUTS["product.png"]})
+    assert result.images[0].size == (256, 256)
+
+
+def test_restyle_keeps_the_size_and_changes_the_look(server, client, graph_models):
+    result = client.run(load("restyle_keep_shape.json"), inputs={"product.png": INPUTS["product.png"]})
+    out = outputs_by_prefix(result)
+    restyled = pixels(out["restyled"][0])
+    assert restyled.shape == (64, 64, 3)
+    assert np.abs(restyled - product_photo()).mean() > 5
+    edges = node_output(server, result.job_id, "11")[0]
+    assert edges.max() == 1 and edges.mean() < 0.5  # the product outline, on black
+
+
+def test_style_graph_moves_the_tone_toward_the_reference(client, graph_models):
+    result = client.run(load("style_from_reference.json"), inputs=INPUTS)
+    out = outputs_by_prefix(result)
+    styled, matched = pixels(out["styled"][0]), pixels(out["styled_tone_matched"][0])
+    reference_mean = reference_photo().reshape(-1, 3).mean(0)
+    assert np.abs(matched.reshape(-1, 3).mean(0) - reference_mean).sum() < np.abs(
+        styled.reshape(-1, 3).mean(0) - reference_mean).sum()
+
+
+def test_lora_graph_differs_from_plain_txt2img(client, graph_models, txt2img):
+    lora = load("lora.json")
+    plain = client.run(txt2img).images[0]
+    with_lora = client.run(lora).images[0]
+    assert not np.array_equal(pixels(plain), pixels(with_lora))
+
+
+def test_variants_graph_gives_distinct_candidates(client):
+    result = client.run(load("variants_ab.json"))
+    assert len(result.images) == 4
+    assert len({pixels(i).tobytes() for i in result.images}) == 4
+
+
+def test_img2img_keeps_part_of_the_photo(server, client):
+    """Measured on latents: tiny-sd's random VAE does not reconstruct pixels."""
+    changes = {}
+    for denoise in (0.55, 1.0):
+        graph = load("img2img.json")
+        graph["3"]["inputs"]["denoise"] = denoise
+        result = client.run(graph, inputs={"product.png": INPUTS["product.png"]})
+        encoded = node_output(server, result.job_id, "11")[0].samples
+        sampled = node_output(server, result.job_id, "3")[0].samples
+        changes[denoise] = float((sampled - encoded).abs().mean())
+    assert changes[0.55] < changes[1.0]
