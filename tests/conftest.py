@@ -62,21 +62,11 @@ def executed(result) -> set[str]:
     return {n.class_type for n in result.nodes.values() if n.status == "executed"}
 
 
-def node_output(server, job_id: str, node_id: str):
-    """A node's output value in a finished job, from the server's output cache."""
-    job = server.service.get(job_id)
+def node_output(server, job, node_id: str):
+    """A node's output value in a finished job (its id or the client's result), from the
+    server's output cache: the exact tensors, before any PNG encoding."""
+    job = server.service.get(getattr(job, "job_id", job))
     key = next(n.key for n in job.plan.nodes if n.id == node_id)
     value = server.service.cache.get(key)
     assert value is not None, f"node {node_id} output not cached"
     return value
-
-
-def png_bytes(array) -> bytes:
-    """PNG bytes of a uint8 [H,W,3|4] array."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import node_output, png_bytes
+from conftest import node_output
+from support.files import png
 from support.sd_original_layout import build_random_sd, small_sd15_configs, write_original_checkpoint
 
 API = Path(__file__).parent / "data" / "comfyui_api"
@@ -37,7 +38,7 @@ def test_inpaint_runs_unchanged_and_keeps_the_unmasked_area(server, client, sd15
     photo = np.full((64, 64, 4), 255, np.uint8)
     photo[..., :3] = (30, 120, 200)
     photo[:, :32, 3] = 0  # transparent left half: the area to inpaint
-    result = client.run(graph, inputs={"product_inpaint.png": png_bytes(photo)})
+    result = client.run(graph, inputs={"product_inpaint.png": png(photo)})
     assert result.images[0].size == (64, 64)
     latent_in = node_output(server, result.job_id, "11")[0]
     latent_out = node_output(server, result.job_id, "12")[0].samples

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import node_output, png_bytes
+from conftest import node_output
+from support.files import png
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 from plinth.nodes.prompt import encode, parse_emphasis, weighted_tokens
@@ -105,8 +106,8 @@ def test_noise_mask_keeps_the_unmasked_latent_exactly(server, client, txt2img):
     g["22"] = {"class_type": "LoadImage", "inputs": {"image": "mask.png"}}
     g["23"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["21", 0], "mask": ["22", 1]}}
     g["3"]["inputs"]["latent_image"] = ["23", 0]
-    result = client.run(g, inputs={"product.png": png_bytes(product_photo()),
-                                   "mask.png": png_bytes(product_photo(alpha=True))})
+    result = client.run(g, inputs={"product.png": png(product_photo()),
+                                   "mask.png": png(product_photo(alpha=True))})
     before = node_output(server, result.job_id, "21")[0].samples
     after = node_output(server, result.job_id, "3")[0].samples
     # mask = 1 - alpha: 1 (sample) on the left half, 0 (keep) on the right; latent cells are 8 px
@@ -118,7 +119,7 @@ def test_img2img_denoise_controls_how_much_changes(server, client, txt2img):
     distances = {}
     for denoise in (0.3, 0.9):
         g = img2img_graph(copy.deepcopy(txt2img), denoise)
-        result = client.run(g, inputs={"product.png": png_bytes(product_photo())})
+        result = client.run(g, inputs={"product.png": png(product_photo())})
         before = node_output(server, result.job_id, "21")[0].samples
         after = node_output(server, result.job_id, "3")[0].samples
         distances[denoise] = float((after - before).abs().mean())
@@ -213,7 +214,7 @@ def test_inpaint_model_conditioning_keeps_the_unmasked_area(server, client, txt2
         "noise_mask": True}}
     g["3"]["inputs"].update(positive=["21", 0], negative=["21", 1], latent_image=["21", 2], steps=2)
     del g["5"]
-    result = client.run(g, inputs={"photo.png": png_bytes(product_photo(alpha=True))})
+    result = client.run(g, inputs={"photo.png": png(product_photo(alpha=True))})
     before = node_output(server, result.job_id, "21")[2].samples
     after = node_output(server, result.job_id, "3")[0].samples
     assert torch.equal(after[..., 5:], before[..., 5:])
@@ -227,7 +228,7 @@ def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2
                                                               "mask": ["20", 1], "grow_mask_by": 6}}
     g["3"]["inputs"].update(latent_image=["21", 0], steps=2)
     del g["5"]
-    result = client.run(g, inputs={"photo.png": png_bytes(product_photo(alpha=True))})
+    result = client.run(g, inputs={"photo.png": png(product_photo(alpha=True))})
     latent = node_output(server, result.job_id, "21")[0]
     mask = latent.noise_mask[0, 0]
     assert mask.shape == (64, 64)

@@ -21,7 +21,7 @@ from plinth.clients import JobFailed
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.controlnet import ControlNetApplyAdvanced, _template, build_controlnet, infer_config, load_controlnet
 from plinth.nodes.types import ConditioningEntry, ControlSpec
-from support import controlnet_files
+from support import controlnet_files, files
 
 CPU = torch.device("cpu")
 BROKEN = "broken.safetensors"
@@ -40,11 +40,10 @@ def names(models_dir, controlnet) -> dict[str, str]:
     folder = models_dir / "controlnet"
     names = controlnet_files.write_all_layouts(controlnet, folder)
     (folder / BROKEN).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    controlnet_files.write({"encoder.layer.0.weight": torch.ones(4, 4), "head.weight": torch.ones(2, 4)},
-                           folder / FOREIGN)
+    files.write({"encoder.layer.0.weight": torch.ones(4, 4), "head.weight": torch.ones(2, 4)}, folder, FOREIGN)
     original = controlnet_files.to_original_state_dict(controlnet)
     del original["zero_convs.2.0.weight"]
-    controlnet_files.write(original, folder / TRUNCATED)
+    files.write(original, folder, TRUNCATED)
     return names
 
 

@@ -9,7 +9,9 @@ import torch
 
 from plinth.nodes.color import lab_to_srgb, srgb_to_lab, transfer_colors
 from plinth.nodes.cutout import CutoutModel, plain_background_mask, preprocessing_for
-from support.cutout_files import node_output, png, write_tiny_u2net
+from conftest import node_output
+from support.cutout_files import write_tiny_u2net
+from support.files import png
 
 DARK_IS_PRODUCT = -np.ones((3, 3, 3))  # a "model" that calls dark pixels foreground
 

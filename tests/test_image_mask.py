@@ -10,7 +10,8 @@ import torch
 from plinth.clients import PlinthError
 from plinth.nodes.image import canny, composite, outpaint_mask
 from plinth.nodes.mask import batch_mask, feather, grow
-from support.cutout_files import node_output, png
+from conftest import node_output
+from support.files import png
 
 
 def gradient(height: int, width: int) -> np.ndarray:

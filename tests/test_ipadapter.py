@@ -22,7 +22,7 @@ from conftest import executed
 from plinth.clients import JobFailed, PlinthError
 from plinth.nodes.context import NodeInputError
 from plinth.nodes.ipadapter import clip_vision_config, encode_image, load_clip_vision, load_ipadapter
-from support import ipadapter_files
+from support import files, ipadapter_files
 
 CPU = torch.device("cpu")
 CLIP = "tiny-clip-vision.safetensors"
@@ -33,15 +33,15 @@ PLUS = "tiny-ip-adapter-plus_sd15.safetensors"
 @pytest.fixture(scope="module")
 def ip_dir(models_dir):
     clip, ip = models_dir / "clip_vision", models_dir / "ipadapter"
-    ipadapter_files.write(ipadapter_files.clip_vision(), clip, CLIP)
-    ipadapter_files.write(ipadapter_files.clip_vision(prefixed=False), clip, "bare-clip-vision.safetensors")
-    ipadapter_files.write(ipadapter_files.clip_vision(projection=48), clip, "clip-vision-proj48.safetensors")
-    ipadapter_files.write({"weight": torch.zeros(4, 4)}, clip, "not-clip.safetensors")
-    ipadapter_files.write(ipadapter_files.plain(), ip, PLAIN)
-    ipadapter_files.write(ipadapter_files.plus(), ip, PLUS)
-    ipadapter_files.write(ipadapter_files.plain(cross=96), ip, "sdxl-like.safetensors")  # wider text tokens
-    ipadapter_files.write(ipadapter_files.plain(layers={1: 32, 3: 32}), ip, "too-few-layers.safetensors")
-    ipadapter_files.write({"image_proj.proj.0.weight": torch.zeros(4, 4), "image_proj.proj.2.weight": torch.zeros(4, 4),
+    files.write(ipadapter_files.clip_vision(), clip, CLIP)
+    files.write(ipadapter_files.clip_vision(prefixed=False), clip, "bare-clip-vision.safetensors")
+    files.write(ipadapter_files.clip_vision(projection=48), clip, "clip-vision-proj48.safetensors")
+    files.write({"weight": torch.zeros(4, 4)}, clip, "not-clip.safetensors")
+    files.write(ipadapter_files.plain(), ip, PLAIN)
+    files.write(ipadapter_files.plus(), ip, PLUS)
+    files.write(ipadapter_files.plain(cross=96), ip, "sdxl-like.safetensors")  # wider text tokens
+    files.write(ipadapter_files.plain(layers={1: 32, 3: 32}), ip, "too-few-layers.safetensors")
+    files.write({"image_proj.proj.0.weight": torch.zeros(4, 4), "image_proj.proj.2.weight": torch.zeros(4, 4),
                            "image_proj.norm.weight": torch.zeros(4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4)},
                           ip, "faceid-like.safetensors")
     (ip / "damaged.safetensors").write_bytes(b"not a safetensors file")
@@ -187,7 +187,7 @@ def test_clip_vision_file_loads_as_the_model_it_was_saved_from(tmp_path):
 
     original = CLIPVisionModelWithProjection(ipadapter_files.clip_vision_config())
     original.load_state_dict(ipadapter_files.clip_vision(seed=3))
-    bare = load_clip_vision(ipadapter_files.write(ipadapter_files.clip_vision(seed=3, prefixed=False), tmp_path,
+    bare = load_clip_vision(files.write(ipadapter_files.clip_vision(seed=3, prefixed=False), tmp_path,
                                                   "b.safetensors"), CPU, torch.float32)
     image = torch.rand(1, 40, 64, 3)
     encoded = encode_image(bare, image, crop=True)

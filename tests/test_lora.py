@@ -17,7 +17,7 @@ from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.lora import LoraPatch, parse_lora, read_lora
 from plinth.nodes.models.tiny_sd import TEXT, UNET
 from plinth.nodes.patches import patched
-from support import lora_files
+from support import files, lora_files
 from support.lora_files import kohya, old_diffusers, peft, random_lora, tiny_modules
 
 SEED = 7070  # a seed no other test file samples with, so its base images are this file's own
@@ -203,13 +203,13 @@ def test_call_kwargs_are_empty():
 def loras(models_dir):
     folder = models_dir / "loras"
     weights = random_lora(seed=11, rank=4, alpha=4.0, gain=2.0)
-    lora_files.write(kohya(weights), folder, "style_kohya.safetensors")
+    files.write(kohya(weights), folder, "style_kohya.safetensors")
     state, metadata = peft(weights)
-    lora_files.write(state, folder, "style_peft.safetensors", metadata)
-    lora_files.write(old_diffusers(weights), folder, "style_old.safetensors")
-    lora_files.write(kohya(random_lora(seed=12, rank=2, alpha=2.0, gain=2.0)), folder, "detail.safetensors")
+    files.write(state, folder, "style_peft.safetensors", metadata)
+    files.write(old_diffusers(weights), folder, "style_old.safetensors")
+    files.write(kohya(random_lora(seed=12, rank=2, alpha=2.0, gain=2.0)), folder, "detail.safetensors")
     foreign = {**kohya(weights), "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}
-    lora_files.write(foreign, folder, "foreign.safetensors")
+    files.write(foreign, folder, "foreign.safetensors")
     return folder
 
 

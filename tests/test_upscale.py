@@ -17,7 +17,7 @@ from PIL import Image
 from plinth.clients import JobFailed, PlinthError
 from plinth.nodes.context import JobCancelled, NodeInputError
 from plinth.nodes.upscale import load_upscaler, upscale_image, upscale_tiled
-from support import upscaler_files
+from support import files, upscaler_files
 
 ESRGAN = "tiny-RealESRGAN_x4plus.safetensors"
 COMPACT = "tiny-realesr-compact-x4.safetensors"
@@ -30,10 +30,10 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def upscale_dir(models_dir):
     folder = models_dir / "upscale_models"
-    upscaler_files.write(upscaler_files.real_esrgan_x4(), folder, ESRGAN)
-    upscaler_files.write(upscaler_files.compact(scale=4), folder, COMPACT)
-    upscaler_files.write(upscaler_files.compact(scale=1), folder, RESTORE_1X)
-    upscaler_files.write(upscaler_files.not_an_image_model(), folder, NOT_IMAGE)
+    files.write(upscaler_files.real_esrgan_x4(), folder, ESRGAN)
+    files.write(upscaler_files.compact(scale=4), folder, COMPACT)
+    files.write(upscaler_files.compact(scale=1), folder, RESTORE_1X)
+    files.write(upscaler_files.not_an_image_model(), folder, NOT_IMAGE)
     torch.save(upscaler_files.real_esrgan_x4(), folder / PICKLED)
     return folder
 
@@ -191,7 +191,7 @@ def test_damaged_mismatched_or_pickled_files_are_refused_clearly(tmp_path, upsca
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     wrong = upscaler_files.real_esrgan_x4()
     wrong["conv_body.weight"] = wrong["conv_body.weight"][:, :4]
-    upscaler_files.write(wrong, tmp_path, "mismatched.safetensors")
+    files.write(wrong, tmp_path, "mismatched.safetensors")
     for name in ("broken.safetensors", "mismatched.safetensors"):
         with pytest.raises(NodeInputError, match=f"upscale model '{name}' could not be loaded"):
             load_upscaler(tmp_path / name, CPU, torch.float32)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from plinth.nodes.models.tiny_sd import UNET as TINY_UNET
+from support.files import write
 from support.sd_original_layout import _rename, _unet_prefixes
 
 # Narrower than SD1.5's (16, 32, 96, 256), so the loader has to read them off the weights.
@@ -58,13 +58,6 @@ def to_original_state_dict(controlnet: ControlNetModel) -> dict[str, torch.Tenso
     return {_rename(key, prefixes): tensor for key, tensor in controlnet.state_dict().items()}
 
 
-def write(state: dict[str, torch.Tensor], path: Path) -> Path:
-    """Save `state` as a .safetensors file at `path` and return the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-    return path
-
-
 def write_all_layouts(controlnet: ControlNetModel, folder: Path) -> dict[str, str]:
     """The same ControlNet as a diffusers folder, a diffusers-layout file, an original v1.1-style
     file and an original v1.0-style file (control_model.* beside stray SD weights), in `folder`;
@@ -72,10 +65,10 @@ def write_all_layouts(controlnet: ControlNetModel, folder: Path) -> dict[str, st
     names = {"folder": "tiny-control-diffusers", "diffusers": "tiny-control-diffusers.safetensors",
              "original": "control_v11p_tiny.safetensors", "original_v10": "control_tiny_v10.safetensors"}
     controlnet.save_pretrained(folder / names["folder"])
-    write(controlnet.state_dict(), folder / names["diffusers"])
+    write(controlnet.state_dict(), folder, names["diffusers"])
     original = to_original_state_dict(controlnet)
-    write(original, folder / names["original"])
+    write(original, folder, names["original"])
     stray = {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(32, 4, 3, 3),
              "first_stage_model.post_quant_conv.weight": torch.ones(4, 4, 1, 1)}
-    write({**{f"control_model.{k}": v for k, v in original.items()}, **stray}, folder / names["original_v10"])
+    write({**{f"control_model.{k}": v for k, v in original.items()}, **stray}, folder, names["original_v10"])
     return names

@@ -4,28 +4,11 @@ layout of rembg's u2net (so RemoveBackground runs without downloading anything).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 U2NET_SIZE = 320
-
-
-def png(pixels: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 [H,W,3] or [H,W,4] array."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def node_output(server, result, node_id: str):
-    """The output tuple a node of a finished job left in the server's output cache: the exact
-    tensors, before any PNG encoding."""
-    job = server.service.get(result.job_id)
-    key = next(n.key for n in job.plan.nodes if n.id == node_id)
-    return server.service.cache.get(key)
 
 
 def write_tiny_u2net(path: Path, kernel: np.ndarray | None = None, seed: int = 0, input_name: str = "input.1",

@@ -9,10 +9,8 @@ so the loader's key conversion and layer numbering are what the tests exercise.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 # tiny-sd's cross-attention layers as the original IP-Adapter numbers them: the position of each
@@ -106,8 +104,3 @@ def nested(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
     return out
 
 
-def write(state: dict[str, torch.Tensor], folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    safetensors.torch.save_file(state, str(path))
-    return path

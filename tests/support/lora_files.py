@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 
@@ -122,9 +120,3 @@ def old_diffusers(weights: Weights) -> dict[str, torch.Tensor]:
     return state
 
 
-def write(state: dict[str, torch.Tensor], folder: Path, name: str, metadata: dict[str, str] | None = None) -> Path:
-    """Save `state` as folder/name (a .safetensors file) and return the path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
-    return path

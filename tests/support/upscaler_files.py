@@ -8,9 +8,7 @@ exactly as it would the originals (nothing here uses spandrel's own modules to m
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import safetensors.torch
 import torch
 
 # spandrel builds every RRDB with 32 growth channels, so real files and these share that width.
@@ -67,9 +65,3 @@ def not_an_image_model(seed: int = 0) -> dict[str, torch.Tensor]:
             "head.weight": torch.randn(10, 16, generator=gen)}
 
 
-def write(state: dict[str, torch.Tensor], folder: Path, name: str) -> Path:
-    """Save `state` as folder/name (a .safetensors file) and return the path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path

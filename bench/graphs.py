@@ -1,0 +1,75 @@
+"""Time of each saved graph in graphs/ on the embedded tiny-sd model, through the server.
+
+    python bench/graphs.py [--runs 5] [--json FILE]
+
+The model files the graphs name (upscaler, ControlNet, IP-Adapter, CLIP vision, LoRA) are
+made with random weights by the same writers the tests use (tests/support), in a temporary
+models directory. For each graph: the first run (model loads included), the median of --runs
+runs with every KSampler's seed changed (what a new variant costs), and a fully cached re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from common import median_ms, quiet, timed
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    quiet()
+
+    from support.saved_graphs import INPUTS, write_graph_models  # the files and photos the tests use
+
+    from plinth.clients import Client
+    from plinth.server.app import PlinthServer
+    from plinth.server.service import ServiceConfig
+
+    root = Path(tempfile.mkdtemp(prefix="plinth-bench-graphs-"))
+    write_graph_models(root / "models")
+    seeds = itertools.count(1000)
+    rows = {}
+    config = ServiceConfig(models_dir=root / "models", data_dir=root / "data", device="cpu")
+    with PlinthServer(config, port=0) as server, Client(server.address) as client:
+        for name in sorted(p.name for p in (REPO / "graphs").glob("*.json")):
+            graph = json.loads((REPO / "graphs" / name).read_text())
+            wanted = {n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"}
+            inputs = {k: v for k, v in INPUTS.items() if k in wanted}
+            samplers = [n for n in graph.values() if n["class_type"] == "KSampler"]
+
+            def run(new_seed: bool) -> None:
+                if new_seed:
+                    seed = next(seeds)
+                    for node in samplers:
+                        node["inputs"]["seed"] = seed
+                client.run(graph, inputs=inputs)
+
+            first = timed(lambda: run(True), 1)[0]
+            changed = timed(lambda: run(True), args.runs) if samplers else []
+            cached = timed(lambda: run(False), args.runs)
+            rows[name] = {"first_ms": round(first * 1000, 1),
+                          "seed_changed_ms": round(median_ms(changed), 1) if changed else None,
+                          "cached_ms": round(median_ms(cached), 2)}
+    print(f"saved graphs on tiny-sd, CPU, through gRPC; medians of {args.runs} runs")
+    print(f"{'graph':<28} {'first':>10} {'new seed':>10} {'cached':>10}")
+    for name, row in rows.items():
+        changed = f"{row['seed_changed_ms']:.1f}" if row["seed_changed_ms"] is not None else "-"
+        print(f"{name:<28} {row['first_ms']:>7.1f} ms {changed:>7} ms {row['cached_ms']:>7.2f} ms")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
