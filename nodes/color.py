@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from plinth.nodes.context import NodeContext, NodeInputError
-from plinth.nodes.mask import fit_mask
+from plinth.nodes.resize import fit_mask
 from plinth.nodes.schema import Choice, Float, Link, Node, Output
 
 # sRGB (D65) to CIE XYZ, and the D65 white point.

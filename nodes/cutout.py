@@ -19,8 +19,7 @@ import torch
 from scipy import ndimage
 
 from plinth.nodes.context import NodeContext, file_model
-from plinth.nodes.image import resize_image
-from plinth.nodes.mask import resize_planes
+from plinth.nodes.resize import resize, resize_image
 from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -78,7 +77,8 @@ class CutoutModel:
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """Foreground probability [H,W] in 0..1 for one IMAGE entry [H,W,C]."""
         height, width = image.shape[:2]
-        small = resize_image(image[None, ..., :3].float().cpu(), self.height, self.width)[0]
+        small = resize_image(image[None, ..., :3].float().cpu(), self.width, self.height, "bilinear",
+                             antialias=True)[0]
         pixels = small.permute(2, 0, 1).numpy()
         pixels = pixels / max(float(pixels.max()), 1e-6)
         batch = ((pixels - self.mean) / self.std)[None].astype(np.float32)
@@ -88,7 +88,7 @@ class CutoutModel:
             prediction = 1.0 / (1.0 + np.exp(-prediction))
         low, high = float(prediction.min()), float(prediction.max())
         prediction = (prediction - low) / max(high - low, 1e-6)
-        full = resize_planes(torch.from_numpy(prediction)[None, None], height, width)[0, 0]
+        full = resize(torch.from_numpy(prediction)[None, None], width, height, "bilinear", antialias=True)[0, 0]
         return full.clamp(0.0, 1.0)
 
 

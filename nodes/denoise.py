@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from plinth.nodes.context import NodeContext, NodeInputError
 from plinth.nodes.models.checkpoint import StableDiffusion
 from plinth.nodes.patches import merged_call_kwargs, patched
+from plinth.nodes.resize import mask_planes, repeat_to_batch, resize
 from plinth.nodes.samplers import make_scheduler, takes_generator
 from plinth.nodes.types import Conditioning, ControlSpec, DiffusionModel, Latent
 
@@ -65,15 +65,6 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     image on every device."""
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-
-def resize_mask(mask: torch.Tensor, size: tuple[int, int], batch: int) -> torch.Tensor:
-    """A mask [B,H,W] or [B,1,H,W] (any resolution) as [batch,1,h,w] at the latent size."""
-    mask = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False) if mask.shape[-2:] != size else mask
-    if mask.shape[0] != batch:
-        mask = mask.repeat(math.ceil(batch / mask.shape[0]), 1, 1, 1)[:batch]
-    return mask.clamp(0, 1)
 
 
 class Denoiser:
@@ -166,11 +157,9 @@ class Denoiser:
         batch, _, h, w = samples.shape
         masked = options.get("concat_latent", samples).to(self.ctx.device, torch.float32) * self.sd.latent_scale
         mask = options.get("concat_mask", latents.noise_mask)
-        mask = (resize_mask(mask.to(self.ctx.device), (h, w), batch) if mask is not None
+        mask = (mask_planes(mask.to(self.ctx.device), h, w, batch).clamp(0, 1) if mask is not None
                 else torch.ones(batch, 1, h, w, device=self.ctx.device))
-        if masked.shape[0] != batch:
-            masked = masked.repeat(math.ceil(batch / masked.shape[0]), 1, 1, 1)[:batch]
-        concat = torch.cat([mask, masked], dim=1)
+        concat = torch.cat([mask, repeat_to_batch(masked, batch)], dim=1)
         if concat.shape[1] + self.sd.latent_channels != self.unet.config.in_channels:
             raise NodeInputError(f"the model takes {self.unet.config.in_channels} input channels; "
                                  f"latent plus inpainting input give {concat.shape[1] + self.sd.latent_channels}")
@@ -242,12 +231,10 @@ class Denoiser:
         batch, _, h, w = x_in.shape
         hint = spec.hint.movedim(-1, 1).to(self.ctx.device, torch.float32)
         full = (self._full_size[0] * scale, self._full_size[1] * scale)
-        if hint.shape[-2:] != full:
-            hint = F.interpolate(hint, size=full, mode="bilinear", align_corners=False)
+        hint = resize(hint, full[1], full[0], "bilinear")
         if region is not None:
             hint = hint[:, :, region[2].start * scale:region[2].stop * scale, region[3].start * scale:region[3].stop * scale]
-        if hint.shape[0] != batch:
-            hint = hint.repeat(math.ceil(batch / hint.shape[0]), 1, 1, 1)[:batch]
+        hint = repeat_to_batch(hint, batch)
         dtype = next(controlnet.parameters()).dtype
         down, mid = controlnet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype),
                                controlnet_cond=hint.to(dtype), conditioning_scale=spec.strength, return_dict=False)
@@ -272,7 +259,7 @@ class Denoiser:
             x = noise * scheduler.init_noise_sigma
         else:
             x = scheduler.add_noise(clean, noise, timesteps[:1])
-        mask = (resize_mask(latents.noise_mask.to(device), tuple(clean.shape[-2:]), clean.shape[0])
+        mask = (mask_planes(latents.noise_mask.to(device), *clean.shape[-2:], clean.shape[0]).clamp(0, 1)
                 if latents.noise_mask is not None else None)
         step_generator = torch.Generator("cpu").manual_seed((plan.seed + 1) % 2**64)
         step_kwargs = {"generator": step_generator} if takes_generator(scheduler) else {}

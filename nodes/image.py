@@ -18,17 +18,12 @@ from scipy import ndimage
 
 from plinth.nodes.context import NodeContext
 from plinth.nodes.io import decode_image
-from plinth.nodes.mask import fit_mask, repeat_to_batch, resize_planes
+from plinth.nodes.resize import fit_mask, repeat_to_batch, resize_image
 from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
 LIMIT = 16384
 # Luma weights (ITU-R BT.601), the grey ComfyUI's Canny (through kornia) works on.
 LUMA = (0.299, 0.587, 0.114)
-
-
-def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of an IMAGE [B,H,W,C]; unchanged when the size already matches."""
-    return resize_planes(image.movedim(-1, 1), height, width).movedim(1, -1)
 
 
 def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
@@ -37,19 +32,6 @@ def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     if have >= channels:
         return image[..., :channels]
     return torch.cat([image, image.new_ones((*image.shape[:-1], channels - have))], dim=-1)
-
-
-def center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Crop the middle of an IMAGE to the target aspect ratio, then resize it to the target
-    size (ComfyUI's "center" crop, used when batching images of different sizes)."""
-    old_h, old_w = image.shape[1:3]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * new_aspect / old_aspect) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * old_aspect / new_aspect) / 2)
-    return resize_image(image[:, y:old_h - y, x:old_w - x], height, width)
 
 
 def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
@@ -187,7 +169,7 @@ class ImageCompositeMasked(Node):
     def run(self, ctx: NodeContext, destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
             resize_source: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
         if resize_source:
-            source = resize_image(source, destination.shape[1], destination.shape[2])
+            source = resize_image(source, destination.shape[2], destination.shape[1], "bilinear", antialias=True)
         return (composite(destination, source, x, y, mask),)
 
 
@@ -238,7 +220,8 @@ class ImageBatch(Node):
     def run(self, ctx: NodeContext, image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor]:
         image2 = match_channels(image2, image1.shape[-1]).to(image1)
         if image2.shape[1:3] != image1.shape[1:3]:
-            image2 = center_crop_resize(image2, image1.shape[1], image1.shape[2])
+            # ComfyUI's "center" crop to image1's aspect ratio, then resized to its size
+            image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center", antialias=True)
         return (torch.cat([image1, image2], dim=0),)
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from plinth.nodes.context import NodeContext
-from plinth.nodes.latent import crop_to_multiple, mask_batch, vae_encode
-from plinth.nodes.resize import resize
+from plinth.nodes.latent import crop_to_multiple, vae_encode
+from plinth.nodes.resize import mask_planes
 from plinth.nodes.schema import Boolean, Int, Link, Node, Output
 from plinth.nodes.types import Conditioning, ConditioningEntry, Latent, Vae
 
@@ -20,7 +20,7 @@ def grey_out(ctx: NodeContext, vae: Vae, pixels: torch.Tensor, mask: torch.Tenso
     [B,1,H,W] resized to them."""
     scale = 2 ** (len(vae.module(ctx).config.block_out_channels) - 1)
     pixels = crop_to_multiple(pixels[..., :3], scale)
-    mask = resize(mask_batch(mask), pixels.shape[2], pixels.shape[1], "bilinear")
+    mask = mask_planes(mask, pixels.shape[1], pixels.shape[2])
     keep = (1 - mask.round()).movedim(1, -1)
     return (pixels - 0.5) * keep + 0.5, mask
 
@@ -58,7 +58,7 @@ class SetLatentNoiseMask(Node):
     mask = Link("MASK")
 
     def run(self, ctx: NodeContext, samples: Latent, mask: torch.Tensor) -> tuple[Latent]:
-        return (replace(samples, noise_mask=mask_batch(mask)),)
+        return (replace(samples, noise_mask=mask_planes(mask)),)
 
 
 class InpaintModelConditioning(Node):

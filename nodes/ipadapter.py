@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.resize import center_crop, repeat_to_batch, resize
 from plinth.nodes.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.types import DiffusionModel
 
@@ -135,9 +135,8 @@ def clip_pixels(image: torch.Tensor, size: int, crop: bool) -> torch.Tensor:
     h, w = pixels.shape[-2:]
     target = (max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))) if crop else (size, size)
     if (h, w) != target:
-        pixels = F.interpolate(pixels, size=target, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    top, left = (target[0] - size) // 2, (target[1] - size) // 2
-    pixels = pixels[:, :, top:top + size, left:left + size]
+        pixels = resize(pixels, target[1], target[0], "bicubic", antialias=True).clamp(0, 1)
+    pixels = center_crop(pixels, size, size)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
@@ -478,6 +477,5 @@ class IPAdapterAdvanced(Node):
         else:  # as the adapter was trained: hidden states of all-zero (normalised) pixels
             size = int(encoder.config.image_size)
             negative = adapter.features(encode_pixels(encoder, torch.zeros(1, 3, size, size)))
-        negative = negative.repeat(math.ceil(len(positive) / len(negative)), *[1] * (negative.dim() - 1))
-        patch = IPAdapterPatch(ipadapter, positive, negative[:len(positive)], weight, start_at, end_at)
+        patch = IPAdapterPatch(ipadapter, positive, repeat_to_batch(negative, len(positive)), weight, start_at, end_at)
         return (model.with_patch(patch),)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from plinth.nodes.context import NodeContext
-from plinth.nodes.resize import resize
+from plinth.nodes.resize import center_crop, resize
 from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 from plinth.nodes.types import Latent, Vae
 
@@ -19,8 +19,7 @@ LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 def crop_to_multiple(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
     """IMAGE [B,H,W,C] centre-cropped to sides divisible by `multiple`, as the VAE needs."""
     h, w = pixels.shape[1] // multiple * multiple, pixels.shape[2] // multiple * multiple
-    y, x = (pixels.shape[1] - h) // 2, (pixels.shape[2] - w) // 2
-    return pixels[:, y:y + h, x:x + w, :]
+    return center_crop(pixels.movedim(-1, 1), h, w).movedim(1, -1)
 
 
 def vae_encode(ctx: NodeContext, vae: Vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -37,11 +36,6 @@ def vae_encode(ctx: NodeContext, vae: Vae, pixels: torch.Tensor) -> torch.Tensor
             x = one.movedim(-1, 1).to(ctx.device, dtype) * 2 - 1
             latents.append(module.encode(x).latent_dist.mean.float().cpu())
     return torch.cat(latents)
-
-
-def mask_batch(mask: torch.Tensor) -> torch.Tensor:
-    """A MASK as [B,1,H,W]."""
-    return mask.reshape(-1, 1, *mask.shape[-2:]).float()
 
 
 class EmptyLatentImage(Node):

@@ -1,9 +1,10 @@
 """Mask nodes (ComfyUI's ImageToMask, MaskToImage, InvertMask, GrowMask, FeatherMask, SolidMask,
-ThresholdMask) and the mask and batch helpers the other image modules share.
+ThresholdMask).
 
 A MASK is a float tensor [B,H,W] in 0..1. Some nodes hand on a bare [H,W] mask, so every node
-here first goes through `batch_mask`. The helpers live here because this is the lowest of the
-image modules: image.py, cutout.py and color.py import from it, never the other way round.
+here first goes through `batch_mask`. It and the other mask and batch shaping helpers
+(`mask_planes`, `fit_mask`, `repeat_to_batch`) live in resize.py, which imports no node module,
+so every node module can share them.
 """
 
 from __future__ import annotations
@@ -12,46 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from plinth.nodes.context import NodeContext, NodeInputError
+from plinth.nodes.resize import batch_mask
 from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
 CHANNELS = ("red", "green", "blue", "alpha")
-
-
-def batch_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A MASK as float [B,H,W], accepting the [H,W] and [B,1,H,W] shapes some nodes produce."""
-    if mask.dim() == 2:
-        mask = mask.unsqueeze(0)
-    elif mask.dim() == 4 and mask.shape[1] == 1:
-        mask = mask.squeeze(1)
-    if mask.dim() != 3:
-        raise NodeInputError(f"a MASK must be [B,H,W] or [H,W], got shape {tuple(mask.shape)}")
-    return mask.float()
-
-
-def repeat_to_batch(values: torch.Tensor, batch: int) -> torch.Tensor:
-    """The first `batch` entries of `values` repeated cyclically along dim 0 (ComfyUI pairs
-    batches of different sizes this way: a single mask or image serves every entry)."""
-    if values.shape[0] == batch:
-        return values
-    return values[torch.arange(batch, device=values.device) % values.shape[0]]
-
-
-def resize_planes(planes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of [N,C,H,W] planes, antialiased so shrinking a large photo does not
-    alias; a no-op when the size already matches, so planes that need no resizing keep their
-    exact values. Computed in float32 (antialiasing has no half-precision CPU kernel) and
-    returned in the planes' own dtype."""
-    if planes.shape[-2:] == (height, width):
-        return planes
-    resized = F.interpolate(planes.float(), size=(height, width), mode="bilinear", align_corners=False,
-                            antialias=True)
-    return resized.to(planes.dtype)
-
-
-def fit_mask(mask: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """A MASK stretched to height x width and repeated to `batch` entries, as [batch,H,W]."""
-    planes = resize_planes(batch_mask(mask).unsqueeze(1), height, width).squeeze(1)
-    return repeat_to_batch(planes, batch)
 
 
 def grow(mask: torch.Tensor, expand: int, tapered_corners: bool) -> torch.Tensor:

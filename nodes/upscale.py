@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.latent import MAX_RESOLUTION
+from plinth.nodes.resize import resize_image
 from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 
 log = logging.getLogger("plinth.nodes.upscale")
@@ -29,40 +27,6 @@ METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 TILE = 512  # input pixels per tile side, as ComfyUI
 TILE_OVERLAP = 32
 MIN_TILE = 128  # below this, tiles are mostly overlap: give up instead
-
-
-def scale_image(image: torch.Tensor, method: str, width: int, height: int, crop: str = "disabled") -> torch.Tensor:
-    """IMAGE [B,H,W,C] resized to width x height; crop "center" first trims the image to the
-    target's aspect ratio so nothing is stretched."""
-    samples = image.movedim(-1, 1)
-    if crop == "center":
-        samples = _crop_to_aspect(samples, width / height)
-    if method == "lanczos":
-        resized = _lanczos(samples, width, height)
-    else:
-        resized = F.interpolate(samples, size=(height, width), mode=method)
-        if method == "bicubic":
-            resized = resized.clamp(0, 1)  # the cubic kernel overshoots near edges
-    return resized.movedim(1, -1)
-
-
-def _crop_to_aspect(samples: torch.Tensor, aspect: float) -> torch.Tensor:
-    """The centre of the image with the given width/height ratio, at least one pixel wide and high."""
-    height, width = samples.shape[-2:]
-    x = min(round((width - height * aspect) / 2), (width - 1) // 2) if width / height > aspect else 0
-    y = min(round((height - width / aspect) / 2), (height - 1) // 2) if width / height < aspect else 0
-    return samples[..., y:height - y, x:width - x]
-
-
-def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Lanczos from PIL (torch has none), one channel at a time as 32-bit float images, which
-    keeps full precision where an 8-bit round trip would quantise."""
-    out = torch.empty(*samples.shape[:2], height, width, dtype=torch.float32)
-    for b, image in enumerate(samples.detach().float().cpu().numpy()):
-        for c, channel in enumerate(image):
-            picture = Image.fromarray(channel).resize((width, height), Image.Resampling.LANCZOS)
-            out[b, c] = torch.from_numpy(np.array(picture))
-    return out.clamp_(0, 1).to(samples.device)
 
 
 class ImageScale(Node):
@@ -87,7 +51,7 @@ class ImageScale(Node):
             width = max(1, round(old_width * height / old_height))
         elif height == 0:
             height = max(1, round(old_height * width / old_width))
-        return (scale_image(image, upscale_method, width, height, crop),)
+        return (resize_image(image, width, height, upscale_method, crop),)
 
 
 class ImageScaleBy(Node):
@@ -103,8 +67,8 @@ class ImageScaleBy(Node):
 
     def run(self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
         height, width = image.shape[1:3]
-        return (scale_image(image, upscale_method, max(1, round(width * scale_by)),
-                            max(1, round(height * scale_by))),)
+        return (resize_image(image, max(1, round(width * scale_by)), max(1, round(height * scale_by)),
+                             upscale_method),)
 
 
 class ImageScaleToTotalPixels(Node):
@@ -121,8 +85,8 @@ class ImageScaleToTotalPixels(Node):
     def run(self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, megapixels: float) -> tuple[torch.Tensor]:
         height, width = image.shape[1:3]
         factor = math.sqrt(megapixels * 1024 * 1024 / (width * height))
-        return (scale_image(image, upscale_method, max(1, round(width * factor)),
-                            max(1, round(height * factor))),)
+        return (resize_image(image, max(1, round(width * factor)), max(1, round(height * factor)),
+                             upscale_method),)
 
 
 class Upscaler:
