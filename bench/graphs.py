@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,14 +31,18 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
 
-    from support.saved_graphs import INPUTS, write_graph_models  # the files and photos the tests use
+    from support.saved_graphs import INPUTS  # the photos the tests use
 
     from plinth.clients import Client
     from plinth.server.app import PlinthServer
     from plinth.server.service import ServiceConfig
 
     root = Path(tempfile.mkdtemp(prefix="plinth-bench-graphs-"))
-    write_graph_models(root / "models")
+    # Made in a child process: once this process's main thread has used torch, the server's
+    # worker thread runs about 2x slower on this 2-core machine (see bench/latency.py).
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                    "from support.saved_graphs import write_graph_models as w; from pathlib import Path; "
+                    "w(Path(sys.argv[2]))", str(REPO / "tests"), str(root / "models")], check=True)
     seeds = itertools.count(1000)
     rows = {}
     config = ServiceConfig(models_dir=root / "models", data_dir=root / "data", device="cpu")
