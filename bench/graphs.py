@@ -35,7 +35,7 @@ def main() -> None:
 
     from plinth.clients import Client
     from plinth.server.app import PlinthServer
-    from plinth.server.service import ServiceConfig
+    from plinth.server.config import Config
 
     root = Path(tempfile.mkdtemp(prefix="plinth-bench-graphs-"))
     # Made in a child process: once this process's main thread has used torch, the server's
@@ -45,8 +45,8 @@ def main() -> None:
                     "w(Path(sys.argv[2]))", str(REPO / "tests"), str(root / "models")], check=True)
     seeds = itertools.count(1000)
     rows = {}
-    config = ServiceConfig(models_dir=root / "models", data_dir=root / "data", device="cpu")
-    with PlinthServer(config, port=0) as server, Client(server.address) as client:
+    config = Config(models_dir=root / "models", data_dir=root / "data", device="cpu", port=0)
+    with PlinthServer(config) as server, Client(server.address) as client:
         for name in sorted(p.name for p in (REPO / "graphs").glob("*.json")):
             graph = json.loads((REPO / "graphs" / name).read_text())
             wanted = {n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"}

@@ -44,14 +44,14 @@ def measure(path: str, runs: int) -> dict[str, float]:
     from plinth.server.app import PlinthServer
     from plinth.server.engine.graph import parse_graph
     from plinth.server.engine.validate import validate
-    from plinth.server.service import ServiceConfig
+    from plinth.server.config import Config
     from plinth.server.workspace import JobResources
 
     graph = json.loads(read("txt2img.json"))
     seeds = itertools.count(1)
     root = Path(tempfile.mkdtemp(prefix="plinth-bench-"))
-    config = ServiceConfig(models_dir=root / "models", data_dir=root / "data", device="cpu")
-    with PlinthServer(config, port=0) as server, Client(server.address) as client:
+    config = Config(models_dir=root / "models", data_dir=root / "data", device="cpu", port=0)
+    with PlinthServer(config) as server, Client(server.address) as client:
         service = server.service
 
         def in_process(seed: int | None) -> None:

@@ -33,7 +33,7 @@ def main() -> None:
     from plinth.clients import Client
     from plinth.graphs import read
     from plinth.server.app import PlinthServer
-    from plinth.server.service import ServiceConfig
+    from plinth.server.config import Config
 
     start = time.perf_counter()
     build_sd15_random(args.models)
@@ -45,7 +45,7 @@ def main() -> None:
     graph["3"]["inputs"].update(steps=args.steps, cfg=7.0, sampler_name="euler", scheduler="normal")
     seeds = itertools.count(1)
     data = Path(tempfile.mkdtemp(prefix="plinth-bench-data-"))
-    with PlinthServer(ServiceConfig(models_dir=args.models, data_dir=data, device="cpu"), port=0) as server, \
+    with PlinthServer(Config(models_dir=args.models, data_dir=data, device="cpu", port=0)) as server, \
             Client(server.address) as client:
 
         def run(seed: int | None):

@@ -12,11 +12,11 @@ from grpc_reflection.v1alpha import reflection
 from plinth.clients.v1 import graph_service_pb2, graph_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc
 from plinth.server.api.graph_service import GraphServicer
 from plinth.server.api.node_service import NodeServicer
-from plinth.server.service import PlinthService, ServiceConfig
+from plinth.server.config import Config
+from plinth.server.service import PlinthService
 
 log = logging.getLogger("plinth.server")
 
-MAX_MESSAGE_BYTES = 64 << 20
 SERVICE_NAMES = (
     graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name,
     node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
@@ -30,13 +30,13 @@ class PlinthServer:
     holds one of the `max_workers` threads for its job's life; calls beyond that wait.
     """
 
-    def __init__(self, config: ServiceConfig, host: str = "127.0.0.1", port: int = 50051,
-                 max_workers: int = 128) -> None:
+    def __init__(self, config: Config, max_workers: int = 128) -> None:
+        self.config = config
         self.service = PlinthService(config)
-        self.host = host
+        self.host = config.host
         self.health = health.HealthServicer()
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        options = [("grpc.max_send_message_length", config.limits.max_message_bytes),
+                   ("grpc.max_receive_message_length", config.limits.max_message_bytes)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="plinth-rpc"),
                                 options=options)
         graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.service), self.grpc)
@@ -44,9 +44,9 @@ class PlinthServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}")
+            raise OSError(f"could not bind {config.host}:{config.port}")
 
     @property
     def address(self) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+from plinth.server.config import DEFAULT_HOME
 from typing import Any, Iterator
 
-DEFAULT_HOME = Path(os.environ.get("PLINTH_HOME", Path.home() / ".plinth"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,13 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def dirs(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models", type=Path, default=DEFAULT_HOME / "models", help="models directory")
-        p.add_argument("--data", type=Path, default=DEFAULT_HOME / "data", help="data directory (images, inputs)")
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+        p.add_argument("--config", type=Path, help="TOML settings file (flags and PLINTH_* variables override it)")
+        p.add_argument("--models", type=Path, help=f"models directory (default: {DEFAULT_HOME / 'models'})")
+        p.add_argument("--data", type=Path, help=f"data directory: images, inputs (default: {DEFAULT_HOME / 'data'})")
+        p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
 
     p = sub.add_parser("serve", help="run the gRPC server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: 50051; 0 picks one)")
     dirs(p)
     p.set_defaults(func=cmd_serve)
 
@@ -84,13 +85,20 @@ def _quiet_libraries() -> None:
         lib.disable_progress_bar()
 
 
-def _server(args: argparse.Namespace, host: str = "127.0.0.1", port: int = 0):
+def _config(args: argparse.Namespace, **flags: object):
+    """Settings: the --config file, then PLINTH_* variables, then this command's flags."""
+    from plinth.server.config import load
+
+    return load(args.config, flags={"models_dir": args.models, "data_dir": args.data, "device": args.device,
+                                    **flags})
+
+
+def _server(args: argparse.Namespace, **flags: object):
+    """A server for this command: one bound to 127.0.0.1 on a free port unless flags say otherwise."""
     _quiet_libraries()
     from plinth.server.app import PlinthServer
-    from plinth.server.service import ServiceConfig
 
-    config = ServiceConfig(models_dir=args.models, data_dir=args.data, device=args.device)
-    return PlinthServer(config, host=host, port=port)
+    return PlinthServer(_config(args, **{"host": "127.0.0.1", "port": 0, **flags}))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -98,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = _server(args, args.host, args.port).start()
+    server = _server(args, host=args.host, port=args.port).start()
     print(f"plinth serving on {server.address}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
@@ -127,11 +135,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from plinth.nodes.models.tiny_sd import ensure_tiny_sd
     from plinth.server.workspace import MODEL_FOLDERS, Workspace
 
+    config = _config(args)
     if args.action == "init":
         _quiet_libraries()
-        print(f"tiny-sd is at {ensure_tiny_sd(args.models.resolve())}")
+        print(f"tiny-sd is at {ensure_tiny_sd(config.models_dir.resolve())}")
         return 0
-    workspace = Workspace(args.models, args.data)
+    workspace = Workspace(config.models_dir, config.data_dir)
     for folder in MODEL_FOLDERS:
         for name in workspace.models(folder):
             print(f"{folder}/{name}")

@@ -8,13 +8,12 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from plinth.nodes.registry import NODES
+from plinth.server.config import Config
 from plinth.server.engine import events as ev
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.executor import Executor
@@ -40,16 +39,6 @@ def _default_model_budget(device: torch.device) -> int:
         return 8 << 30
 
 
-@dataclass
-class ServiceConfig:
-    models_dir: Path = Path("models")
-    data_dir: Path = Path("data")
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    cache_bytes: int = 2 << 30
-    model_budget_bytes: int | None = None  # default: half of the device's memory
-    max_finished_jobs: int = 1000
-
-
 def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when there is one (or when asked), else the CPU in float32."""
     if name == "auto":
@@ -58,8 +47,12 @@ def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
     return device, torch.float16 if device.type == "cuda" else torch.float32
 
 
+# Finished jobs kept in memory for GetJob, Watch and ListJobs.
+MAX_FINISHED_JOBS = 1000
+
+
 class PlinthService:
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.workspace = Workspace(config.models_dir, config.data_dir)
         self.device, self.dtype = pick_device(config.device)
@@ -168,5 +161,5 @@ class PlinthService:
 
     def _prune(self) -> None:
         finished = [j for j in self._jobs.values() if j.status.terminal]
-        for job in finished[: max(0, len(finished) - self.config.max_finished_jobs)]:
+        for job in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
             del self._jobs[job.id]

@@ -36,10 +36,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from plinth.server.app import PlinthServer
-    from plinth.server.service import ServiceConfig
+    from plinth.server.config import Config
 
-    config = ServiceConfig(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("data"), device="cpu")
-    with PlinthServer(config, port=0) as running:
+    config = Config(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("data"), device="cpu", port=0)
+    with PlinthServer(config) as running:
         yield running
 
 

@@ -1,0 +1,167 @@
+"""Server settings: defaults, then a TOML file, then PLINTH_* environment variables, then
+command-line flags, each overriding the one before.
+
+    # plinth.toml
+    host = "0.0.0.0"
+    port = 50051
+    models_dir = "/srv/plinth/models"
+    [limits]
+    max_pixels = 4194304
+    [auth]
+    token_file = "/etc/plinth/tokens"
+
+Every field below can be set in all three places: as a key (in its table for the nested
+ones), as PLINTH_<NAME> or PLINTH_<TABLE>_<NAME> (e.g. PLINTH_LIMITS_MAX_STEPS=80), or as the
+flag `plinth serve` has for it. Unknown keys are an error, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_HOME = Path(os.environ.get("PLINTH_HOME", Path.home() / ".plinth"))
+
+
+class ConfigError(ValueError):
+    """A setting that does not parse or does not exist, named with where it came from."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; past a limit the call fails with RESOURCE_EXHAUSTED."""
+
+    max_pixels: int = 2048 * 2048  # width x height of any latent or image a graph asks for
+    max_steps: int = 150
+    max_batch: int = 64
+    max_nodes: int = 500
+    max_graph_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20  # one input image, uploaded whole or in chunks
+    max_queue: int = 256  # queued jobs; more are refused with a retry hint
+    max_message_bytes: int = 64 << 20  # gRPC messages, both ways
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Bearer tokens (one per line in token_file, or comma-separated in PLINTH_AUTH_TOKENS) and
+    TLS. Tokens are required when binding anything but loopback."""
+
+    token_file: Path | None = None
+    tokens: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models_dir: Path = DEFAULT_HOME / "models"
+    data_dir: Path = DEFAULT_HOME / "data"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    cache_bytes: int = 2 << 30  # node output cache
+    model_budget_bytes: int = 0  # 0: half of the device's memory
+    allow_pickle: bool = False  # load .ckpt/.pt/.pth/.bin model files (they can run code)
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    shutdown_grace: float = 30.0  # seconds a running job may finish after SIGTERM
+    limits: Limits = field(default_factory=Limits)
+    auth: Auth = field(default_factory=Auth)
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Config:
+    """The config from `path` (TOML), then `env` (default os.environ), then `flags` (dotted
+    names such as "limits.max_steps"; None values are ignored)."""
+    config = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        config = _apply(config, _flatten(data), f"config file {path}")
+    env = os.environ if env is None else env
+    from_env = {}
+    for name in _names(config):
+        key = "PLINTH_" + name.replace(".", "_").upper()
+        if key in env:
+            from_env[name] = env[key]
+    config = _apply(config, from_env, "environment")
+    return _apply(config, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
+
+
+def _names(obj: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        out.extend(_names(value, f"{prefix}{f.name}.") if is_dataclass(value) else [f"{prefix}{f.name}"])
+    return out
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _apply(config: Config, values: Mapping[str, Any], source: str) -> Config:
+    known = set(_names(config))
+    for name, raw in values.items():
+        if name not in known:
+            raise ConfigError(f"{source}: unknown setting {name!r}")
+        config = _set(config, name.split("."), raw, f"{source}: {name}")
+    return config
+
+
+def _set(obj: Any, path: list[str], raw: Any, where: str) -> Any:
+    head = path[0]
+    current = getattr(obj, head)
+    if len(path) > 1:
+        return replace(obj, **{head: _set(current, path[1:], raw, where)})
+    kind = next(f.type for f in fields(obj) if f.name == head)
+    return replace(obj, **{head: _parse(raw, str(kind), where)})
+
+
+def _parse(raw: Any, kind: str, where: str) -> Any:
+    try:
+        if "tuple" in kind:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if "Path" in kind:
+            return Path(str(raw)).expanduser() if raw not in (None, "") else None
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError(f"not an integer: {raw!r}")
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def tokens(auth: Auth) -> frozenset[str]:
+    """Every accepted bearer token: those configured directly and those in the token file."""
+    found = set(auth.tokens)
+    if auth.token_file is not None:
+        try:
+            lines = Path(auth.token_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"auth.token_file {auth.token_file}: {exc}") from exc
+        found.update(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    return frozenset(found)
