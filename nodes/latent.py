@@ -45,9 +45,9 @@ class EmptyLatentImage(Node):
     DISPLAY_NAME = "Empty Latent Image"
     OUTPUTS = (Output("LATENT"),)
 
-    width = Int(default=512, min=16, max=MAX_RESOLUTION, step=8)
-    height = Int(default=512, min=16, max=MAX_RESOLUTION, step=8)
-    batch_size = Int(default=1, min=1, max=4096)
+    width = Int(default=512, min=16, max=MAX_RESOLUTION, step=8, limit="width")
+    height = Int(default=512, min=16, max=MAX_RESOLUTION, step=8, limit="height")
+    batch_size = Int(default=1, min=1, max=4096, limit="batch")
 
     def run(self, ctx: NodeContext, width: int, height: int, batch_size: int) -> tuple[Latent]:
         # SD's four latent channels at 1/8 of the pixel size, like ComfyUI's EmptyLatentImage.
@@ -99,8 +99,8 @@ class LatentUpscale(Node):
 
     samples = Link("LATENT")
     upscale_method = Choice(options=LATENT_METHODS, default="nearest-exact")
-    width = Int(default=512, min=0, max=MAX_RESOLUTION, step=8)
-    height = Int(default=512, min=0, max=MAX_RESOLUTION, step=8)
+    width = Int(default=512, min=0, max=MAX_RESOLUTION, step=8, limit="width")
+    height = Int(default=512, min=0, max=MAX_RESOLUTION, step=8, limit="height")
     crop = Choice(options=("disabled", "center"), default="disabled")
 
     def run(self, ctx: NodeContext, samples: Latent, upscale_method: str, width: int, height: int,
@@ -138,7 +138,7 @@ class RepeatLatentBatch(Node):
     OUTPUTS = (Output("LATENT"),)
 
     samples = Link("LATENT")
-    amount = Int(default=1, min=1, max=64)
+    amount = Int(default=1, min=1, max=64, limit="batch")
 
     def run(self, ctx: NodeContext, samples: Latent, amount: int) -> tuple[Latent]:
         mask = samples.noise_mask

@@ -160,8 +160,8 @@ class SolidMask(Node):
     OUTPUTS = (Output("MASK"),)
 
     value = Float(default=1.0, min=0.0, max=1.0, step=0.01)
-    width = Int(default=512, min=1, max=16384)
-    height = Int(default=512, min=1, max=16384)
+    width = Int(default=512, min=1, max=16384, limit="width")
+    height = Int(default=512, min=1, max=16384, limit="height")
 
     def run(self, ctx: NodeContext, value: float, width: int, height: int) -> tuple[torch.Tensor]:
         return (torch.full((1, height, width), value, dtype=torch.float32),)

@@ -36,7 +36,7 @@ class KSampler(Node):
 
     model = Link("MODEL")
     seed = Int(default=0, min=0, max=2**64 - 1, control_after_generate=True)
-    steps = Int(default=20, min=1, max=10000)
+    steps = Int(default=20, min=1, max=10000, limit="steps")
     cfg = Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
     sampler_name = Choice(options=tuple(SAMPLERS), default="euler")
     scheduler = Choice(options=tuple(SCHEDULERS), default="normal")
@@ -68,7 +68,7 @@ class KSamplerAdvanced(Node):
     model = Link("MODEL")
     add_noise = Choice(options=("enable", "disable"), default="enable")
     noise_seed = Int(default=0, min=0, max=2**64 - 1, control_after_generate=True)
-    steps = Int(default=20, min=1, max=10000)
+    steps = Int(default=20, min=1, max=10000, limit="steps")
     cfg = Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
     sampler_name = Choice(options=tuple(SAMPLERS), default="euler")
     scheduler = Choice(options=tuple(SCHEDULERS), default="normal")

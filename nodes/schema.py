@@ -60,6 +60,9 @@ class Int(InputSpec):
     max: int = 2**63 - 1
     step: int = 1
     control_after_generate: bool = False
+    # What the server's request limits count this input as: "width"/"height" (pixels, their
+    # product against max_pixels), "steps" or "batch". Empty: no limit beyond min/max.
+    limit: str = ""
 
     @property
     def has_default(self) -> bool:

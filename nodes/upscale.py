@@ -38,8 +38,8 @@ class ImageScale(Node):
 
     image = Link("IMAGE")
     upscale_method = Choice(options=METHODS, default="nearest-exact")
-    width = Int(default=512, min=0, max=MAX_RESOLUTION)
-    height = Int(default=512, min=0, max=MAX_RESOLUTION)
+    width = Int(default=512, min=0, max=MAX_RESOLUTION, limit="width")
+    height = Int(default=512, min=0, max=MAX_RESOLUTION, limit="height")
     crop = Choice(options=("disabled", "center"), default="disabled")
 
     def run(self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, width: int, height: int,

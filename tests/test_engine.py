@@ -69,3 +69,19 @@ def test_cache_is_bounded_in_bytes_and_least_recently_used_goes_first():
     cache.put("huge", (torch.zeros(10**6),))
     assert cache.get("huge") is None  # larger than the whole cache: not kept
     assert cache.bytes_used <= cache.max_bytes
+
+
+def test_limits_name_every_input_past_them(txt2img):
+    from plinth.server.config import Limits
+    from plinth.server.engine.validate import LimitExceeded
+
+    limits = Limits(max_pixels=64 * 64, max_steps=10, max_batch=2, max_nodes=20)
+    validate(parse_graph(txt2img), NODES, Env(), limits)  # the demo graph fits
+    txt2img["5"]["inputs"].update(width=128, height=64, batch_size=3)
+    txt2img["3"]["inputs"]["steps"] = 11
+    with pytest.raises(LimitExceeded) as info:
+        validate(parse_graph(txt2img), NODES, Env(), limits)
+    assert {(e.node_id, e.input, e.code) for e in info.value.errors} == {
+        ("5", "width", "limit_exceeded"), ("5", "batch_size", "limit_exceeded"), ("3", "steps", "limit_exceeded")}
+    with pytest.raises(LimitExceeded, match="7 nodes; the limit is 6"):
+        validate(parse_graph(txt2img), NODES, Env(), Limits(max_nodes=6))

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import networkx as nx
 
 from plinth.nodes.context import ValidationEnv
-from plinth.nodes.schema import WIDGET_TYPES, Choice, Node
+from plinth.nodes.schema import WIDGET_TYPES, Choice, Int, Node
+from plinth.server.config import Limits
 from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, LinkRef
 
 
@@ -37,6 +38,11 @@ class PlannedNode:
         return self.node_cls.schema.output_node
 
 
+class LimitExceeded(GraphValidationError):
+    """The graph asks for more than the server's limits allow (RESOURCE_EXHAUSTED, not a
+    malformed graph): every limit passed, named by node and input."""
+
+
 @dataclass
 class ExecutionPlan:
     """The nodes that feed output nodes, in topological order."""
@@ -45,7 +51,10 @@ class ExecutionPlan:
     nodes: list[PlannedNode]
 
 
-def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEnv) -> ExecutionPlan:
+def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEnv,
+             limits: Limits | None = None) -> ExecutionPlan:
+    """The plan for a valid graph; raises GraphValidationError with every error, or, for a
+    valid graph that asks too much, LimitExceeded with every limit passed."""
     errors: list[GraphError] = []
     planned: dict[str, PlannedNode] = {}
     for node in graph.nodes.values():
@@ -72,6 +81,8 @@ def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEn
                                  "graph has no output node (e.g. SaveImage or PreviewImage)"))
     if errors:
         raise GraphValidationError(errors)
+    if limits is not None:
+        _check_limits(graph, planned, limits)
 
     needed = set(outputs).union(*(nx.ancestors(dag, o) for o in outputs))
     order = [planned[n] for n in nx.lexicographical_topological_sort(dag.subgraph(needed), key=_id_order)]
@@ -80,6 +91,33 @@ def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEn
     for p in order:
         p.key = _cache_key(p, planned, env, graph_hash)
     return ExecutionPlan(graph, order)
+
+
+def _check_limits(graph: Graph, planned: dict[str, PlannedNode], limits: Limits) -> None:
+    exceeded = []
+    if len(graph.nodes) > limits.max_nodes:
+        exceeded.append(GraphError("", "", "", "limit_exceeded",
+                                   f"graph has {len(graph.nodes)} nodes; the limit is {limits.max_nodes}"))
+    for node in planned.values():
+        tagged = {spec.limit: (spec.name, node.literals[spec.name]) for spec in node.node_cls.schema.inputs
+                  if isinstance(spec, Int) and spec.limit and spec.name in node.literals}
+
+        def over(kind: str, maximum: int, what: str) -> None:
+            if kind in tagged and tagged[kind][1] > maximum:
+                name, value = tagged[kind]
+                exceeded.append(GraphError(node.id, node.class_type, name, "limit_exceeded",
+                                           f"{what} {value} is over the server's limit of {maximum}"))
+
+        over("steps", limits.max_steps, "steps")
+        over("batch", limits.max_batch, "batch")
+        if "width" in tagged and "height" in tagged:
+            width, height = tagged["width"][1], tagged["height"][1]
+            if width * height > limits.max_pixels:
+                exceeded.append(GraphError(node.id, node.class_type, "width", "limit_exceeded",
+                                           f"{width}x{height} is {width * height} pixels; the server's limit is "
+                                           f"{limits.max_pixels}"))
+    if exceeded:
+        raise LimitExceeded(exceeded)
 
 
 def _id_order(node_id: str) -> tuple:
