@@ -1,18 +1,22 @@
-"""Assembling the gRPC server: Plinth's services, health checking and reflection."""
+"""Assembling the gRPC server: Plinth's services, health checking and reflection, behind
+bearer tokens and TLS when the config's `auth` asks for them."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from plinth.clients.v1 import graph_service_pb2, graph_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc
+from plinth.server.api.auth import BearerTokenInterceptor
 from plinth.server.api.graph_service import GraphServicer
 from plinth.server.api.node_service import NodeServicer
-from plinth.server.config import Config
+from plinth.server.config import Auth, Config, ConfigError, tokens
 from plinth.server.service import PlinthService
 
 log = logging.getLogger("plinth.server")
@@ -23,28 +27,89 @@ SERVICE_NAMES = (
 )
 
 
+# Reachable without a token, so load balancers, Kubernetes probes and grpcurl need no secret.
+OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server reachable from this machine only: localhost,
+    127.0.0.0/8 or ::1. Any other name counts as reachable from the network."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _accepted_tokens(config: Config) -> frozenset[str]:
+    """The configured bearer tokens; none is an error unless the server listens on loopback
+    only, where every caller is already on this machine."""
+    accepted = tokens(config.auth)
+    if not accepted and not is_loopback(config.host):
+        raise ConfigError(
+            f"host {config.host!r} is not loopback, so bearer tokens are required: set auth.token_file "
+            "or auth.tokens (PLINTH_AUTH_TOKEN_FILE or PLINTH_AUTH_TOKENS), or bind 127.0.0.1")
+    if accepted and config.auth.tls_cert is None and not is_loopback(config.host):
+        log.warning("bearer tokens will cross the network in clear text: set auth.tls_cert and auth.tls_key")
+    return accepted
+
+
+def _read_setting(auth: Auth, name: str) -> bytes | None:
+    """The bytes of the file auth.<name> names, or None when unset; unreadable is a ConfigError."""
+    path = getattr(auth, name)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"auth.{name} {path}: {exc}") from exc
+
+
+def _server_credentials(auth: Auth) -> grpc.ServerCredentials | None:
+    """TLS credentials from auth.tls_cert and auth.tls_key (PEM), requiring client certificates
+    signed by auth.tls_client_ca when that is set; None for plain text."""
+    if auth.tls_cert is None and auth.tls_key is None:
+        if auth.tls_client_ca is not None:
+            raise ConfigError("auth.tls_client_ca needs auth.tls_cert and auth.tls_key")
+        return None
+    if auth.tls_cert is None or auth.tls_key is None:
+        raise ConfigError("auth.tls_cert and auth.tls_key go together: set both or neither")
+    client_ca = _read_setting(auth, "tls_client_ca")
+    return grpc.ssl_server_credentials([(_read_setting(auth, "tls_key"), _read_setting(auth, "tls_cert"))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 class PlinthServer:
     """A running Plinth server: the service core plus a gRPC server bound to host:port.
 
     Port 0 picks a free port; `port` tells which after start(). Each open Watch or Run stream
     holds one of the `max_workers` threads for its job's life; calls beyond that wait.
+    `config.auth` decides the rest: with tokens every call but health and reflection must carry
+    one, with tls_cert and tls_key the port speaks TLS only (mutual TLS with tls_client_ca).
+    Anything but a loopback host without tokens raises ConfigError before anything starts.
     """
 
     def __init__(self, config: Config, max_workers: int = 128) -> None:
+        accepted = _accepted_tokens(config)
+        credentials = _server_credentials(config.auth)
         self.config = config
         self.service = PlinthService(config)
         self.host = config.host
         self.health = health.HealthServicer()
         options = [("grpc.max_send_message_length", config.limits.max_message_bytes),
                    ("grpc.max_receive_message_length", config.limits.max_message_bytes)]
+        interceptors = [BearerTokenInterceptor(accepted, exempt=OPEN_SERVICES)] if accepted else []
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="plinth-rpc"),
-                                options=options)
+                                options=options, interceptors=interceptors)
         graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.service), self.grpc)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.service), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        reflection.enable_server_reflection((*SERVICE_NAMES, *OPEN_SERVICES), self.grpc)
+        target = f"{config.host}:{config.port}"
+        self.port = (self.grpc.add_secure_port(target, credentials) if credentials
+                     else self.grpc.add_insecure_port(target))
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
 

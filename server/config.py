@@ -163,5 +163,5 @@ def tokens(auth: Auth) -> frozenset[str]:
             lines = Path(auth.token_file).read_text().splitlines()
         except OSError as exc:
             raise ConfigError(f"auth.token_file {auth.token_file}: {exc}") from exc
-        found.update(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        found.update(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
     return frozenset(found)

@@ -6,7 +6,7 @@ from typing import AsyncIterator, Iterable, Mapping
 
 import grpc
 
-from plinth.clients.client import CHANNEL_OPTIONS, EventHandler
+from plinth.clients.client import CHANNEL_OPTIONS, TLS, EventHandler, auth_metadata
 from plinth.clients.results import (
     STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
 )
@@ -15,10 +15,15 @@ from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as n
 
 
 class AsyncClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    """As Client: the same token ($PLINTH_TOKEN when None) and TLS options."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
+                 tls: TLS | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.metadata = auth_metadata(token)
+        self.channel = (grpc.aio.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS) if tls is not None
+                        else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self.graphs = gs_grpc.GraphServiceStub(self.channel)
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
 
@@ -29,7 +34,7 @@ class AsyncClient:
         result = RunResult()
         try:
             request = submit_request(graph, inputs, priority, omit_image_bytes)
-            async for event in self.graphs.Run(request, timeout=self.timeout):
+            async for event in self.graphs.Run(request, timeout=self.timeout, metadata=self.metadata):
                 result.add(event)
                 if on_event:
                     on_event(event)
@@ -43,7 +48,8 @@ class AsyncClient:
 
     async def watch(self, job_id: str) -> AsyncIterator[gs.JobEvent]:
         try:
-            async for event in self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout):
+            async for event in self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout,
+                                                 metadata=self.metadata):
                 yield event
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -69,7 +75,7 @@ class AsyncClient:
 
     async def _call(self, method, request):
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 

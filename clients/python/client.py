@@ -4,10 +4,17 @@
     with Client("127.0.0.1:50051") as client:
         result = client.run(Path("graphs/txt2img.json"))
         result.images[0].save("out.png")
+
+A server that needs a token and TLS:
+
+    Client("plinth.internal:50051", token="...", tls=TLS(root_cert=Path("ca.pem")))
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import grpc
@@ -22,13 +29,50 @@ MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 EventHandler = Callable[[gs.JobEvent], None]
+Metadata = tuple[tuple[str, str], ...]
+TOKEN_VARIABLE = "PLINTH_TOKEN"
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How the client checks the server and, for mutual TLS, proves who it is (PEM files).
+
+    root_cert: the CA certificate that signed the server's certificate (None: the system's
+    roots). cert and key: this client's certificate chain and private key, both or neither.
+    """
+
+    root_cert: Path | str | None = None
+    cert: Path | str | None = None
+    key: Path | str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLS: cert and key go together (both for mutual TLS, or neither)")
+        return grpc.ssl_channel_credentials(_read(self.root_cert), _read(self.key), _read(self.cert))
+
+
+def _read(path: Path | str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def auth_metadata(token: str | None) -> Metadata | None:
+    """The metadata every call carries: the bearer token, else $PLINTH_TOKEN when token is None.
+    An empty token (given or from the environment) sends none."""
+    token = os.environ.get(TOKEN_VARIABLE) if token is None else token
+    return (("authorization", f"Bearer {token}"),) if token else None
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    """Calls to one server. `token` goes out as "authorization: Bearer <token>" on every call
+    (None: $PLINTH_TOKEN); `tls` switches the channel to TLS (None: plain text)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
+                 tls: TLS | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.metadata = auth_metadata(token)
+        self.channel = (grpc.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS) if tls is not None
+                        else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
         self.graphs = gs_grpc.GraphServiceStub(self.channel)
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
 
@@ -43,7 +87,7 @@ class Client:
         result = RunResult()
         try:
             request = submit_request(graph, inputs, priority, omit_image_bytes)
-            for event in self.graphs.Run(request, timeout=self.timeout):
+            for event in self.graphs.Run(request, timeout=self.timeout, metadata=self.metadata):
                 result.add(event)
                 if on_event:
                     on_event(event)
@@ -56,7 +100,8 @@ class Client:
 
     def watch(self, job_id: str) -> Iterator[gs.JobEvent]:
         try:
-            yield from self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout)
+            yield from self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout,
+                                          metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -89,7 +134,7 @@ class Client:
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
