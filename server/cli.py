@@ -36,15 +36,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", type=Path, help=f"data directory: images, inputs (default: {DEFAULT_HOME / 'data'})")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
 
+    def remote(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
+        p.add_argument("--token", help="bearer token for --server (default: $PLINTH_TOKEN)")
+        p.add_argument("--tls-ca", type=Path, help="CA certificate to check a TLS --server with")
+        p.add_argument("--tls-cert", type=Path, help="client certificate, for a server that wants mutual TLS")
+        p.add_argument("--tls-key", type=Path, help="client private key, with --tls-cert")
+
     p = sub.add_parser("serve", help="run the gRPC server")
     p.add_argument("--host", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: 50051; 0 picks one)")
+    p.add_argument("--token-file", type=Path, help="bearer tokens, one per line (required off loopback)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key serves TLS only")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must be signed by (mutual TLS)")
     dirs(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="run a graph file and write its images")
     p.add_argument("graph", type=Path, help="graph in ComfyUI API format (.json)")
-    p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
+    remote(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                    help="override an input; VALUE is read as JSON when it parses, else as text")
     p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=FILE",
@@ -55,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("nodes", help="list the nodes and their schemas")
-    p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
+    remote(p)
     p.add_argument("--json", action="store_true", help="an object keyed by class_type")
     p.add_argument("--markdown", action="store_true", help="the docs/nodes.md table, from this install's registry")
     dirs(p)
@@ -94,19 +105,33 @@ def _config(args: argparse.Namespace, **flags: object):
 
 
 def _server(args: argparse.Namespace, **flags: object):
-    """A server for this command: one bound to 127.0.0.1 on a free port unless flags say otherwise."""
+    """`plinth serve`'s server, or for another command one of its own: on 127.0.0.1, a free
+    port, no tokens or TLS (only this process talks to it)."""
     _quiet_libraries()
-    from plinth.server.app import PlinthServer
+    from dataclasses import replace
 
-    return PlinthServer(_config(args, **{"host": "127.0.0.1", "port": 0, **flags}))
+    from plinth.server.app import PlinthServer
+    from plinth.server.config import Auth
+
+    if flags:
+        return PlinthServer(_config(args, **flags))
+    return PlinthServer(replace(_config(args), host="127.0.0.1", port=0, auth=Auth()))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from plinth.server.config import ConfigError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = _server(args, host=args.host, port=args.port).start()
+    try:
+        server = _server(args, host=args.host, port=args.port, **{
+            "auth.token_file": args.token_file, "auth.tls_cert": args.tls_cert, "auth.tls_key": args.tls_key,
+            "auth.tls_client_ca": args.tls_client_ca}).start()
+    except ConfigError as exc:
+        print(f"plinth serve: {exc}", file=sys.stderr)
+        return 2
     print(f"plinth serving on {server.address}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
@@ -117,14 +142,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _address(args: argparse.Namespace) -> Iterator[str]:
-    """The server to talk to: --server, or one started in this process for the command."""
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    """A client of --server (with --token / $PLINTH_TOKEN and the TLS flags), or of a server
+    started in this process for the command."""
+    from plinth.clients import TLS, Client
+
     if getattr(args, "server", None):
-        yield args.server
+        tls = TLS(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca or args.tls_cert else None
+        with Client(args.server, token=args.token, tls=tls) as client:
+            yield client
         return
     server = _server(args).start()
     try:
-        yield server.address
+        with Client(server.address, token="") as client:
+            yield client
     finally:
         server.stop(grace=0)
 
@@ -148,7 +179,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    from plinth.clients import Client, PlinthError
+    from plinth.clients import PlinthError
 
     if args.markdown:
         from plinth.nodes.registry import NODES
@@ -157,7 +188,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         sys.stdout.write(nodes_markdown(NODES))
         return 0
     try:
-        with _address(args) as address, Client(address) as client:
+        with _client(args) as client:
             schemas = client.list_nodes()
     except PlinthError as exc:
         return _refused(exc)
@@ -185,13 +216,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from plinth.graphs import read
 
     graph = read("txt2img.json")
-    args.graph, args.graph_text, args.server, args.sets, args.inputs, args.json = None, graph, None, [], [], False
+    args.graph, args.graph_text, args.sets, args.inputs, args.json = None, graph, [], [], False
+    args.server = args.token = args.tls_ca = args.tls_cert = args.tls_key = None
     print("plinth demo: starting a server on 127.0.0.1 and running graphs/txt2img.json on tiny-sd", file=sys.stderr)
     return cmd_run(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from plinth.clients import Client, PlinthError
+    from plinth.clients import PlinthError
 
     try:
         graph = _apply_sets(_load_graph(args), args.sets)
@@ -201,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     bar = _ProgressBar() if sys.stderr.isatty() and not args.json else None
     try:
-        with _address(args) as address, Client(address) as client:
+        with _client(args) as client:
             result = client.run(graph, inputs=inputs, on_event=bar.update if bar else None, check=False)
     except PlinthError as exc:
         if bar:

@@ -128,3 +128,20 @@ def test_plinth_demo_writes_pngs_and_says_where(tmp_path):
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (64, 64) for p in pngs)
     assert str(tmp_path / "out") in proc.stderr
+
+
+def test_cli_sends_the_token_and_a_refusal_names_the_status(models_dir, tmp_path):
+    from plinth.server.app import PlinthServer
+    from plinth.server.config import Auth, Config
+
+    config = Config(models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0,
+                    auth=Auth(tokens=("s3cret",)))
+    with PlinthServer(config) as secured:
+        refused = plinth("nodes", "--server", secured.address)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        assert plinth("nodes", "--server", secured.address, "--token", "s3cret").returncode == 0
+
+
+def test_serve_refuses_to_bind_off_loopback_without_tokens(tmp_path):
+    proc = plinth("serve", "--host", "0.0.0.0", "--port", "0", "--data", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "tokens are required" in proc.stderr
