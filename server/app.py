@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from plinth.server.api.auth import BearerTokenInterceptor
 from plinth.server.api.graph_service import GraphServicer
 from plinth.server.api.node_service import NodeServicer
 from plinth.server.config import Auth, Config, ConfigError, tokens
+from plinth.server.metrics import Metrics
 from plinth.server.service import PlinthService
 
 log = logging.getLogger("plinth.server")
@@ -96,6 +98,9 @@ class PlinthServer:
         credentials = _server_credentials(config.auth)
         self.config = config
         self.service = PlinthService(config)
+        self.metrics: Metrics | None = None
+        self.metrics_port = 0
+        self._stop_metrics: Callable[[], None] = lambda: None
         self.host = config.host
         self.health = health.HealthServicer()
         options = [("grpc.max_send_message_length", config.limits.max_message_bytes),
@@ -123,13 +128,22 @@ class PlinthServer:
         self.grpc.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port:
+            self.metrics = Metrics(self.service)
+            self.metrics_port, self._stop_metrics = self.metrics.start_http(self.config.metrics_port, self.config.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         log.info("serving on %s (device %s)", self.address, self.service.device)
         return self
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: health says NOT_SERVING, no new jobs, the running job gets `grace` seconds
+        (default config.shutdown_grace) before it is cancelled and recorded; then the RPCs end,
+        the job store is closed and the data directory released."""
         self.health.enter_graceful_shutdown()
-        self.grpc.stop(grace).wait()
-        self.service.stop()
+        self.service.stop(self.config.shutdown_grace if grace is None else grace)
+        self.grpc.stop(1.0).wait()
+        self._stop_metrics()
+        self.service.close()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key serves TLS only")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must be signed by (mutual TLS)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line, with the job id")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error (default: info)")
     dirs(p)
     p.set_defaults(func=cmd_serve)
 
@@ -115,29 +120,40 @@ def _server(args: argparse.Namespace, **flags: object):
 
     if flags:
         return PlinthServer(_config(args, **flags))
-    return PlinthServer(replace(_config(args), host="127.0.0.1", port=0, auth=Auth()))
+    # Its own data directory unless --data names one: a `plinth serve` may hold the default.
+    config = replace(_config(args), host="127.0.0.1", port=0, auth=Auth(), metrics_port=0)
+    if args.data is None:
+        config = replace(config, data_dir=Path(tempfile.mkdtemp(prefix="plinth-run-")))
+    return PlinthServer(config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
     import signal
+    import threading
 
+    from plinth.server import logs
     from plinth.server.config import ConfigError
+    from plinth.server.jobs.store import StoreError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(json=args.log_json, level=args.log_level)
     try:
-        server = _server(args, host=args.host, port=args.port, **{
+        server = _server(args, host=args.host, port=args.port, metrics_port=args.metrics_port, **{
             "auth.token_file": args.token_file, "auth.tls_cert": args.tls_cert, "auth.tls_key": args.tls_key,
             "auth.tls_client_ca": args.tls_client_ca}).start()
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"plinth serve: {exc}", file=sys.stderr)
         return 2
     print(f"plinth serving on {server.address}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        server.stop()
+    stopping = threading.Event()
+
+    def stop(*_: object) -> None:  # SIGTERM or Ctrl-C: finish the running job within the grace period
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.stop, name="plinth-shutdown").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.wait()
     return 0
 
 
@@ -158,6 +174,8 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
             yield client
     finally:
         server.stop(grace=0)
+        if args.data is None:  # the temporary data directory _server made
+            shutil.rmtree(server.config.data_dir, ignore_errors=True)
 
 
 # client side

@@ -1,27 +1,37 @@
 """The server's core without gRPC: validate and queue jobs, run them one at a time on a worker
-thread, and keep them for GetJob, Watch and ListJobs."""
+thread, and keep them for GetJob, Watch and ListJobs: live and recent ones in memory, every one
+in the job store (data_dir/jobs.sqlite3), which is what survives a restart.
+
+Restart policy: jobs the previous process left queued or running are marked failed ("server
+stopped while the job was queued/running"), never run again (their uploaded images are not
+kept). A graceful stop() cancels them instead, with the same reasons.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from PIL import Image
 
 from plinth.nodes.registry import NODES
-from plinth.server.config import Config
+from plinth.server.config import Config, Limits
 from plinth.server.engine import events as ev
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.executor import Executor
-from plinth.server.engine.graph import Graph, load_json, parse_graph
-from plinth.server.engine.validate import validate
+from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, load_json, parse_graph
+from plinth.server.engine.validate import LimitExceeded, validate
 from plinth.server.engine.workflow import is_editor_workflow, to_api_format
-from plinth.server.jobs.job import Job, JobStatus
+from plinth.server.jobs.job import Job, JobStatus, stopped_reason
 from plinth.server.jobs.queue import JobQueue
+from plinth.server.jobs.store import JobStore
+from plinth.server.logs import job_context
 from plinth.server.models.manager import ModelManager
 from plinth.server.workspace import JobResources, Workspace
 
@@ -47,8 +57,59 @@ def pick_device(name: str) -> tuple[torch.device, torch.dtype]:
     return device, torch.float16 if device.type == "cuda" else torch.float32
 
 
-# Finished jobs kept in memory for GetJob, Watch and ListJobs.
-MAX_FINISHED_JOBS = 1000
+# Finished jobs kept in memory too, so a Watch or GetJob soon after the end reads no database;
+# their Output events hold the PNG bytes, so this stays small (older ones come from the store).
+MAX_FINISHED_JOBS = 100
+STOPPED_QUEUED = stopped_reason(JobStatus.QUEUED)
+STOPPED_RUNNING = stopped_reason(JobStatus.RUNNING)
+# Seconds stop() waits, once it has cancelled the running job, for a node to reach its next
+# cancellation check (sampler steps check; a long decode may not) before recording it cancelled.
+CANCEL_WAIT = 10.0
+
+
+class ServiceStopping(RuntimeError):
+    """Submit after stop() began: this server takes no new jobs (gRPC UNAVAILABLE)."""
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue jobs: the caller should retry later (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        self.retry_after = 1.0 + 0.1 * queued  # a hint, not a promise
+        super().__init__(f"the job queue is full ({queued} of {limit} jobs); retry in {self.retry_after:.0f} s")
+
+
+def check_request(graph: str | bytes | dict[str, Any], inputs: dict[str, bytes], limits: Limits) -> None:
+    """Sizes and kinds of what a request carries, before anything is decoded: the graph's
+    JSON size, each image's bytes, its format (PNG, JPEG or WebP only) and its pixel count
+    from the header (decompression bombs). Raises LimitExceeded or GraphValidationError."""
+    too_big, bad = [], []
+    if isinstance(graph, (str, bytes)) and len(graph) > limits.max_graph_bytes:
+        too_big.append(GraphError("", "", "", "limit_exceeded",
+                                  f"graph JSON is {len(graph)} bytes; the limit is {limits.max_graph_bytes}"))
+    for name, data in inputs.items():
+        where = f"inputs.{name}"
+        if len(data) > limits.max_upload_bytes:
+            too_big.append(GraphError("", "", where, "limit_exceeded",
+                                      f"image {name!r} is {len(data)} bytes; the limit is {limits.max_upload_bytes}"))
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as picture:
+                kind, (width, height) = picture.format, picture.size
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            bad.append(GraphError("", "", where, "invalid_image", f"image {name!r} is not a readable image ({exc})"))
+            continue
+        if kind not in ("PNG", "JPEG", "WEBP"):
+            bad.append(GraphError("", "", where, "invalid_image", f"image {name!r} is {kind}; only PNG, JPEG and WebP"
+                                                                  " are accepted"))
+        elif width * height > limits.max_pixels * 4:
+            too_big.append(GraphError("", "", where, "limit_exceeded",
+                                      f"image {name!r} is {width}x{height} pixels; the limit is "
+                                      f"{limits.max_pixels * 4} (a decompression bomb or simply too large)"))
+    if bad:
+        raise GraphValidationError(bad + too_big)
+    if too_big:
+        raise LimitExceeded(too_big)
 
 
 class PlinthService:
@@ -63,8 +124,15 @@ class PlinthService:
         self.queue = JobQueue()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._jobs_lock = threading.Lock()
+        self._submit_lock = threading.Lock()  # orders submits against stop()
+        self._stopping = False
         self._worker: threading.Thread | None = None
         self._running: Job | None = None
+        self.observers: list[Callable[[Job, ev.Event], None]] = []  # e.g. metrics
+        self.store = JobStore(self.workspace.data_dir / "jobs.sqlite3")
+        recovered = self.store.recover()
+        if recovered:
+            log.warning("%d job(s) the previous server left queued or running are marked failed", len(recovered))
 
     # lifecycle
 
@@ -72,26 +140,57 @@ class PlinthService:
         self._worker = threading.Thread(target=self._work, name="plinth-worker", daemon=True)
         self._worker.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Take no more jobs (submit raises ServiceStopping), cancel the queued ones, give the
+        running one `grace` seconds to finish and then cancel it. Returns once every job has
+        ended and is stored; reads (get, jobs, watch) keep working until close()."""
+        with self._submit_lock:
+            self._stopping = True
         self.queue.close()
-        running = self._running
-        if running is not None:
-            running.request_cancel()
+        with self._jobs_lock:
+            queued = [j for j in self._jobs.values() if j.status == JobStatus.QUEUED]
+        for job in queued:
+            if self.queue.remove(job):
+                job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_QUEUED), STOPPED_QUEUED)
         if self._worker is not None:
-            self._worker.join(timeout)
+            self._worker.join(grace)
+            running = self._running
+            if self._worker.is_alive() and running is not None:
+                running.request_cancel(STOPPED_RUNNING)
+                self._worker.join(CANCEL_WAIT)
+                if self._worker.is_alive():
+                    log.warning("job %s did not stop within %.0f s of being cancelled; recorded as cancelled",
+                                running.id, CANCEL_WAIT)
+                    running.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_RUNNING), STOPPED_RUNNING)
+        self.store.flush()
+
+    def close(self) -> None:
+        """Close the job store and release the data directory; after stop() and after the gRPC
+        server has stopped, since reads of stored jobs need the store."""
+        self.store.close()
 
     # requests
 
     def submit(self, graph: str | dict[str, Any], inputs: dict[str, bytes] | None = None,
                priority: int = 0, omit_image_bytes: bool = False) -> Job:
-        """Validate and queue; raises GraphValidationError with every error found."""
-        resources = JobResources(self.workspace, self.models, dict(inputs or {}))
-        plan = validate(self.parse(graph), self.registry, resources)
-        job = Job(plan, resources, priority, omit_image_bytes=omit_image_bytes)
-        with self._jobs_lock:
-            self._jobs[job.id] = job
-            self._prune()
-        self.queue.put(job, lambda ahead: job.emit(ev.Queued(ahead)))
+        """Validate, store and queue; raises GraphValidationError with every error found, or
+        ServiceStopping once stop() has begun."""
+        inputs = dict(inputs or {})
+        check_request(graph, inputs, self.config.limits)
+        resources = JobResources(self.workspace, self.models, inputs)
+        plan = validate(self.parse(graph), self.registry, resources, self.config.limits)
+        job = Job(plan, resources, priority, omit_image_bytes=omit_image_bytes, journal=self.store,
+                  observers=self.observers)
+        with self._submit_lock:
+            if self._stopping:
+                raise ServiceStopping("the server is stopping and takes no new jobs")
+            if len(self.queue) >= self.config.limits.max_queue:
+                raise QueueFull(len(self.queue), self.config.limits.max_queue)
+            self.store.add(job)
+            with self._jobs_lock:
+                self._jobs[job.id] = job
+                self._prune()
+            self.queue.put(job, lambda ahead: job.emit(ev.Queued(ahead)))
         return job
 
     def parse(self, graph: str | dict[str, Any]) -> Graph:
@@ -104,8 +203,12 @@ class PlinthService:
         return parse_graph(raw)
 
     def get(self, job_id: str) -> Job:
+        """The live job, or the stored one (with its events, but no plan) once it has left
+        memory; raises KeyError for an unknown id."""
         with self._jobs_lock:
             job = self._jobs.get(job_id)
+        if job is None:
+            job = self.store.load(job_id)
         if job is None:
             raise KeyError(job_id)
         return job
@@ -117,12 +220,11 @@ class PlinthService:
             job.finish(JobStatus.CANCELLED, ev.Cancelled("cancelled while queued"), "cancelled while queued")
         return job
 
-    def jobs(self, statuses: Iterable[JobStatus] = ()) -> list[Job]:
-        """Jobs newest first, optionally only those in `statuses`."""
-        wanted = set(statuses)
-        with self._jobs_lock:
-            found = list(reversed(self._jobs.values()))
-        return [j for j in found if not wanted or j.status in wanted]
+    def jobs(self, statuses: Iterable[JobStatus] = (), limit: int = 100,
+             before: int | None = None) -> tuple[list[Job], int | None]:
+        """A page of jobs newest first, optionally only those in `statuses`, and the cursor for
+        the next page (see JobStore.list); summaries without events."""
+        return self.store.list(statuses, limit, before)
 
     # worker
 
@@ -136,12 +238,13 @@ class PlinthService:
                 continue
             self._running = job
             try:
-                self._run(job)
+                with job_context(job.id):  # every log line of the run carries the job id
+                    self._run(job)
             finally:
                 self._running = None
 
     def _run(self, job: Job) -> None:
-        job.status, job.started_at = JobStatus.RUNNING, time.time()
+        job.start()
         start = time.perf_counter()
         try:
             result = self.executor.run(job.plan, job.resources, job)
@@ -153,7 +256,7 @@ class PlinthService:
         if result.status == "completed":
             job.finish(JobStatus.COMPLETED, ev.Completed(time.perf_counter() - start))
         elif result.status == "cancelled":
-            job.finish(JobStatus.CANCELLED, ev.Cancelled("cancelled while running"), "cancelled while running")
+            job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
         else:
             failure = result.failure or ev.Failed("failed")
             job.finish(JobStatus.FAILED, failure, failure.message)

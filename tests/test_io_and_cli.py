@@ -145,3 +145,37 @@ def test_cli_sends_the_token_and_a_refusal_names_the_status(models_dir, tmp_path
 def test_serve_refuses_to_bind_off_loopback_without_tokens(tmp_path):
     proc = plinth("serve", "--host", "0.0.0.0", "--port", "0", "--data", str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "tokens are required" in proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_exposes_metrics_and_stops_gracefully_on_sigterm(models_dir, tmp_path, txt2img):
+    import signal
+    import socket
+    import urllib.request
+
+    from plinth.clients import Client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "plinth.server.cli", "serve", "--port", "0", "--models",
+                             str(models_dir), "--data", str(tmp_path / "data"), "--device", "cpu", "--metrics-port",
+                             str(metrics_port), "--log-json"], stderr=subprocess.PIPE, text=True)
+    try:
+        address = None
+        for line in proc.stderr:
+            if line.startswith("plinth serving on "):
+                address = line.split()[-1]
+                break
+        assert address
+        with Client(address, timeout=120) as client:
+            client.run(txt2img)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'plinth_jobs_total{status="completed"} 1.0' in page
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        log_lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        assert any(rec.get("job_id") for rec in log_lines)  # the job's log lines carry its id
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -113,15 +113,60 @@ def test_cancel_a_queued_job_and_priorities(server, client, txt2img):
     assert 0 < client.get_job(high).started_at <= client.get_job(low).started_at
 
 
-def test_run_raises_job_failed_with_the_result(client, txt2img, tmp_path):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image at all")
-    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
-             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+LOAD_AND_PREVIEW = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+
+def truncated_png() -> bytes:
+    """A PNG whose header reads (so Submit accepts it) but whose pixels stop half way."""
+    import numpy as np
+
+    from support.files import png
+
+    data = png(np.full((64, 64, 3), 7, np.uint8))
+    return data[: len(data) // 2]
+
+
+def test_run_raises_job_failed_with_the_result(client):
     with pytest.raises(JobFailed) as info:
-        client.run(graph, inputs={"photo.png": bad})
+        client.run(LOAD_AND_PREVIEW, inputs={"photo.png": truncated_png()})
     assert info.value.result.status == "failed"
     assert "photo.png" in info.value.result.error and "node 1 (LoadImage)" in info.value.result.error
+
+
+@pytest.mark.parametrize("data,code", [(b"not an image at all", "invalid_image"), (b"GIF89a" + bytes(100), "invalid_image")])
+def test_uploads_that_are_not_png_jpeg_or_webp_are_refused(client, data, code):
+    with pytest.raises(PlinthError) as info:
+        client.submit(LOAD_AND_PREVIEW, inputs={"photo.png": data})
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert [(e.input, e.code) for e in info.value.errors] == [("inputs.photo.png", code)]
+
+
+def test_limits_and_a_full_queue_are_resource_exhausted(server, client, txt2img):
+    import io
+
+    from PIL import Image
+
+    from plinth.server.config import Limits
+
+    huge = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(huge, format="PNG")  # small file, 64 MP once decoded
+    with pytest.raises(PlinthError) as info:
+        client.submit(LOAD_AND_PREVIEW, inputs={"photo.png": huge.getvalue()})
+    assert info.value.code == "RESOURCE_EXHAUSTED" and "decompression bomb" in info.value.errors[0].message
+    txt2img["5"]["inputs"].update(width=4096, height=4096)
+    with pytest.raises(PlinthError) as info:
+        client.submit(txt2img)
+    assert info.value.code == "RESOURCE_EXHAUSTED" and info.value.errors[0].input == "width"
+    txt2img["5"]["inputs"].update(width=64, height=64)
+    config = server.service.config
+    server.service.config = type(config)(**{**config.__dict__, "limits": Limits(max_queue=0, max_steps=1000)})
+    try:
+        with pytest.raises(PlinthError) as info:
+            client.submit(long_graph(txt2img, 1919, steps=1))
+        assert info.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in info.value.message
+    finally:
+        server.service.config = config
 
 
 def test_async_client_runs_a_graph(server, txt2img):

@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_jobs import truncated_png
 
 from plinth.server import logs
 from plinth.server.engine import events as ev
@@ -107,7 +108,7 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
 def test_failed_job_counts_as_failed(server, client, tmp_path, metrics_http):
     metrics, port = metrics_http
     bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image at all")
+    bad.write_bytes(truncated_png())  # Submit accepts its header; LoadImage fails on its pixels
     graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
     result = client.run(graph, inputs={"photo.png": bad}, check=False)

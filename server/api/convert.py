@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Callable
 
 from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, node_service_pb2 as ns
 from plinth.nodes.context import ImageRef
@@ -22,14 +23,24 @@ STATUS_TO_PB = {
 PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
 
 
-def image_ref(image: ImageRef, node_id: str, with_bytes: bool) -> common_pb2.ImageRef:
-    """A reference; previews always carry their bytes, since they are not stored to fetch."""
-    keep = with_bytes or image.kind != "output"
+# Reads a stored output PNG by image id (Workspace.read_image); None when it is gone.
+ReadImage = Callable[[str], bytes | None]
+
+
+def image_ref(image: ImageRef, node_id: str, with_bytes: bool,
+              read_image: ReadImage | None = None) -> common_pb2.ImageRef:
+    """A reference; previews always carry their bytes, since they are not stored to fetch. An
+    output read back from the job store has no bytes in memory: `read_image` fetches them."""
+    png = b""
+    if with_bytes or image.kind != "output":
+        png = image.png
+        if not png and image.kind == "output" and read_image is not None:
+            png = read_image(image.id) or b""
     return common_pb2.ImageRef(id=image.id, node_id=node_id, filename=image.filename, width=image.width,
-                               height=image.height, png=image.png if keep else b"", kind=image.kind)
+                               height=image.height, png=png, kind=image.kind)
 
 
-def event(event: ev.Event, with_bytes: bool = True) -> gs.JobEvent:
+def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None = None) -> gs.JobEvent:
     p = event.payload
     msg = gs.JobEvent(job_id=event.job_id, seq=event.seq, time=event.time)
     if isinstance(p, ev.Queued):
@@ -46,7 +57,7 @@ def event(event: ev.Event, with_bytes: bool = True) -> gs.JobEvent:
         msg.node_finished.CopyFrom(gs.NodeFinished(node_id=p.node_id, class_type=p.class_type, seconds=p.seconds))
     elif isinstance(p, ev.Output):
         msg.output.node_id = p.node_id
-        msg.output.images.extend(image_ref(i, p.node_id, with_bytes) for i in p.images)
+        msg.output.images.extend(image_ref(i, p.node_id, with_bytes, read_image) for i in p.images)
     elif isinstance(p, ev.Completed):
         msg.completed.seconds = p.seconds
     elif isinstance(p, ev.Failed):
@@ -58,14 +69,10 @@ def event(event: ev.Event, with_bytes: bool = True) -> gs.JobEvent:
 
 
 def job(job: Job) -> gs.Job:
-    outputs_by_node = {}
-    for e in job.events:
-        if isinstance(e.payload, ev.Output):
-            outputs_by_node.update({i.id: e.payload.node_id for i in e.payload.images})
     return gs.Job(
         job_id=job.id, status=STATUS_TO_PB[job.status], priority=job.priority, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error,
-        outputs=[image_ref(i, outputs_by_node.get(i.id, ""), False) for i in job.outputs],
+        outputs=[image_ref(i, job.output_nodes.get(i.id, ""), False) for i in job.outputs],
         nodes={k: gs.NodeRun(class_type=v.class_type, status=v.status, seconds=v.seconds)
                for k, v in job.nodes.items()},
     )

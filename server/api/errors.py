@@ -18,10 +18,12 @@ DETAILS_BUDGET = 4000  # bytes before base64
 SUMMARY_CHARS = 1000
 
 
-def invalid_graph(error: GraphValidationError) -> grpc.Status:
-    """INVALID_ARGUMENT with every error that fits the metadata budget, and a last entry saying
-    how many more there are: a plinth.v1.GraphErrors detail for Plinth clients and a
-    google.rpc.BadRequest (field `nodes.<id>.inputs.<name>`) for generic gRPC tooling."""
+def invalid_graph(error: GraphValidationError,
+                  code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> grpc.Status:
+    """INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for limits) with every error that fits the
+    metadata budget, and a last entry saying how many more there are: a plinth.v1.GraphErrors
+    detail for Plinth clients and a google.rpc.BadRequest (field `nodes.<id>.inputs.<name>`)
+    for generic gRPC tooling."""
     errors = common_pb2.GraphErrors()
     bad_request = error_details_pb2.BadRequest()
     for index, e in enumerate(error.errors):
@@ -38,10 +40,21 @@ def invalid_graph(error: GraphValidationError) -> grpc.Status:
         packed.Pack(message)
         details.append(packed)
     count = len(error.errors)
-    summary = f"graph is invalid ({count} error{'s' if count != 1 else ''}): {error}"
+    what = "graph is invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "request is over the server's limits"
+    summary = f"{what} ({count} error{'s' if count != 1 else ''}): {error}"
     if len(summary) > SUMMARY_CHARS:
         summary = summary[:SUMMARY_CHARS] + " ..."
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=summary, details=details))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=summary, details=details))
+
+
+def queue_full(error: Exception) -> grpc.Status:
+    """RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to try again."""
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(int(getattr(error, "retry_after", 1.0) * 1000))
+    packed = any_pb2.Any()
+    packed.Pack(retry)
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(error),
+                                                  details=[packed]))
 
 
 def _field_path(node_id: str, input_name: str) -> str:

@@ -1,4 +1,8 @@
-"""GraphService: Submit, Watch, Run, GetJob, CancelJob, ListJobs over the PlinthService."""
+"""GraphService: Submit, Watch, Run, GetJob, CancelJob, ListJobs over the PlinthService.
+
+Submit and Run answer UNAVAILABLE once the service is stopping. ListJobs' page token is the
+store's cursor (the last job's row number), so pages stay put while new jobs arrive.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from PIL import Image
 
 from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
 from plinth.server.api import convert
-from plinth.server.api.errors import invalid_graph
+from plinth.server.api.errors import invalid_graph, queue_full
 from plinth.server.engine.graph import GraphValidationError
+from plinth.server.engine.validate import LimitExceeded
 from plinth.server.jobs.job import Job
-from plinth.server.service import PlinthService
+from plinth.server.service import PlinthService, QueueFull, ServiceStopping
 
 MAX_PAGE = 500
 
@@ -33,9 +38,18 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
             inputs[image.name] = image.data
         try:
             return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes)
+        except LimitExceeded as exc:
+            context.abort_with_status(invalid_graph(exc, grpc.StatusCode.RESOURCE_EXHAUSTED))
+            raise  # abort_with_status raises; this line only satisfies type checkers
         except GraphValidationError as exc:
             context.abort_with_status(invalid_graph(exc))
-            raise  # abort_with_status raises; this line only satisfies type checkers
+            raise
+        except QueueFull as exc:
+            context.abort_with_status(queue_full(exc))
+            raise
+        except ServiceStopping as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
 
     def _job(self, job_id: str, context: grpc.ServicerContext) -> Job:
         try:
@@ -49,7 +63,8 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         if not context.add_callback(gone.set):
             return  # the caller has already gone
         for event in job.watch(stop=gone):
-            yield convert.event(event, with_bytes=not job.omit_image_bytes)
+            yield convert.event(event, with_bytes=not job.omit_image_bytes,
+                                read_image=self.service.workspace.read_image)
 
     def Submit(self, request, context):
         return gs.SubmitResponse(job_id=self._submit(request, context).id)
@@ -87,15 +102,14 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
     def ListJobs(self, request, context):
         if request.page_size < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
-        token = request.page_token or "0"
-        if not (token.isascii() and token.isdigit()):
+        token = request.page_token
+        if token and not (token.isascii() and token.isdigit() and len(token) <= 18):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad page_token {request.page_token!r}")
-        offset = int(token)
         unknown = [s for s in request.statuses if s not in convert.PB_TO_STATUS]
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown status value(s) {unknown}")
         size = min(request.page_size or 100, MAX_PAGE)
-        jobs = self.service.jobs(convert.PB_TO_STATUS[s] for s in request.statuses)
-        page = jobs[offset:offset + size]
-        next_token = str(offset + size) if offset + size < len(jobs) else ""
-        return gs.ListJobsResponse(jobs=[convert.job(j) for j in page], next_page_token=next_token)
+        jobs, cursor = self.service.jobs((convert.PB_TO_STATUS[s] for s in request.statuses), size,
+                                         int(token) if token else None)
+        return gs.ListJobsResponse(jobs=[convert.job(j) for j in jobs],
+                                   next_page_token="" if cursor is None else str(cursor))

@@ -1,4 +1,10 @@
-"""A job: one submitted graph, its status, and the log of its events that watchers replay."""
+"""A job: one submitted graph, its status, and the log of its events that watchers replay.
+
+A live job (submitted to this process) holds its plan and request; a job read back from the
+job store (after a restart, or once evicted from memory) has neither, only its record and
+events. Every change a live job goes through is also handed to its journal, the job store, so
+the record outlives the process.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
@@ -28,13 +34,36 @@ class JobStatus(str, Enum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class JobJournal(Protocol):
+    """Where a live job records itself (plinth.server.jobs.store.JobStore)."""
+
+    def event(self, event: ev.Event) -> None: ...
+
+    def started(self, job: "Job") -> None: ...
+
+    def finished(self, job: "Job", status: JobStatus, event: ev.Event) -> None: ...
+
+
+# Why a running job stopped when the caller gave no reason (CancelJob, an abandoned Run).
+CANCELLED_WHILE_RUNNING = "cancelled while running"
+
+
+def stopped_reason(status: JobStatus) -> str:
+    """Why a job that was queued or running when the server stopped never finished."""
+    return f"server stopped while the job was {status.value}"
+
+
 @dataclass(eq=False)
 class Job:
-    plan: ExecutionPlan
-    resources: JobResources
+    plan: ExecutionPlan | None  # None for a job read back from the store
+    resources: JobResources | None
     priority: int = 0
     # Output events carry image ids only (GetImage fetches them); previews keep their bytes.
     omit_image_bytes: bool = False
+    journal: JobJournal | None = None
+    # Called with (job, event) after each event is added, under the job's lock: keep them quick
+    # (metrics). The service passes its own list, so observers added later see every job.
+    observers: list[Callable[["Job", ev.Event], None]] = field(default_factory=list, repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
     created_at: float = field(default_factory=time.time)
@@ -42,36 +71,69 @@ class Job:
     finished_at: float = 0.0
     error: str = ""
     outputs: list[ImageRef] = field(default_factory=list)
+    output_nodes: dict[str, str] = field(default_factory=dict)  # image id -> the node that made it
     nodes: dict[str, NodeRun] = field(default_factory=dict)
     events: list[ev.Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._changed = threading.Condition()
         self._cancel = threading.Event()
+        self.cancel_reason = CANCELLED_WHILE_RUNNING
 
     # JobControl, for the executor
 
     def emit(self, payload: ev.EventPayload) -> None:
+        """Append an event; once the job has ended nothing more is added (a node that finishes
+        after the server gave up on it must not write past the terminal event)."""
         with self._changed:
-            self.events.append(ev.Event(self.id, len(self.events), time.time(), payload))
-            self._changed.notify_all()
+            if self.status.terminal:
+                return
+            event = ev.Event(self.id, len(self.events), time.time(), payload)
+            if isinstance(payload, ev.Output):
+                self.output_nodes.update((i.id, payload.node_id) for i in payload.images)
+            if self.journal is not None:
+                self.journal.event(event)
+            self.events.append(event)
+            self._notify(event)
 
     def is_cancelled(self) -> bool:
         return self._cancel.is_set()
 
     # lifecycle
 
-    def request_cancel(self) -> None:
-        self._cancel.set()
+    def request_cancel(self, reason: str = CANCELLED_WHILE_RUNNING) -> None:
+        """Ask a running job to stop at its next check; the first reason given is the one kept."""
+        with self._changed:
+            if not self._cancel.is_set():
+                self.cancel_reason = reason
+                self._cancel.set()
+
+    def start(self) -> None:
+        self.status, self.started_at = JobStatus.RUNNING, time.time()
+        if self.journal is not None:
+            self.journal.started(self)
 
     def finish(self, status: JobStatus, terminal: ev.EventPayload, error: str = "") -> None:
-        """Record the final status, then send the one terminal event."""
+        """Record the final status, then send the one terminal event. The journal has it on disk
+        before the status turns terminal here, so nothing (a watcher, eviction from memory) sees
+        an end the store could lose."""
         with self._changed:
             if self.status.terminal:
                 return
-            self.status, self.error, self.finished_at = status, error, time.time()
-            self.resources.inputs.clear()  # uploads are not needed once the job has ended
-            self.emit(terminal)
+            event = ev.Event(self.id, len(self.events), time.time(), terminal)
+            self.error, self.finished_at = error, event.time
+            if self.journal is not None:
+                self.journal.finished(self, status, event)
+            self.status = status
+            if self.resources is not None:
+                self.resources.inputs.clear()  # uploads are not needed once the job has ended
+            self.events.append(event)
+            self._notify(event)
+
+    def _notify(self, event: ev.Event) -> None:
+        self._changed.notify_all()
+        for observe in self.observers:
+            observe(self, event)
 
     def watch(self, start: int = 0, stop: threading.Event | None = None) -> Iterator[ev.Event]:
         """Every event from `start` on, as it comes, until the terminal event (or `stop`)."""
