@@ -60,11 +60,21 @@ class Part:
     concat: torch.Tensor | None  # inpainting UNets: [B, 1 + C, h, w] mask and masked latent
 
 
-def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Noise drawn on the CPU from the seed, as ComfyUI draws it, so a seed means the same
-    image on every device."""
+def initial_noise(shape: tuple[int, ...], seed: int, batch_index: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Noise drawn on the CPU from the seed, one batch entry after the other, so a seed means
+    the same image on every device, and an entry taken out of a batch (batch_index, as
+    LatentFromBatch sets it) gets the very noise it had in the batch."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    indices = batch_index if batch_index is not None else range(shape[0])
+    draws = [torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32) for _ in range(max(indices) + 1)]
+    return torch.cat([draws[i] for i in indices])
+
+
+def control_hint(hint: torch.Tensor, height: int, width: int, scale: int) -> torch.Tensor:
+    """An IMAGE hint [B,H,W,C] as the ControlNet input [B,3,h*scale,w*scale] for a latent (or an
+    area of it) h x w: centre-cropped to its aspect ratio and resized nearest-exact, as ComfyUI
+    fits hints, so a hint of another shape is never squashed."""
+    return resize(hint[..., :3].movedim(-1, 1).float(), width * scale, height * scale, "nearest-exact", "center")
 
 
 class Denoiser:
@@ -122,14 +132,28 @@ class Denoiser:
         index = getattr(self.scheduler, "step_index", None)
         return index if index is not None else (getattr(self.scheduler, "begin_index", None) or 0)
 
+    def _sigma_now(self, t: torch.Tensor) -> float:
+        """The sigma the sample sits at for the next model call, as the scheduler itself scales
+        the model input for it (second-order schedulers evaluate between their listed sigmas)."""
+        ratio = float(self.scheduler.scale_model_input(torch.ones(1, device=self.ctx.device), t))
+        return math.sqrt(max(1 / ratio**2 - 1, 0.0))
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`clean` at the noise level of the next model call, in the scheduler's space: what a
+        noise mask keeps outside the mask. Without add_noise the given latent is already noisy
+        and is kept as it is (ComfyUI's zero noise)."""
+        if not self.plan.add_noise:
+            noise = torch.zeros_like(noise)
+        if self.sigma_space:
+            return clean + self._sigma_now(t) * noise
+        alpha_bar = self._alpha_bar(self._current_index(), t)
+        return alpha_bar.sqrt() * clean + (1 - alpha_bar).sqrt() * noise
+
     def denoised(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The clean sample the model predicts at t: the last step when a run must end
         without noise before the scheduler's own end (k-diffusion's step to sigma 0)."""
         if self.sigma_space:
-            # The sigma x sits at, as the scheduler itself scales the model input for it
-            # (second-order schedulers evaluate between their listed sigmas).
-            ratio = float(self.scheduler.scale_model_input(torch.ones(1, device=x.device), t))
-            return x - math.sqrt(max(1 / ratio**2 - 1, 0.0)) * eps
+            return x - self._sigma_now(t) * eps
         alpha_bar = self._alpha_bar(self._current_index(), t)
         return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
@@ -157,7 +181,9 @@ class Denoiser:
         batch, _, h, w = samples.shape
         masked = options.get("concat_latent", samples).to(self.ctx.device, torch.float32) * self.sd.latent_scale
         mask = options.get("concat_mask", latents.noise_mask)
-        mask = (mask_planes(mask.to(self.ctx.device), h, w, batch).clamp(0, 1) if mask is not None
+        if masked.shape[-2:] != (h, w):  # e.g. upscaled since InpaintModelConditioning
+            masked = resize(masked, w, h, "bilinear")
+        mask = (mask_planes(mask.to(self.ctx.device), h, w, batch).clamp(0, 1).round() if mask is not None
                 else torch.ones(batch, 1, h, w, device=self.ctx.device))
         concat = torch.cat([mask, repeat_to_batch(masked, batch)], dim=1)
         if concat.shape[1] + self.sd.latent_channels != self.unet.config.in_channels:
@@ -227,14 +253,8 @@ class Denoiser:
     def _control(self, spec: ControlSpec, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  region: tuple[slice, ...] | None):
         controlnet = self.ctx.model(spec.controlnet)
-        scale = self.sd.vae_scale
         batch, _, h, w = x_in.shape
-        hint = spec.hint.movedim(-1, 1).to(self.ctx.device, torch.float32)
-        full = (self._full_size[0] * scale, self._full_size[1] * scale)
-        hint = resize(hint, full[1], full[0], "bilinear")
-        if region is not None:
-            hint = hint[:, :, region[2].start * scale:region[2].stop * scale, region[3].start * scale:region[3].stop * scale]
-        hint = repeat_to_batch(hint, batch)
+        hint = repeat_to_batch(control_hint(spec.hint, h, w, self.sd.vae_scale).to(self.ctx.device), batch)
         dtype = next(controlnet.parameters()).dtype
         down, mid = controlnet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype),
                                controlnet_cond=hint.to(dtype), conditioning_scale=spec.strength, return_dict=False)
@@ -252,7 +272,7 @@ class Denoiser:
         if len(timesteps) == 0:
             return latents.samples
         self._full_size = tuple(clean.shape[-2:])
-        noise = initial_noise(tuple(clean.shape), plan.seed).to(device)
+        noise = initial_noise(tuple(clean.shape), plan.seed, latents.batch_index).to(device)
         if not plan.add_noise:
             x = self.from_comfy_noisy(clean, self._start, timesteps[0])
         elif plan.denoise >= 1.0 and plan.start_step == 0 and not clean.any():
@@ -269,6 +289,8 @@ class Denoiser:
 
         with torch.inference_mode(), patched(self.ctx, self.model.patches, self.unet):
             for i, t in enumerate(timesteps):
+                if mask is not None and i > 0:  # before each call, at that call's own noise level
+                    x = x * mask + self.noised(clean, noise, t) * (1 - mask)
                 x_in = scheduler.scale_model_input(x, t)
                 if neg_parts:
                     eps_pos, eps_neg = self._guided(x_in, t, pos_parts, neg_parts)
@@ -280,12 +302,10 @@ class Denoiser:
                     x = self.denoised(x, eps, t)
                 else:
                     x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
-                if mask is not None and not last:
-                    x = x * mask + scheduler.add_noise(clean, noise, timesteps[i + 1:i + 2]) * (1 - mask)
                 on_step(i + 1, len(timesteps))
         leftover = stops_early and plan.leftover_noise and self._next_t is not None
         if mask is not None and leftover:
-            x = x * mask + scheduler.add_noise(clean, noise, self._next_t.reshape(1)) * (1 - mask)
+            x = x * mask + self.noised(clean, noise, self._next_t) * (1 - mask)
         if leftover:
             x = self.to_comfy_noisy(x, self._stop, self._next_t)
         if not torch.isfinite(x).all():

@@ -144,7 +144,11 @@ class RepeatLatentBatch(Node):
         mask = samples.noise_mask
         if mask is not None and mask.shape[0] > 1:
             mask = mask.repeat(amount, 1, 1, 1)
-        return (Latent(samples.samples.repeat(amount, 1, 1, 1), mask),)
+        index = samples.batch_index
+        if index is not None:  # copies continue the numbering, so each gets noise of its own
+            span = max(index) - min(index) + 1
+            index = tuple(i + span * k for k in range(amount) for i in index)
+        return (Latent(samples.samples.repeat(amount, 1, 1, 1), mask, index),)
 
 
 class LatentFromBatch(Node):
@@ -165,4 +169,5 @@ class LatentFromBatch(Node):
         mask = samples.noise_mask
         if mask is not None and mask.shape[0] > 1:
             mask = mask[start:stop] if mask.shape[0] == batch else mask
-        return (Latent(samples.samples[start:stop].clone(), mask),)
+        index = tuple(samples.batch_index if samples.batch_index is not None else range(batch))[start:stop]
+        return (Latent(samples.samples[start:stop].clone(), mask, index),)

@@ -36,10 +36,12 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 # scheduler -> config flags. "normal" spaces timesteps evenly over the whole range, "simple" and
 # "sgm_uniform" count back from the last training step, "ddim_uniform" from the first.
 SCHEDULERS: dict[str, dict[str, Any]] = {
+    # Sigma schedules span the whole range (sigma_max to sigma_min) as ComfyUI's do; with a
+    # checkpoint's "leading" spacing diffusers would start them far below sigma_max.
     "normal": {"timestep_spacing": "linspace"},
-    "karras": {"use_karras_sigmas": True},
-    "exponential": {"use_exponential_sigmas": True},
-    "beta": {"use_beta_sigmas": True},
+    "karras": {"use_karras_sigmas": True, "timestep_spacing": "linspace"},
+    "exponential": {"use_exponential_sigmas": True, "timestep_spacing": "linspace"},
+    "beta": {"use_beta_sigmas": True, "timestep_spacing": "linspace"},
     "simple": {"timestep_spacing": "trailing"},
     "sgm_uniform": {"timestep_spacing": "trailing"},
     "ddim_uniform": {"timestep_spacing": "leading"},

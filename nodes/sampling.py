@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from plinth.nodes.context import NodeContext
@@ -21,7 +22,7 @@ def _check_pair(inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
 def _sample(ctx: NodeContext, model: DiffusionModel, plan: SamplingPlan, latent: Latent,
             positive: Conditioning, negative: Conditioning) -> tuple[Latent]:
     samples = Denoiser(ctx, model.load(ctx), model, plan).run(latent, positive, negative, ctx.progress)
-    return (Latent(samples, latent.noise_mask),)
+    return (replace(latent, samples=samples),)
 
 
 class KSampler(Node):

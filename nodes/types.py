@@ -86,7 +86,9 @@ Conditioning = list[ConditioningEntry]
 @dataclass
 class Latent:
     """LATENT: samples [B,C,H/8,W/8] in the VAE's own (unscaled) space, as ComfyUI keeps them,
-    and an optional noise mask [B,1,h,w] limiting where sampling may change them."""
+    an optional noise mask [B,1,h,w] limiting where sampling may change them, and, for entries
+    taken out of a batch, their places in it (so each keeps the noise it had there)."""
 
     samples: torch.Tensor
     noise_mask: torch.Tensor | None = None
+    batch_index: tuple[int, ...] | None = None

@@ -75,7 +75,7 @@ def oracle(monkeypatch):
     def error(out: torch.Tensor) -> float:
         return float((out * SCALE - clean).abs().max())
 
-    return types.SimpleNamespace(run=run, error=error, clean=clean)
+    return types.SimpleNamespace(run=run, error=error, clean=clean, unet=unet)
 
 
 PAIRS = [(s, k) for s in SAMPLERS for k in ("normal", "karras", "simple") if not check_combination(s, k)]
@@ -100,3 +100,36 @@ def test_every_path_ends_at_the_clean_latent(oracle, sampler, scheduler):
     first = oracle.run(plan(end_step=5, leftover_noise=True), empty)
     errors["leftover chain"] = oracle.error(oracle.run(plan(start_step=5, add_noise=False), Latent(first)))
     assert max(errors.values()) < 1e-4, errors
+
+
+SCHEDULES = ("normal", "karras", "exponential", "beta", "simple", "sgm_uniform")
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_schedules_start_at_full_noise_with_the_shipped_config(oracle, sampler):
+    """With the checkpoint's own ("leading") spacing, diffusers' sigma schedules started far
+    below sigma_max; ComfyUI's always span the whole range."""
+    seen: list[float] = []
+    forward = oracle.unet.forward
+
+    def record(sample, t, *args, **kwargs):
+        seen.append(float(t))
+        return forward(sample, t, *args, **kwargs)
+
+    oracle.unet.forward = record
+    for schedule in SCHEDULES:
+        if check_combination(sampler, schedule):
+            continue
+        seen.clear()
+        oracle.run(SamplingPlan(sampler, schedule, 4, 1.0, 3), Latent(torch.zeros(1, 4, 8, 8)))
+        assert seen[0] >= 990, (schedule, seen)
+
+
+def test_a_hint_of_another_shape_is_centre_cropped_not_squashed():
+    from plinth.nodes.denoise import control_hint
+
+    hint = torch.zeros(1, 64, 128, 3)
+    hint[:, :, 32, :] = 1.0  # a vertical line a quarter of the way across a 2:1 hint
+    fitted = control_hint(hint, 8, 8, 8)  # for a square 64x64 image
+    assert fitted.shape == (1, 3, 64, 64)
+    assert fitted[0, 0].sum(0).nonzero().flatten().tolist() == [0]  # 32 columns cut off each side
