@@ -77,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     dirs(p)
     p.set_defaults(func=cmd_nodes)
 
+    p = sub.add_parser("jobs", help="list, show or cancel jobs on a server")
+    p.add_argument("action", choices=["list", "get", "cancel"])
+    p.add_argument("job_id", nargs="?", help="for get and cancel")
+    p.add_argument("--status", action="append", default=[], help="list: only these statuses (repeatable)")
+    p.add_argument("--limit", type=int, default=20, help="list: how many, newest first (default: 20)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    remote(p)
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("models", help="list the models, or make the embedded tiny-sd")
     p.add_argument("action", choices=["list", "init"])
     dirs(p)
@@ -228,6 +237,43 @@ def _schema_json(schema: Any) -> dict[str, Any]:
         if "default_json" in item:
             item["default"] = json.loads(item.pop("default_json"))
     return data
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from plinth.clients import PlinthError
+
+    if args.action != "list" and not args.job_id:
+        print(f"plinth jobs {args.action}: a job id is needed", file=sys.stderr)
+        return 2
+    if not args.server:
+        print("plinth jobs: --server HOST:PORT is needed (jobs live in a running server)", file=sys.stderr)
+        return 2
+    try:
+        with _client(args) as client:
+            if args.action == "list":
+                jobs = list(client.list_jobs(statuses=args.status, page_size=args.limit).jobs)
+            elif args.action == "get":
+                jobs = [client.get_job(args.job_id)]
+            else:
+                jobs = [client.cancel(args.job_id)]
+    except (PlinthError, KeyError) as exc:
+        return _refused(exc) if isinstance(exc, PlinthError) else _usage(f"unknown status {exc}")
+    if args.json:
+        found = [MessageToDict(j, preserving_proto_field_name=True) for j in jobs]
+        print(json.dumps(found if args.action == "list" else found[0]))
+        return 0
+    for job in jobs:
+        status = job.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[job.status].name
+        status = status.removeprefix("JOB_STATUS_").lower()
+        print(f"{job.job_id}  {status:<9}  {len(job.outputs)} output(s)  {job.error}".rstrip())
+    return 0
+
+
+def _usage(message: str) -> int:
+    print(f"plinth: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

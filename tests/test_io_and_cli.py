@@ -179,3 +179,20 @@ def test_serve_exposes_metrics_and_stops_gracefully_on_sigterm(models_dir, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cli_jobs_list_get_and_cancel(server, client, txt2img):
+    txt2img["3"]["inputs"]["seed"] = 8181
+    done = client.run(txt2img).job_id
+    listed = plinth("jobs", "list", "--server", server.address, "--status", "completed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert done in {j["job_id"] for j in json.loads(listed.stdout)}
+    got = plinth("jobs", "get", done, "--server", server.address)
+    assert got.returncode == 0 and done in got.stdout and "completed" in got.stdout
+    txt2img["3"]["inputs"].update(seed=8182, steps=400)
+    running = client.submit(txt2img)
+    cancelled = plinth("jobs", "cancel", running, "--server", server.address, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert [e.WhichOneof("kind") for e in client.watch(running)][-1] == "cancelled"
+    missing = plinth("jobs", "get", "nope", "--server", server.address)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
