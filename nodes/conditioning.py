@@ -15,6 +15,24 @@ from plinth.nodes.types import Conditioning, ConditioningEntry, TextEncoder
 MAX_RESOLUTION = 16384
 
 
+def area_in_latent(area: tuple[int, int, int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """ConditioningSetArea's area (h, w, y, x in latent cells) clipped to a height x width
+    latent, as ComfyUI's sampler narrows it (h becomes min(h, height - y), likewise w).
+
+    An area with nothing left inside the latent (e.g. x=64 on a 64-pixel-wide image) raises a
+    NodeInputError giving the area and the image in pixels; ComfyUI would run the model on an
+    empty slice there and fail with a tensor error.
+    """
+    h, w, y, x = area
+    clipped_h, clipped_w = min(h, height - y), min(w, width - x)
+    if clipped_h <= 0 or clipped_w <= 0:
+        raise NodeInputError(
+            f"ConditioningSetArea's area (x={x * 8}, y={y * 8}, {w * 8}x{h * 8} pixels) lies outside the "
+            f"{width * 8}x{height * 8}-pixel image being sampled; move it inside (x below {width * 8}, "
+            f"y below {height * 8})")
+    return clipped_h, clipped_w, y, x
+
+
 def encode_prompt(clip: TextEncoder, ctx: NodeContext, text: str) -> torch.Tensor:
     """Token embeddings [1, 77*k, D] for `text`, with the CLIP's patches (LoRA) applied."""
     model = clip.load(ctx)
@@ -69,7 +87,9 @@ class ConditioningCombine(Node):
 
 
 class ConditioningSetArea(Node):
-    """Limit conditioning to a rectangle of the image (pixels, multiples of 8), with a strength."""
+    """Limit conditioning to a rectangle of the image (pixels, multiples of 8), with a strength.
+    An area reaching past the image is clipped to it at sampling (ComfyUI); one wholly outside
+    the image fails there with an error."""
 
     CATEGORY = "conditioning"
     DISPLAY_NAME = "Conditioning (Set Area)"

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from plinth.nodes.conditioning import area_in_latent
 from plinth.nodes.context import NodeContext, NodeInputError
 from plinth.nodes.models.checkpoint import StableDiffusion
 from plinth.nodes.patches import merged_call_kwargs, patched
@@ -203,7 +204,7 @@ class Denoiser:
                 total += part.strength * pred
                 weight += part.strength
         for part in (p for p in parts if p.area is not None):
-            h, w, y, x = part.area
+            h, w, y, x = area_in_latent(part.area, x_in.shape[2], x_in.shape[3])
             region = (slice(None), slice(None), slice(y, y + h), slice(x, x + w))
             pred = self._call(x_in[region], t, [part], region)
             total[region] += part.strength * pred

@@ -9,18 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from plinth.nodes.context import NodeContext
-from plinth.nodes.latent import crop_to_multiple, vae_encode
-from plinth.nodes.resize import mask_planes
+from plinth.nodes.latent import vae_encode
+from plinth.nodes.resize import crop_to_multiple_with_mask, mask_planes, repeat_to_batch, require_vae_size
 from plinth.nodes.schema import Boolean, Int, Link, Node, Output
 from plinth.nodes.types import Conditioning, ConditioningEntry, Latent, Vae
 
 
 def grey_out(ctx: NodeContext, vae: Vae, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixels cropped to the VAE's multiple with the masked area set to mid grey, and the mask
-    [B,1,H,W] resized to them."""
+    [B,1,H,W] on the same cropped pixels.
+
+    As ComfyUI: the mask is first resized (bilinear) to the uncropped image, then mask and
+    pixels are centre-cropped with the same offsets, so every mask value stays on the pixel it
+    was drawn on. A mask batch of another size is repeated or cut to the image batch (Plinth's
+    rule for pairing batches, `repeat_to_batch`).
+    """
     scale = 2 ** (len(vae.module(ctx).config.block_out_channels) - 1)
-    pixels = crop_to_multiple(pixels[..., :3], scale)
-    mask = mask_planes(mask, pixels.shape[1], pixels.shape[2])
+    pixels = pixels[..., :3]
+    require_vae_size(pixels, scale)
+    mask = repeat_to_batch(mask_planes(mask, pixels.shape[1], pixels.shape[2]), pixels.shape[0])
+    pixels, mask = crop_to_multiple_with_mask(pixels, mask, scale)
     keep = (1 - mask.round()).movedim(1, -1)
     return (pixels - 0.5) * keep + 0.5, mask
 

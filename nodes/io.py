@@ -33,29 +33,49 @@ def encode_png(image: torch.Tensor, graph: dict[str, Any] | None, extra: dict[st
 MAX_DECODED_PIXELS = 2**26
 
 
+def frame_pixels(frame: Image.Image) -> np.ndarray:
+    """One decoded frame as float32 RGB [H,W,3] in 0..1.
+
+    16-bit greyscale (Pillow's "I;16", "I;16B", ... modes, which convert to RGB by clipping at
+    255, i.e. almost white) is scaled from its full 0..65535 range, keeping its precision;
+    32-bit "I" frames are scaled by 1/255 first, as ComfyUI does.
+    """
+    if frame.mode.startswith("I;16"):
+        grey = np.asarray(frame).astype(np.float32) / 65535.0
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if frame.mode == "I":
+        frame = frame.point(lambda v: v * (1 / 255))
+    return np.asarray(frame.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [B,H,W,3] and MASK [B,H,W] from encoded bytes; every frame of the same size as the
-    first becomes one batch entry. The mask is 1 where the image is transparent (ComfyUI's
-    convention), and all 0 when there is no alpha channel."""
+    first becomes one batch entry, and frames of another size are skipped (ComfyUI). An MPO
+    file (the JPEG phones write, with a second, depth or stereo, frame) gives its first frame
+    only, as in ComfyUI. The mask is 1 where the image is transparent (ComfyUI's convention),
+    and all 0 when there is no alpha channel."""
     try:
         picture = Image.open(io.BytesIO(data))
+        first_only = picture.format == "MPO"
         frames, masks = [], []
         for index, frame in enumerate(ImageSequence.Iterator(picture)):
             if (index + 1) * frame.width * frame.height > MAX_DECODED_PIXELS:
                 raise NodeInputError(f"image {name!r} decodes to more than {MAX_DECODED_PIXELS} pixels "
                                      f"({frame.width}x{frame.height}, frame {index + 1})")
             frame = ImageOps.exif_transpose(frame)
-            if frame.mode == "I":
-                frame = frame.point(lambda v: v * (1 / 255))
-            rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255.0
-            if frames and rgb.shape != frames[0].shape:
-                break
+            if frames and (frame.height, frame.width) != frames[0].shape[:2]:
+                continue
+            rgb = frame_pixels(frame)
             if "A" in frame.getbands() or (frame.mode == "P" and "transparency" in frame.info):
                 alpha = np.asarray(frame.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
                 masks.append(1.0 - alpha)
             else:
                 masks.append(np.zeros(rgb.shape[:2], dtype=np.float32))
             frames.append(rgb)
+            if first_only:
+                break
+    except NodeInputError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise NodeInputError(f"image {name!r} could not be decoded: {exc}") from exc
     return torch.from_numpy(np.stack(frames)), torch.from_numpy(np.stack(masks))

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from plinth.nodes.context import NodeContext
-from plinth.nodes.resize import center_crop, resize
+from plinth.nodes.resize import center_crop, require_vae_size, resize
 from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 from plinth.nodes.types import Latent, Vae
 
@@ -27,6 +27,7 @@ def vae_encode(ctx: NodeContext, vae: Vae, pixels: torch.Tensor) -> torch.Tensor
     deterministic."""
     module = vae.module(ctx)
     scale = 2 ** (len(module.config.block_out_channels) - 1)
+    require_vae_size(pixels, scale)
     pixels = crop_to_multiple(pixels[..., :3], scale)
     dtype = next(module.parameters()).dtype
     latents = []

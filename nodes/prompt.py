@@ -8,6 +8,11 @@ embedding at the same position: e' = e_empty + w * (e - e_empty), ComfyUI's form
 Prompts longer than one window are split into windows of 75 tokens (each with its start and end
 token, padded to 77), keeping a word's tokens in one window where it fits, and the windows'
 embeddings are concatenated: nothing is truncated.
+
+`embedding:NAME` is ComfyUI's syntax for a textual-inversion embedding from models/embeddings.
+Plinth has no textual-inversion support, so such a prompt fails with a NodeInputError naming
+the embedding, rather than being encoded as the words "embedding", "NAME" (or the embedding
+silently dropped, which is what ComfyUI does with one it cannot find).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from typing import Any
 
 import torch
 
+from plinth.nodes.context import NodeInputError
+
 CHUNK = 75
+# ComfyUI's prefix for a textual-inversion embedding in a prompt (case-sensitive, as there).
+EMBEDDING = "embedding:"
 ESCAPED = {"\\(": "\0open\0", "\\)": "\0close\0"}
 
 
@@ -77,6 +86,10 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
     words: list[list[tuple[int, float]]] = []
     for segment, weight in parse_emphasis(text):
         for word in segment.split():
+            if word.startswith(EMBEDDING) and embedding_name(word):
+                raise NodeInputError(
+                    f"the prompt asks for the textual-inversion embedding {embedding_name(word)!r} ({word!r}); "
+                    f"textual-inversion embeddings are not supported: remove it from the prompt")
             ids = tokenizer(word, add_special_tokens=False, truncation=False).input_ids
             if ids:
                 words.append([(i, weight) for i in ids])
@@ -89,6 +102,11 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
                 windows.append([])
             windows[-1].append(token)
     return windows
+
+
+def embedding_name(word: str) -> str:
+    """The NAME of an `embedding:NAME` word, without trailing punctuation ("" for none)."""
+    return word[len(EMBEDDING):].rstrip(",.;:")
 
 
 def encode(tokenizer: Any, encoder: Any, text: str, stop_at_layer: int, device: torch.device) -> torch.Tensor:

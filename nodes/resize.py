@@ -3,8 +3,9 @@
 `resize` works on [B,C,H,W] tensors (latents, and images moved channel-first) by ComfyUI's
 method names, with the optional centre crop to the target's aspect ratio; `resize_image` is the
 same for IMAGE [B,H,W,C]. The mask helpers turn a MASK into [B,H,W] or [B,1,H,W] planes,
-resized and repeated to a batch. This module imports no other node module, so every node module
-can import from it.
+resized and repeated to a batch. `crop_to_multiple_with_mask` crops pixels and their mask to
+the VAE's multiple with the same offsets, and `require_vae_size` refuses images too small for
+it. This module imports no other node module, so every node module can import from it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,28 @@ def center_crop(samples: torch.Tensor, height: int, width: int) -> torch.Tensor:
     or column comes off the bottom or right."""
     top, left = (samples.shape[-2] - height) // 2, (samples.shape[-1] - width) // 2
     return samples[..., top:top + height, left:left + width]
+
+
+def require_vae_size(pixels: torch.Tensor, multiple: int) -> None:
+    """Raise NodeInputError when IMAGE pixels [B,H,W,C] are smaller than `multiple` (the VAE's
+    scale, 8 for SD) on a side: the VAE nodes crop to multiples of it, which would leave nothing
+    to encode."""
+    height, width = pixels.shape[1:3]
+    if height < multiple or width < multiple:
+        raise NodeInputError(f"the image is {width}x{height} pixels; the VAE needs at least {multiple}x{multiple} "
+                             f"(it encodes {multiple}x{multiple}-pixel cells)")
+
+
+def crop_to_multiple_with_mask(pixels: torch.Tensor, mask: torch.Tensor,
+                               multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE pixels [B,H,W,C] and a mask [B,1,H,W] of the same H and W, both centre-cropped to
+    sides divisible by `multiple` with the same offsets ((size % multiple) // 2 off the top and
+    left, as the VAE nodes and ComfyUI crop), so every mask value stays on its pixel."""
+    if mask.shape[-2:] != pixels.shape[1:3]:
+        raise NodeInputError(f"mask of {mask.shape[-1]}x{mask.shape[-2]} pixels for an image of "
+                             f"{pixels.shape[2]}x{pixels.shape[1]}; resize it to the image first")
+    height, width = pixels.shape[1] // multiple * multiple, pixels.shape[2] // multiple * multiple
+    return center_crop(pixels.movedim(-1, 1), height, width).movedim(1, -1), center_crop(mask, height, width)
 
 
 def crop_to_aspect(samples: torch.Tensor, aspect: float) -> torch.Tensor:

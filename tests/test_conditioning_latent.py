@@ -70,15 +70,34 @@ def test_clip_skip_and_conditioning_nodes_run(client, txt2img):
     g["6"]["inputs"]["clip"] = ["10", 0]
     skipped = client.run(g).images[0]
     assert not np.array_equal(np.asarray(base), np.asarray(skipped))
-    g["11"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "marble plinth", "clip": ["4", 1]}}
-    g["12"] = {"class_type": "ConditioningSetArea",
-               "inputs": {"conditioning": ["11", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 0.8}}
-    g["13"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["12", 0]}}
     g["14"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["7", 0]}}
-    g["3"]["inputs"].update(positive=["13", 0], negative=["14", 0])
+    g["3"]["inputs"]["negative"] = ["14", 0]
     result = client.run(g)
     assert result.status == "completed"
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(skipped))
+
+
+def test_an_area_conditions_only_its_part_of_the_image(server, client, txt2img):
+    """One euler step on a 128x64 image with a second prompt on the left half: the right half's
+    latent is the plain run's (each latent cell's prediction comes from the prompts covering
+    it), the left half's is not, and a full-frame area gives yet another result."""
+    g = txt2img
+    g["5"]["inputs"].update(width=128, height=64, batch_size=1)
+    g["3"]["inputs"].update(seed=21, steps=1, sampler_name="euler")
+    plain = client.run(g)
+    g["11"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "marble plinth", "clip": ["4", 1]}}
+    g["12"] = {"class_type": "ConditioningSetArea",
+               "inputs": {"conditioning": ["11", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}}
+    g["13"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["12", 0]}}
+    g["3"]["inputs"]["positive"] = ["13", 0]
+    half = client.run(g)
+    g["12"]["inputs"]["width"] = 128
+    full = client.run(g)
+    plain, half, full = (node_output(server, r.job_id, "3")[0].samples for r in (plain, half, full))
+    assert plain.shape == (1, 4, 8, 16)
+    assert torch.allclose(half[..., 8:], plain[..., 8:], atol=1e-4)  # latent cells 8.. are pixels 64..
+    assert (half[..., :8] - plain[..., :8]).abs().max() > 1e-2
+    assert (half[..., 8:] - full[..., 8:]).abs().max() > 1e-2
 
 
 def test_clip_skip_deeper_than_the_model_fails_clearly(client, txt2img):
@@ -221,7 +240,7 @@ def test_inpaint_model_conditioning_keeps_the_unmasked_area(server, client, txt2
     assert not torch.equal(after[..., :3], before[..., :3])
 
 
-def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2img):
+def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2img, tiny):
     g = txt2img
     g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
     g["21"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["20", 0], "vae": ["4", 2],
@@ -233,6 +252,17 @@ def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2
     mask = latent.noise_mask[0, 0]
     assert mask.shape == (64, 64)
     assert mask[:, :32].min() == 1 and mask[:, 36:].max() == 0 and mask[:, 32:35].min() == 1  # grown by 3 px
+    # the VAE was given the photo with the (ungrown) mask, the transparent left half, mid grey
+    photo = torch.from_numpy(product_photo()).float() / 255
+    greyed = photo.clone()
+    greyed[:, :32] = 0.5
+
+    def encoded(image: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return tiny.vae.encode(image.movedim(-1, 0)[None] * 2 - 1).latent_dist.mean
+
+    assert torch.allclose(latent.samples, encoded(greyed), atol=1e-4)
+    assert (latent.samples - encoded(photo)).abs().max() > 1e-2
 
 
 def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny):

@@ -3,13 +3,17 @@ in by LoadImage, tensors read back from the output cache) and as pure functions 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from plinth.clients import PlinthError
+from plinth.nodes.context import JobCancelled
 from plinth.nodes.image import canny, composite, outpaint_mask
-from plinth.nodes.mask import batch_mask, feather, grow
+from plinth.nodes.mask import GrowMask, batch_mask, feather, grow
 from conftest import node_output
 from support.files import png
 
@@ -250,6 +254,92 @@ def test_grow_handles_soft_masks_batches_and_the_border():
     assert torch.equal(grow(mask, -3, tapered_corners=True)[1], mask[1])  # no erosion in from outside
     assert torch.equal(grow(mask, 0, True), mask)
     assert torch.equal(grow(mask, 100, True)[0], torch.full((5, 7), 0.6))  # huge expands are capped
+
+
+def comfyui_grow(mask: torch.Tensor, expand: int, tapered_corners: bool) -> torch.Tensor:
+    """GrowMask as it was before the distance transforms, step by step: the review checked it
+    equals ComfyUI's loop of scipy grey_dilation/grey_erosion with a 3x3 cross or square."""
+    steps = abs(expand)
+    if steps == 0:
+        return mask.clone()
+    sign = 1.0 if expand > 0 else -1.0
+    planes = mask.unsqueeze(1) * sign
+    height, width = mask.shape[-2:]
+
+    def max_filter(x, radius_y, radius_x):
+        if radius_x:
+            x = F.max_pool2d(x, (1, 2 * radius_x + 1), stride=1, padding=(0, radius_x))
+        if radius_y:
+            x = F.max_pool2d(x, (2 * radius_y + 1, 1), stride=1, padding=(radius_y, 0))
+        return x
+
+    if tapered_corners:
+        for _ in range(min(steps, height + width)):
+            planes = torch.maximum(max_filter(planes, 0, 1), max_filter(planes, 1, 0))
+    else:
+        planes = max_filter(planes, min(steps, height), min(steps, width))
+    return planes.squeeze(1) * sign
+
+
+@pytest.mark.parametrize("kind", ["binary", "soft", "mixed batch"])
+def test_grow_equals_the_step_by_step_loop(kind):
+    generator = torch.Generator().manual_seed({"binary": 1, "soft": 2, "mixed batch": 3}[kind])
+    for _ in range(60):
+        height, width = torch.randint(1, 24, (2,), generator=generator).tolist()
+        density = float(torch.rand(1, generator=generator))
+        mask = (torch.rand(2, height, width, generator=generator) < density).float()
+        if kind != "binary":
+            soft = torch.rand(2, height, width, generator=generator) * mask
+            mask = torch.stack([soft[0], mask[1]]) if kind == "mixed batch" else soft
+        for expand in (1, -1, 2, -3, 5, -8, 13, -21, 40, -40, 1000, -1000):
+            for tapered in (True, False):
+                assert torch.equal(grow(mask, expand, tapered), comfyui_grow(mask, expand, tapered)), (
+                    height, width, expand, tapered)
+
+
+def test_grow_of_a_binary_mask_costs_the_same_at_any_expand():
+    dot = torch.zeros(1, 1024, 1024)
+    dot[0, 100, 900] = 1
+    start = time.perf_counter()
+    diamond = grow(dot, 16384, True)
+    square = grow(dot, 16384, False)
+    shrunk = grow(1 - dot, -16384, True)
+    assert time.perf_counter() - start < 3  # the step-by-step loop takes about 30 s here
+    assert diamond.min() == 1 and square.min() == 1 and shrunk.max() == 0
+    near = grow(dot, 300, True)[0]
+    assert near[100, 600] == 1 and near[101, 600] == 0 and near[400, 900] == 1 and near[401, 900] == 0
+
+
+def test_grow_of_a_soft_mask_stops_when_nothing_changes_and_can_be_cancelled():
+    mask = torch.zeros(1, 9, 9)
+    mask[0, 4, 4] = 0.5
+    calls = []
+    grown = grow(mask, 10000, True, lambda: calls.append(1))
+    assert torch.equal(grown, torch.full((1, 9, 9), 0.5))
+    assert len(calls) == 9  # 8 steps reach the corners, the 9th changes nothing
+    assert grow(mask, 10000, True) is not None  # usable without a callback
+
+    calls.clear()
+
+    def cancel_at_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        grow(mask, 10000, True, cancel_at_third)
+    assert len(calls) == 3
+
+
+def test_grow_mask_node_checks_for_cancellation():
+    class Cancelled:
+        def check_cancelled(self):
+            raise JobCancelled()
+
+    soft = torch.full((1, 6, 6), 0.25)
+    soft[0, 0, 0] = 0.75
+    with pytest.raises(JobCancelled):
+        GrowMask().run(Cancelled(), mask=soft, expand=3, tapered_corners=True)
 
 
 def test_feather_ramps_every_edge_the_same_way():

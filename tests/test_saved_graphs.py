@@ -7,10 +7,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import GRAPHS, node_output
+from support import files
 from support.saved_graphs import INPUTS, product_photo, reference_photo, write_graph_models
+from plinth.nodes.resize import resize_image
 
 SAVED = sorted(p.name for p in GRAPHS.glob("*.json"))
 
@@ -70,6 +73,81 @@ def test_outpaint_keeps_the_original_region_and_fills_the_new_area(client, graph
         new_area = np.ones(canvas.shape[:2], bool)
         new_area[y:y + 64, x:x + 64] = False
         assert np.abs(canvas[new_area] - 128).mean() > 3  # sampled, not left as the grey padding
+
+
+# A photo whose sides are not multiples of 8: the graphs' ImageScale (set for 64x64, which is
+# 70x70 rounded down to a multiple of 8) gives every node the same 64x64 pixels.
+
+def odd_sized_photo() -> np.ndarray:
+    """A 70x70 packshot whose product has texture, so a paste one pixel off cannot match."""
+    photo = product_photo(70)
+    ys, xs = np.mgrid[14:50, 20:44]
+    photo[14:50, 20:44, 1] = 30 + (ys * 7 + xs * 3) % 40
+    return photo
+
+
+def scaled(photo: np.ndarray) -> torch.Tensor:
+    """The photo as the graphs' ImageScale node makes it: [64,64,3] in 0..1."""
+    return resize_image(torch.from_numpy(photo).float()[None] / 255, 64, 64, "lanczos", "center")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(models_dir):
+    from plinth.nodes.models.checkpoint import load_checkpoint
+    from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+
+    return load_checkpoint(ensure_tiny_sd(models_dir), models_dir, torch.device("cpu"), torch.float32).vae
+
+
+def encode(vae, image: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return vae.encode(image.movedim(-1, 0)[None] * 2 - 1).latent_dist.mean
+
+
+def test_background_replacement_of_a_photo_not_a_multiple_of_8(server, client, graph_models, tiny_vae):
+    photo = odd_sized_photo()
+    result = client.run(load("background_replace.json"), inputs={"product.png": files.png(photo)})
+    out = outputs_by_prefix(result)
+    assert out["background"][0].size == (64, 64) and out["background_2x"][0].size == (128, 128)
+    expected = scaled(photo)
+    product = node_output(server, result.job_id, "11")[0][0]  # the cutout mask, 1 = product
+    assert product.shape == (64, 64) and (product == 1).sum() > 300
+    composite = node_output(server, result.job_id, "14")[0][0]
+    assert torch.equal(composite[product == 1], expected[product == 1])  # exact, and in place
+    assert np.array_equal(np.asarray(out["background"][0])[product.numpy() == 1],
+                          (expected.numpy() * 255).clip(0, 255).astype(np.uint8)[product.numpy() == 1])
+    # the sampler's latent and noise mask come from the very same pixels
+    conditioned = node_output(server, result.job_id, "13")[2]
+    assert torch.equal(conditioned.noise_mask[0, 0], 1 - product)
+    assert torch.allclose(conditioned.samples, encode(tiny_vae, expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("feathering", [0, 8])
+def test_outpaint_of_a_photo_not_a_multiple_of_8(server, client, graph_models, feathering):
+    photo = odd_sized_photo()
+    graph = load("outpaint_ad_formats.json")
+    for pad in ("20", "30"):
+        graph[pad]["inputs"]["feathering"] = feathering
+    result = client.run(graph, inputs={"product.png": files.png(photo)})
+    out = outputs_by_prefix(result)
+    expected = scaled(photo)
+    for prefix, node, pad, size, (x, y) in (("ad_4x5", "24", "20", (64, 80), (0, 8)),
+                                            ("ad_16x9", "34", "30", (112, 64), (24, 0))):
+        assert out[prefix][0].size == size
+        canvas = node_output(server, result.job_id, node)[0][0]
+        region = canvas[y:y + 64, x:x + 64]
+        pad_mask = node_output(server, result.job_id, pad)[1][0][y:y + 64, x:x + 64]
+        if feathering == 0:  # as saved: the whole original region exact, at its place
+            assert (pad_mask == 0).all()
+            assert torch.equal(region, expected)
+        else:  # a band of `feathering` pixels inside the padded sides is blended, the rest exact
+            inside = pad_mask == 0
+            assert inside.sum() >= 48 * 64 and (~inside).any()
+            assert torch.equal(region[inside], expected[inside])
+            assert not torch.equal(region[~inside], expected[~inside])
+        new_area = torch.ones(canvas.shape[:2], dtype=torch.bool)
+        new_area[y:y + 64, x:x + 64] = False
+        assert (canvas[new_area] - 0.5).abs().mean() > 3 / 255  # sampled, not the grey padding
 
 
 def test_upscale_graph_gives_four_times_the_size(client, graph_models):

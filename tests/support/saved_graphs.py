@@ -10,9 +10,11 @@ import numpy as np
 
 from support import controlnet_files, files, ipadapter_files, lora_files, upscaler_files
 
-def product_photo() -> np.ndarray:
-    """A 64x64 packshot: a red box with a white label on a plain light-grey backdrop."""
-    pixels = np.full((64, 64, 3), 236, np.uint8)
+
+def product_photo(size: int = 64) -> np.ndarray:
+    """A size x size packshot (64x64 unless asked): a red box with a white label on a plain
+    light-grey backdrop."""
+    pixels = np.full((size, size, 3), 236, np.uint8)
     pixels[14:50, 20:44] = (190, 30, 35)
     pixels[26:34, 26:38] = (250, 250, 250)
     return pixels
