@@ -13,9 +13,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from plinth.clients.v1 import graph_service_pb2, graph_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc
+from plinth.clients.v1 import (
+    asset_service_pb2, asset_service_pb2_grpc, graph_service_pb2, graph_service_pb2_grpc, model_service_pb2,
+    model_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
+)
+from plinth.server.api.asset_service import AssetServicer
 from plinth.server.api.auth import BearerTokenInterceptor
 from plinth.server.api.graph_service import GraphServicer
+from plinth.server.api.model_service import ModelServicer
 from plinth.server.api.node_service import NodeServicer
 from plinth.server.config import Auth, Config, ConfigError, tokens
 from plinth.server.metrics import Metrics
@@ -26,6 +31,8 @@ log = logging.getLogger("plinth.server")
 SERVICE_NAMES = (
     graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name,
     node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    asset_service_pb2.DESCRIPTOR.services_by_name["AssetService"].full_name,
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 
 
@@ -110,6 +117,8 @@ class PlinthServer:
                                 options=options, interceptors=interceptors)
         graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.service), self.grpc)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.service), self.grpc)
+        asset_service_pb2_grpc.add_AssetServiceServicer_to_server(AssetServicer(self.service), self.grpc)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.service), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, *OPEN_SERVICES), self.grpc)
         target = f"{config.host}:{config.port}"

@@ -1,7 +1,8 @@
 """The `plinth` command line.
 
-Client commands (run/nodes with --server) import neither torch nor diffusers, so they start
-fast; the server and in-process modes import them only when they start a server.
+Client commands (run, nodes, jobs, upload, and models list|load|unload with --server) import
+neither torch nor diffusers, so they start fast; the server and in-process modes import them
+only when they start a server.
 """
 
 from __future__ import annotations
@@ -86,10 +87,26 @@ def _parser() -> argparse.ArgumentParser:
     remote(p)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("models", help="list the models, or make the embedded tiny-sd")
-    p.add_argument("action", choices=["list", "init"])
+    p = sub.add_parser("models", help="list the models (of --server: which are loaded), load or unload one "
+                                      "on a server, or make the embedded tiny-sd")
+    p.add_argument("action", choices=["list", "init", "load", "unload"])
+    p.add_argument("model", nargs="?", metavar="FOLDER/NAME",
+                   help="for load and unload, e.g. checkpoints/tiny-sd or loras/style.safetensors")
+    p.add_argument("--folder", default="", help="list: only this folder (checkpoints, vae, loras, ...)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    remote(p)
     dirs(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("upload", help="upload an image to a server in chunks and print its asset id, the name "
+                                      "a graph's LoadImage uses for it")
+    p.add_argument("file", type=Path, help="PNG, JPEG or WebP")
+    p.add_argument("--name", help="file name sent with it (default: FILE's name)")
+    p.add_argument("--json", action="store_true", help="print the asset as JSON (id, name, size, width, height, "
+                                                      "format)")
+    remote(p)
+    dirs(p)
+    p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("demo", help="start a server, run graphs/txt2img.json on tiny-sd, write PNGs to ./out")
     p.add_argument("-o", "--output", type=Path, default=Path("out"))
@@ -190,18 +207,88 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
 # client side
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+    """`list` reads the local models directory (no torch), or with --server asks the server,
+    which also says what is loaded; `load` and `unload` act on --server; `init` makes tiny-sd."""
+    from plinth.clients import PlinthError
+
+    if args.action == "init":
+        from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+
+        _quiet_libraries()
+        print(f"tiny-sd is at {ensure_tiny_sd(_config(args).models_dir.resolve())}")
+        return 0
+    if args.action in ("load", "unload"):
+        folder, _, name = (args.model or "").partition("/")
+        if not folder or not name:
+            return _usage(f"models {args.action}: expected FOLDER/NAME, e.g. checkpoints/tiny-sd")
+        if not args.server:
+            return _usage(f"models {args.action}: --server HOST:PORT is needed (models load into a running server)")
+    elif not args.server:
+        return _list_local_models(args)
+    try:
+        with _client(args) as client:
+            if args.action == "list":
+                models = client.list_models(args.folder)
+            else:
+                models = [getattr(client, f"{args.action}_model")(folder, name)]
+    except PlinthError as exc:
+        return _refused(exc)
+    rows = [{"folder": m.folder, "name": m.name, "size_bytes": m.size_bytes, "loaded": m.loaded,
+             "loaded_bytes": m.loaded_bytes, "load_seconds": round(m.load_seconds, 3)} for m in models]
+    if args.json:
+        print(json.dumps(rows if args.action == "list" else rows[0]))
+        return 0
+    for row in rows:
+        state = f"loaded ({_size(row['loaded_bytes'])} in memory)" if row["loaded"] else "not loaded"
+        print(f"{row['folder']}/{row['name']}  {_size(row['size_bytes'])}  {state}")
+    return 0
+
+
+def _list_local_models(args: argparse.Namespace) -> int:
     from plinth.server.workspace import MODEL_FOLDERS, Workspace
 
     config = _config(args)
-    if args.action == "init":
-        _quiet_libraries()
-        print(f"tiny-sd is at {ensure_tiny_sd(config.models_dir.resolve())}")
+    if args.folder and args.folder not in MODEL_FOLDERS:
+        return _usage(f"models list: unknown folder {args.folder!r}; the folders are {', '.join(MODEL_FOLDERS)}")
+    workspace = Workspace(config.models_dir, config.data_dir, allow_pickle=config.allow_pickle)
+    rows = [{"folder": folder, "name": name, "size_bytes": size}
+            for folder in ([args.folder] if args.folder else MODEL_FOLDERS)
+            for name, size, _ in workspace.describe_models(folder)]
+    if args.json:
+        print(json.dumps(rows))
         return 0
-    workspace = Workspace(config.models_dir, config.data_dir)
-    for folder in MODEL_FOLDERS:
-        for name in workspace.models(folder):
-            print(f"{folder}/{name}")
+    for row in rows:
+        print(f"{row['folder']}/{row['name']}  {_size(row['size_bytes'])}")
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from plinth.clients import PlinthError
+
+    if not args.server and args.data is None:
+        return _usage("upload: --server HOST:PORT is needed (or --data DIR, to store it in a local data directory)")
+    if not args.file.is_file():
+        return _usage(f"upload: {args.file}: no such file")
+    try:
+        with _client(args) as client:
+            asset = client.upload_asset(args.file, name=args.name)
+    except PlinthError as exc:
+        return _refused(exc)
+    except OSError as exc:
+        return _usage(f"upload: {exc}")
+    if args.json:
+        print(json.dumps({"id": asset.id, "name": asset.name, "size": asset.size, "width": asset.width,
+                          "height": asset.height, "format": asset.format}))
+    else:
+        print(asset.id)
     return 0
 
 

@@ -2,14 +2,26 @@
 
 models/        checkpoints/ (diffusers folders, .safetensors), vae/, loras/, upscale_models/,
                controlnet/, ipadapter/, clip_vision/ (.safetensors), rembg/ (.onnx cutout models)
-data/images/   output PNGs, content-addressed (sha256 of the file)
-data/inputs/   images a LoadImage may name besides those sent with the request
+data/images/   output PNGs, content-addressed: <sha256 of the file>.png
+data/inputs/   images a LoadImage may name besides those sent with the request: files put there
+               by hand, named by their file name, and uploaded assets (AssetService.Upload),
+               stored as <sha256>.png|.jpg|.webp and named by their id, the bare 64-hex sha256
+data/converted/  .safetensors copies of pickled model files (only with allow_pickle)
+
+Model names are paths relative to their folder and resolve inside it only: absolute paths,
+".." and symlinks that lead outside are refused (UnsafeModelName), as are pickled files
+(.ckpt, .pt, .pth, .bin: PickleRefused) unless allow_pickle is set. With allow_pickle, a
+pickled file in any folder but rembg/ is listed, read once with torch.load(weights_only=True)
+(plain tensors only: no code runs) and kept as a .safetensors copy under data/converted/,
+which the folder's loader then reads like any .safetensors file; a diffusers or transformers
+folder whose weights are only .bin files loads them itself, also with weights_only=True.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,26 +42,61 @@ MODEL_FOLDERS = {
     "clip_vision": MODEL_SUFFIXES,
     "rembg": (".onnx",),
 }
+# Files torch.load reads with pickle, which can run code: refused unless allow_pickle is set.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Folders whose loaders read single .safetensors files, so a converted pickle loads there.
+PICKLE_FOLDERS = frozenset(f for f, suffixes in MODEL_FOLDERS.items() if ".safetensors" in suffixes)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# How an uploaded asset of each format is stored in data/inputs (<sha256><suffix>).
+ASSET_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+ASSET_FORMATS = {suffix: kind for kind, suffix in ASSET_SUFFIXES.items()}
+UPLOAD_PREFIX = ".upload-"  # partial uploads in data/inputs, never listed
+STALE_UPLOAD_SECONDS = 3600.0
+
+
+class UnsafeModelName(NodeInputError):
+    """A model name that is not a plain relative path inside its folder (gRPC INVALID_ARGUMENT)."""
+
+
+class UnknownModel(NodeInputError):
+    """No such model in the folder, or no such folder (gRPC NOT_FOUND)."""
+
+
+class PickleRefused(NodeInputError):
+    """A pickled model file, and allow_pickle is not set (gRPC FAILED_PRECONDITION)."""
+
+
+def is_sha256(value: str) -> bool:
+    """Whether `value` is a sha256 in lower-case hex: an output image's or an asset's id."""
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 class Workspace:
-    def __init__(self, models_dir: Path, data_dir: Path) -> None:
+    def __init__(self, models_dir: Path, data_dir: Path, allow_pickle: bool = False) -> None:
         self.models_dir = Path(models_dir).resolve()
         self.data_dir = Path(data_dir).resolve()
+        self.allow_pickle = allow_pickle
         self.images_dir = self.data_dir / "images"
         self.inputs_dir = self.data_dir / "inputs"
+        self.converted_dir = self.data_dir / "converted"
         for folder in (*(self.models_dir / f for f in MODEL_FOLDERS), self.images_dir, self.inputs_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     # models
 
+    def suffixes(self, source: str) -> tuple[str, ...]:
+        """The file types listed in a model folder: its own, plus pickles with allow_pickle."""
+        extra = PICKLE_SUFFIXES if self.allow_pickle and source in PICKLE_FOLDERS else ()
+        return (*MODEL_FOLDERS[source], *extra)
+
     def models(self, source: str) -> list[str]:
         """Model names in one folder: files of its types, and diffusers folders (marked by
-        model_index.json among checkpoints, config.json elsewhere); tiny-sd is always a checkpoint."""
-        root = self.models_dir / source
+        model_index.json among checkpoints, config.json elsewhere); tiny-sd is always a checkpoint.
+        Symlinks that lead outside the folder are left out (they would be refused)."""
+        root = (self.models_dir / source).resolve()
         names = {TINY_SD} if source == "checkpoints" else set()
         marker = "model_index.json" if source == "checkpoints" else "config.json"
+        suffixes = self.suffixes(source)
         for folder, subfolders, files in os.walk(root):
             here = Path(folder)
             if here != root and (here / marker).exists():
@@ -58,37 +105,165 @@ class Workspace:
                 continue
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             names.update((here / f).relative_to(root).as_posix() for f in files
-                         if not f.startswith(".") and Path(f).suffix in MODEL_FOLDERS[source])
+                         if not f.startswith(".") and Path(f).suffix in suffixes
+                         and (here / f).resolve().is_relative_to(root))
         return sorted(names)
 
-    def model_path(self, source: str, name: str) -> Path:
-        """The file or folder for a model name, resolved inside the models directory only."""
+    def find_model(self, source: str, name: str) -> Path:
+        """The file or folder a model name stands for, resolved inside its folder only (tiny-sd:
+        where it is or will be made). Raises UnknownModel, UnsafeModelName or PickleRefused."""
+        if source not in MODEL_FOLDERS:
+            raise UnknownModel(f"unknown model folder {source!r}; the folders are {', '.join(MODEL_FOLDERS)}")
         if source == "checkpoints" and name == TINY_SD:
-            return ensure_tiny_sd(self.models_dir)
+            return self.models_dir / "checkpoints" / TINY_SD
+        parts = name.replace("\\", "/").split("/")
+        if not name or "\0" in name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") \
+                or any(p in ("", ".", "..") for p in parts):
+            raise UnsafeModelName(f"model name {name!r} is not a path inside models/{source}: names are relative "
+                                  "to the folder, without '..', '.', empty parts or a leading '/'")
         root = (self.models_dir / source).resolve()
         path = (root / name).resolve()
-        if not path.is_relative_to(root) or name not in self.choices(source):
-            raise NodeInputError(f"unknown model {name!r} in {source}")
+        if not path.is_relative_to(root):
+            raise UnsafeModelName(f"model {name!r} in {source} leads outside models/{source} (a symlink to "
+                                  f"{path}?); only files inside the models directory load")
+        if not path.exists():
+            raise UnknownModel(f"unknown model {name!r} in {source}")
+        pickled = self._pickled(path)
+        if pickled and source not in PICKLE_FOLDERS:
+            raise PickleRefused(f"model {name!r} in {source} is a pickled file; {source} models load from "
+                                f"{', '.join(MODEL_FOLDERS[source])} files only, whatever allow_pickle says")
+        if pickled and not self.allow_pickle:
+            where = "" if pickled == [path] else f" (its {', '.join(p.relative_to(path).as_posix() for p in pickled[:3])})"
+            raise PickleRefused(f"model {name!r} in {source} is a pickled file{where}, which can run code when "
+                                "loaded; it is refused unless the server's config sets allow_pickle (allow_pickle = "
+                                "true in plinth.toml, or PLINTH_ALLOW_PICKLE=1); better, convert it to .safetensors")
+        if name not in self.models(source):
+            raise UnknownModel(f"unknown model {name!r} in {source}: not a model file of this folder "
+                               f"({', '.join(self.suffixes(source))}, or a diffusers folder)")
         return path
+
+    @staticmethod
+    def _pickled(path: Path) -> list[Path]:
+        """The pickled weight files a model would be read from: the file itself, or in a folder
+        model those beside which no .safetensors file lies (diffusers and transformers read a
+        .bin only where no .safetensors is)."""
+        if path.is_file():
+            return [path] if path.suffix in PICKLE_SUFFIXES else []
+        found = []
+        for folder, _, files in os.walk(path):
+            if not any(f.endswith(".safetensors") for f in files):
+                found.extend(Path(folder) / f for f in sorted(files) if Path(f).suffix in PICKLE_SUFFIXES)
+        return found
+
+    def model_path(self, source: str, name: str) -> Path:
+        """The file or folder for a model name, resolved inside the models directory only (see
+        find_model); for a pickled file (allow_pickle), its converted .safetensors copy."""
+        if source == "checkpoints" and name == TINY_SD:
+            return ensure_tiny_sd(self.models_dir)
+        path = self.find_model(source, name)
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+            return self._converted(source, name, path)
+        return path
+
+    def _converted(self, source: str, name: str, path: Path) -> Path:
+        """The .safetensors copy of a pickled model file, made on first use (keyed by the file's
+        fingerprint, so a replaced file is converted anew and the old copy removed)."""
+        stem = f"{Path(name).stem[:48]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        target = self.converted_dir / source / f"{stem}-{self.model_fingerprint(source, name)[:16]}.safetensors"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            convert_pickle(path, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for old in target.parent.glob(f"{stem}-*.safetensors"):
+            if old != target:
+                old.unlink(missing_ok=True)
+        return target
 
     def model_fingerprint(self, source: str, name: str) -> str:
         if source == "checkpoints" and name == TINY_SD:
             return f"embedded:{TINY_SD}"  # made deterministically; same before and after it exists
         try:
-            path = self.model_path(source, name)
+            path = self.find_model(source, name)
         except NodeInputError:
             return ""
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        stats = [(p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns)
-                 for p in files]
-        return hashlib.sha256(repr(stats).encode()).hexdigest()
+        return _fingerprint(path)
+
+    def model_key(self, source: str, name: str) -> str:
+        """The model manager's key for a model, as plinth.nodes.context.file_model makes it."""
+        return f"{source}/{name}@{self.model_fingerprint(source, name)[:16]}"
+
+    def model_size(self, source: str, name: str) -> int:
+        """Bytes on disk: the file, or every file of a folder model (0 for tiny-sd not made yet)."""
+        return _size(self.find_model(source, name))
+
+    def describe_models(self, source: str) -> list[tuple[str, int, str]]:
+        """(name, bytes on disk, model manager key) of every model in a folder, in one walk."""
+        root = (self.models_dir / source).resolve()
+        out = []
+        for name in self.models(source):
+            if source == "checkpoints" and name == TINY_SD:
+                out.append((name, _size(root / TINY_SD), self.model_key(source, name)))
+                continue
+            path = (root / name).resolve()
+            out.append((name, _size(path), f"{source}/{name}@{_fingerprint(path)[:16]}"))
+        return out
 
     def choices(self, source: str) -> list[str]:
         if source in MODEL_FOLDERS:
             return self.models(source)
         if source == "input_images":
-            return sorted(p.name for p in self.inputs_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            names = set()
+            for path in self.inputs_dir.iterdir():
+                suffix = path.suffix.lower()
+                if path.name.startswith(".") or suffix not in IMAGE_SUFFIXES:
+                    continue
+                names.add(path.stem if is_sha256(path.stem) and path.suffix in ASSET_FORMATS else path.name)
+            return sorted(names)
         raise KeyError(f"unknown choice source {source!r}")
+
+    # uploaded assets
+
+    def upload_file(self) -> Path:
+        """A fresh path for an upload in progress: hidden, never listed. Partial uploads a
+        crashed process left, untouched for STALE_UPLOAD_SECONDS, are removed here."""
+        cutoff = time.time() - STALE_UPLOAD_SECONDS
+        for stale in self.inputs_dir.glob(f"{UPLOAD_PREFIX}*"):
+            try:
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return self.inputs_dir / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}"
+
+    def keep_asset(self, upload: Path, digest: str, kind: str) -> Path:
+        """Move a finished, checked upload to its content address; the same bytes twice are one file."""
+        path = self.inputs_dir / f"{digest}{ASSET_SUFFIXES[kind]}"
+        if path.exists():
+            upload.unlink(missing_ok=True)
+        else:
+            os.replace(upload, path)
+        return path
+
+    def asset_path(self, asset_id: str) -> Path | None:
+        """The stored file of an uploaded asset, by id (its sha256), or None."""
+        if not is_sha256(asset_id):
+            return None
+        return next((p for s in ASSET_SUFFIXES.values() if (p := self.inputs_dir / f"{asset_id}{s}").is_file()), None)
+
+    def stored_file(self, image_id: str) -> tuple[Path, str] | None:
+        """An output image ("output") or an uploaded asset ("input") by id, or None."""
+        if not is_sha256(image_id):
+            return None
+        output = self.images_dir / f"{image_id}.png"
+        if output.is_file():
+            return output, "output"
+        asset = self.asset_path(image_id)
+        return (asset, "input") if asset is not None else None
 
     # images
 
@@ -105,10 +280,68 @@ class Workspace:
         return ImageRef(digest, f"{safe_prefix}_{digest[:12]}.png", width, height, png, kind)
 
     def read_image(self, image_id: str) -> bytes | None:
-        if len(image_id) != 64 or any(c not in "0123456789abcdef" for c in image_id):
+        if not is_sha256(image_id):
             return None
         path = self.images_dir / f"{image_id}.png"
         return path.read_bytes() if path.exists() else None
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+
+
+def _fingerprint(path: Path) -> str:
+    """Changes when a model file, or any file of a folder model, is replaced (size, mtime)."""
+    stats = [(p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns)
+             for p in _files(path)]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in _files(path))
+
+
+def convert_pickle(path: Path, target: Path) -> None:
+    """Write the tensors of a pickled model file to `target` as .safetensors, reading it with
+    torch.load(weights_only=True): plain tensors and containers only, so no code in the file
+    runs. Lightning-style files keep their weights under "state_dict" (ESRGAN-style ones under
+    "params_ema" or "params"), which is unwrapped. Raises NodeInputError naming the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        try:  # mapped, not read into memory: most files use torch.save's zip format, which allows it
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
+    except Exception as exc:  # refused by the weights-only unpickler, or not a torch file at all
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NodeInputError(f"{path.name}: torch.load(weights_only=True) could not read it, so it is not "
+                             f"loaded ({reason})") from None
+    state = loaded
+    while isinstance(state, dict):
+        inner = next((state[k] for k in ("state_dict", "params_ema", "params") if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(state, dict) else {}
+    if not tensors:
+        raise NodeInputError(f"{path.name}: no tensors by name in it (found {type(state).__name__})")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != tensor.nbytes:  # safetensors wants no sharing
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    save_file(out, str(target), metadata={"format": "pt", "converted_from": path.name})
 
 
 class JobResources:
@@ -143,8 +376,12 @@ class JobResources:
         return self.workspace.model_fingerprint(source, name)
 
     def input_image(self, name: str) -> bytes:
+        """An image sent with the request, an uploaded asset by its id, or a file in data/inputs."""
         if name in self.inputs:
             return self.inputs[name]
+        asset = self.workspace.asset_path(name)
+        if asset is not None:
+            return asset.read_bytes()
         path = self.workspace.inputs_dir / name
         if "/" in name or "\\" in name or name.startswith(".") or not path.is_file():
             raise NodeInputError(f"unknown input image {name!r}")

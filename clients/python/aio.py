@@ -6,11 +6,15 @@ from typing import AsyncIterator, Iterable, Mapping
 
 import grpc
 
-from plinth.clients.client import CHANNEL_OPTIONS, TLS, EventHandler, auth_metadata
+from plinth.clients.client import (
+    CHANNEL_OPTIONS, CHUNK_BYTES, TLS, EventHandler, UploadSource, _model_name, auth_metadata, upload_chunks,
+)
 from plinth.clients.results import (
     STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
 )
+from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
 from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import model_service_pb2 as ms, model_service_pb2_grpc as ms_grpc
 from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
 
 
@@ -26,6 +30,8 @@ class AsyncClient:
                         else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
         self.graphs = gs_grpc.GraphServiceStub(self.channel)
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
+        self.assets = asp_grpc.AssetServiceStub(self.channel)
+        self.models = ms_grpc.ModelServiceStub(self.channel)
 
     async def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
                   on_event: EventHandler | None = None, check: bool = True,
@@ -72,6 +78,42 @@ class AsyncClient:
 
     async def list_nodes(self) -> list[ns.NodeSchema]:
         return list((await self._call(self.nodes.ListNodes, ns.ListNodesRequest())).nodes)
+
+    async def upload(self, source: UploadSource, name: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> str:
+        """As Client.upload."""
+        return (await self.upload_asset(source, name, chunk_bytes)).id
+
+    async def upload_asset(self, source: UploadSource, name: str | None = None,
+                           chunk_bytes: int = CHUNK_BYTES) -> asp.Asset:
+        """As Client.upload_asset."""
+        return await self._call(self.assets.Upload, upload_chunks(source, name, chunk_bytes))
+
+    async def download(self, asset_id: str) -> bytes:
+        """As Client.download."""
+        return b"".join([c.data async for c in self.download_chunks(asset_id)])
+
+    async def download_chunks(self, asset_id: str) -> AsyncIterator[asp.DownloadChunk]:
+        """As Client.download_chunks."""
+        try:
+            async for chunk in self.assets.Download(asp.DownloadRequest(id=asset_id), timeout=self.timeout,
+                                                    metadata=self.metadata):
+                yield chunk
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def list_models(self, folder: str = "") -> list[ms.Model]:
+        """As Client.list_models."""
+        return list((await self._call(self.models.ListModels, ms.ListModelsRequest(folder=folder))).models)
+
+    async def load_model(self, folder: str, name: str | None = None) -> ms.Model:
+        """As Client.load_model."""
+        folder, name = _model_name(folder, name)
+        return await self._call(self.models.LoadModel, ms.LoadModelRequest(folder=folder, name=name))
+
+    async def unload_model(self, folder: str, name: str | None = None) -> ms.Model:
+        """As Client.unload_model."""
+        folder, name = _model_name(folder, name)
+        return await self._call(self.models.UnloadModel, ms.UnloadModelRequest(folder=folder, name=name))
 
     async def _call(self, method, request):
         try:

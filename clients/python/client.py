@@ -5,6 +5,16 @@
         result = client.run(Path("graphs/txt2img.json"))
         result.images[0].save("out.png")
 
+Images of any size go up and down in chunks; a graph's LoadImage names an upload by its id:
+
+    graph["10"]["inputs"]["image"] = client.upload(Path("photo.png"))
+    png = client.download(result.image_refs[0].id)
+
+Models can be loaded ahead of the graphs that use them, and released:
+
+    client.load_model("checkpoints", "v1-5-pruned-emaonly.safetensors")
+    [(m.folder, m.name, m.loaded) for m in client.list_models()]
+
 A server that needs a token and TLS:
 
     Client("plinth.internal:50051", token="...", tls=TLS(root_cert=Path("ca.pem")))
@@ -15,17 +25,59 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import grpc
 
 from plinth.clients.results import (
     STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
 )
+from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
 from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import model_service_pb2 as ms, model_service_pb2_grpc as ms_grpc
 from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
+# Bytes per Upload message: far below gRPC's default 4 MiB message limit.
+CHUNK_BYTES = 1 << 20
+UploadSource = Union[bytes, str, Path]
+
+
+def upload_chunks(source: UploadSource, name: str | None = None,
+                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[asp.UploadChunk]:
+    """The Upload request stream for a file (read as it is sent) or bytes: the name in the
+    first chunk (default: the file's name, or "upload"), then data only. A missing file
+    raises OSError here, before any call is made."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = name or "upload"
+
+        def chunks() -> Iterator[asp.UploadChunk]:
+            yield asp.UploadChunk(name=name, data=data[:chunk_bytes])
+            for start in range(chunk_bytes, len(data), chunk_bytes):
+                yield asp.UploadChunk(data=data[start:start + chunk_bytes])
+
+        return chunks()
+    path = Path(source)
+    handle = path.open("rb")
+    name = name or path.name
+
+    def from_file() -> Iterator[asp.UploadChunk]:
+        with handle:
+            yield asp.UploadChunk(name=name, data=handle.read(chunk_bytes))
+            while data := handle.read(chunk_bytes):
+                yield asp.UploadChunk(data=data)
+
+    return from_file()
+
+
+def _model_name(folder: str, name: str | None) -> tuple[str, str]:
+    """(folder, name) from both, or from one "folder/name" string."""
+    if name is None:
+        folder, _, name = folder.partition("/")
+    return folder, name
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 EventHandler = Callable[[gs.JobEvent], None]
@@ -75,6 +127,8 @@ class Client:
                         else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
         self.graphs = gs_grpc.GraphServiceStub(self.channel)
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
+        self.assets = asp_grpc.AssetServiceStub(self.channel)
+        self.models = ms_grpc.ModelServiceStub(self.channel)
 
     def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
             on_event: EventHandler | None = None, check: bool = True,
@@ -123,6 +177,47 @@ class Client:
 
     def list_nodes(self) -> list[ns.NodeSchema]:
         return list(self._call(self.nodes.ListNodes, ns.ListNodesRequest()).nodes)
+
+    # assets
+
+    def upload(self, source: UploadSource, name: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> str:
+        """Upload an image (a path, read as it is sent, or bytes) in chunks and return its asset
+        id, the sha256 a graph's LoadImage names it by: {"image": asset_id}."""
+        return self.upload_asset(source, name, chunk_bytes).id
+
+    def upload_asset(self, source: UploadSource, name: str | None = None,
+                     chunk_bytes: int = CHUNK_BYTES) -> asp.Asset:
+        """As upload, returning the whole Asset (id, name, size, width, height, format)."""
+        return self._call(self.assets.Upload, upload_chunks(source, name, chunk_bytes))
+
+    def download(self, asset_id: str) -> bytes:
+        """The bytes of a stored output image or an uploaded asset, fetched in chunks."""
+        return b"".join(c.data for c in self.download_chunks(asset_id))
+
+    def download_chunks(self, asset_id: str) -> Iterator[asp.DownloadChunk]:
+        """The Download stream itself: the first chunk's `asset` describes the file."""
+        try:
+            yield from self.assets.Download(asp.DownloadRequest(id=asset_id), timeout=self.timeout,
+                                            metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # models
+
+    def list_models(self, folder: str = "") -> list[ms.Model]:
+        """Every model of the server's models directory (or of one folder), and which are loaded."""
+        return list(self._call(self.models.ListModels, ms.ListModelsRequest(folder=folder)).models)
+
+    def load_model(self, folder: str, name: str | None = None) -> ms.Model:
+        """Load a model as a graph's loader node would ("checkpoints", "x.safetensors", or
+        "checkpoints/x.safetensors"), so later graphs find it loaded."""
+        folder, name = _model_name(folder, name)
+        return self._call(self.models.LoadModel, ms.LoadModelRequest(folder=folder, name=name))
+
+    def unload_model(self, folder: str, name: str | None = None) -> ms.Model:
+        """Release a loaded model (nothing happens when it is not loaded)."""
+        folder, name = _model_name(folder, name)
+        return self._call(self.models.UnloadModel, ms.UnloadModelRequest(folder=folder, name=name))
 
     def health(self, service: str = "") -> str:
         """The server's health status name, e.g. "SERVING"."""
