@@ -65,7 +65,9 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     cache_bytes: int = 2 << 30  # node output cache
     model_budget_bytes: int = 0  # 0: half of the device's memory
-    allow_pickle: bool = False  # load .ckpt/.pt/.pth/.bin model files (they can run code)
+    # List and load .ckpt/.pt/.pth/.bin files: read with torch.load(weights_only=True) into a
+    # .safetensors copy under data_dir/converted. Off by default: pickles can run code.
+    allow_pickle: bool = False
     metrics_port: int = 0  # 0: no Prometheus endpoint
     shutdown_grace: float = 30.0  # seconds a running job may finish after SIGTERM
     limits: Limits = field(default_factory=Limits)

@@ -207,15 +207,18 @@ class PlinthService:
     # requests
 
     def submit(self, graph: str | dict[str, Any], inputs: dict[str, bytes] | None = None,
-               priority: int = 0, omit_image_bytes: bool = False) -> Job:
+               priority: int = 0, omit_image_bytes: bool = False, deadline_seconds: float = 0.0) -> Job:
         """Validate, store and queue; raises GraphValidationError with every error found, or
-        ServiceStopping once stop() has begun."""
+        ServiceStopping once stop() has begun. With deadline_seconds the job is cancelled once
+        that long has passed since now, whether it is still queued or running."""
         inputs = dict(inputs or {})
         check_request(graph, inputs, self.config.limits)
         resources = JobResources(self.workspace, self.models, inputs)
         plan = validate(self.parse(graph), self.registry, resources, self.config.limits)
         job = Job(plan, resources, priority, omit_image_bytes=omit_image_bytes, journal=self.store,
                   observers=self.observers)
+        if deadline_seconds > 0:
+            job.deadline = job.created_at + deadline_seconds
         with self._submit_lock:
             if self._stopping:
                 raise ServiceStopping("the server is stopping and takes no new jobs")
@@ -250,9 +253,11 @@ class PlinthService:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
-        job.request_cancel()
         if self.queue.remove(job):
-            job.finish(JobStatus.CANCELLED, ev.Cancelled("cancelled while queued"), "cancelled while queued")
+            job.request_cancel("cancelled while queued")
+            job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+        else:
+            job.request_cancel()  # running: it stops at its next check; or it has just ended
         return job
 
     def jobs(self, statuses: Iterable[JobStatus] = (), limit: int = 100,
@@ -268,8 +273,8 @@ class PlinthService:
             job = self.queue.get()
             if job is None:
                 return
-            if job.is_cancelled():
-                job.finish(JobStatus.CANCELLED, ev.Cancelled("cancelled while queued"), "cancelled while queued")
+            if job.is_cancelled():  # by request or past its deadline while queued
+                job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
                 continue
             self._running = job
             try:

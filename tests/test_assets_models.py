@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import grpc
 import numpy as np

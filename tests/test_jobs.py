@@ -280,3 +280,35 @@ def test_odd_node_ids_are_handled(client, txt2img, node_id):
     txt2img[node_id] = txt2img.pop("9")
     txt2img["3"]["inputs"]["seed"] = 1818
     assert client.run(txt2img).status == "completed"
+
+
+def test_a_job_past_its_deadline_is_cancelled_queued_or_running(server, client, txt2img):
+    import time
+
+    running = server.service.submit(long_graph(copy_graph(txt2img), 2121), deadline_seconds=0.5)
+    queued_id = client.submit(long_graph(copy_graph(txt2img), 2122, steps=2), deadline_seconds=0.2)
+    queued = server.service.get(queued_id)
+    for job in (running, queued):
+        events = list(job.watch())
+        assert type(events[-1].payload).__name__ == "Cancelled"
+        assert "deadline exceeded" in events[-1].payload.reason
+    assert time.time() - running.created_at < 30
+    assert not any(type(e.payload).__name__ == "Started" for e in queued.events)
+
+
+def test_run_takes_the_calls_own_grpc_deadline(server, txt2img):
+    from plinth.clients import Client
+
+    with Client(server.address, timeout=1.0) as short:
+        with pytest.raises(PlinthError) as info:
+            short.run(long_graph(txt2img, 2323))
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    job = server.service.jobs(limit=1)[0][0]
+    events = list(server.service.get(job.id).watch())
+    assert type(events[-1].payload).__name__ == "Cancelled"
+
+
+def copy_graph(graph):
+    import copy
+
+    return copy.deepcopy(graph)

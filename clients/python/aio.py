@@ -49,8 +49,10 @@ class AsyncClient:
         return checked(result, check)
 
     async def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None,
-                     priority: int = 0) -> str:
-        return (await self._call(self.graphs.Submit, submit_request(graph, inputs, priority))).job_id
+                     priority: int = 0, deadline_seconds: float = 0.0) -> str:
+        """As Client.submit."""
+        request = submit_request(graph, inputs, priority, deadline_seconds=deadline_seconds)
+        return (await self._call(self.graphs.Submit, request)).job_id
 
     async def watch(self, job_id: str) -> AsyncIterator[gs.JobEvent]:
         try:

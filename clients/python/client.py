@@ -149,8 +149,12 @@ class Client:
             raise error_from_rpc(exc) from None
         return checked(result, check)
 
-    def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0) -> str:
-        return self._call(self.graphs.Submit, submit_request(graph, inputs, priority)).job_id
+    def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
+               deadline_seconds: float = 0.0) -> str:
+        """Queue a graph and return its job id; with deadline_seconds the server cancels the job
+        if it has not ended by then."""
+        request = submit_request(graph, inputs, priority, deadline_seconds=deadline_seconds)
+        return self._call(self.graphs.Submit, request).job_id
 
     def watch(self, job_id: str) -> Iterator[gs.JobEvent]:
         try:

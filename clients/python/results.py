@@ -82,9 +82,10 @@ def image_bytes(value: ImageLike) -> bytes:
 
 
 def submit_request(graph: GraphLike, inputs: Mapping[str, ImageLike] | None, priority: int,
-                   omit_image_bytes: bool = False) -> gs.SubmitRequest:
+                   omit_image_bytes: bool = False, deadline_seconds: float = 0.0) -> gs.SubmitRequest:
     return gs.SubmitRequest(
         graph_json=graph_json(graph), priority=priority, omit_image_bytes=omit_image_bytes,
+        deadline_seconds=deadline_seconds,
         inputs=[gs.InputImage(name=name, data=image_bytes(v)) for name, v in (inputs or {}).items()])
 
 

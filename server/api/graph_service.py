@@ -28,7 +28,15 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
     def __init__(self, service: PlinthService) -> None:
         self.service = service
 
-    def _submit(self, request: gs.SubmitRequest, context: grpc.ServicerContext) -> Job:
+    def _submit(self, request: gs.SubmitRequest, context: grpc.ServicerContext, call_deadline: bool = False) -> Job:
+        """Validate and queue; with call_deadline (Run) the job also ends when the call's own
+        gRPC deadline passes."""
+        if request.deadline_seconds < 0 or request.deadline_seconds != request.deadline_seconds:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline_seconds must be a number >= 0")
+        deadline = request.deadline_seconds
+        remaining = context.time_remaining() if call_deadline else None
+        if remaining is not None and remaining < 10 * 365 * 86400:  # no deadline reads as "forever"
+            deadline = min(deadline, remaining) if deadline else remaining
         inputs: dict[str, bytes] = {}
         for image in request.inputs:
             if not image.name:
@@ -37,7 +45,8 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input image {image.name!r} sent twice")
             inputs[image.name] = image.data
         try:
-            return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes)
+            return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes,
+                                       deadline)
         except LimitExceeded as exc:
             context.abort_with_status(invalid_graph(exc, grpc.StatusCode.RESOURCE_EXHAUSTED))
             raise  # abort_with_status raises; this line only satisfies type checkers
@@ -73,7 +82,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         yield from self._stream(self._job(request.job_id, context), context)
 
     def Run(self, request, context):
-        job = self._submit(request, context)
+        job = self._submit(request, context, call_deadline=True)
 
         def cancel_if_abandoned() -> None:
             if not job.status.terminal:

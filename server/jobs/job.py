@@ -60,6 +60,8 @@ class Job:
     priority: int = 0
     # Output events carry image ids only (GetImage fetches them); previews keep their bytes.
     omit_image_bytes: bool = False
+    # Unix time after which the job is cancelled, queued or running (0: none).
+    deadline: float = 0.0
     journal: JobJournal | None = None
     # Called with (job, event) after each event is added, under the job's lock: keep them quick
     # (metrics). The service passes its own list, so observers added later see every job.
@@ -97,6 +99,8 @@ class Job:
             self._notify(event)
 
     def is_cancelled(self) -> bool:
+        if self.deadline and not self._cancel.is_set() and time.time() > self.deadline:
+            self.request_cancel(f"deadline exceeded ({self.deadline - self.created_at:.3g} s after submission)")
         return self._cancel.is_set()
 
     # lifecycle

@@ -16,16 +16,18 @@ class InputImage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("graph_json", "inputs", "priority", "omit_image_bytes")
+    __slots__ = ("graph_json", "inputs", "priority", "omit_image_bytes", "deadline_seconds")
     GRAPH_JSON_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OMIT_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     graph_json: str
     inputs: _containers.RepeatedCompositeFieldContainer[InputImage]
     priority: int
     omit_image_bytes: bool
-    def __init__(self, graph_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[InputImage, _Mapping]]] = ..., priority: _Optional[int] = ..., omit_image_bytes: _Optional[bool] = ...) -> None: ...
+    deadline_seconds: float
+    def __init__(self, graph_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[InputImage, _Mapping]]] = ..., priority: _Optional[int] = ..., omit_image_bytes: _Optional[bool] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("job_id",)
