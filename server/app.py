@@ -27,6 +27,8 @@ from plinth.server.metrics import Metrics
 from plinth.server.service import PlinthService
 
 log = logging.getLogger("plinth.server")
+# Threads beyond one per admissible job: the running job's stream, late watchers, unary calls.
+STREAM_HEADROOM = 64
 
 SERVICE_NAMES = (
     graph_service_pb2.DESCRIPTOR.services_by_name["GraphService"].full_name,
@@ -94,13 +96,14 @@ class PlinthServer:
     """A running Plinth server: the service core plus a gRPC server bound to host:port.
 
     Port 0 picks a free port; `port` tells which after start(). Each open Watch or Run stream
-    holds one of the `max_workers` threads for its job's life; calls beyond that wait.
+    holds one of the `thread for its job's life: the pool has room for every job the queue admits plus
+    STREAM_HEADROOM more, so health checks, cancels and refusals are still answered.
     `config.auth` decides the rest: with tokens every call but health and reflection must carry
     one, with tls_cert and tls_key the port speaks TLS only (mutual TLS with tls_client_ca).
     Anything but a loopback host without tokens raises ConfigError before anything starts.
     """
 
-    def __init__(self, config: Config, max_workers: int = 128) -> None:
+    def __init__(self, config: Config) -> None:
         accepted = _accepted_tokens(config)
         credentials = _server_credentials(config.auth)
         self.config = config
@@ -113,7 +116,9 @@ class PlinthServer:
         options = [("grpc.max_send_message_length", config.limits.max_message_bytes),
                    ("grpc.max_receive_message_length", config.limits.max_message_bytes)]
         interceptors = [BearerTokenInterceptor(accepted, exempt=OPEN_SERVICES)] if accepted else []
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="plinth-rpc"),
+        workers = futures.ThreadPoolExecutor(max_workers=config.limits.max_queue + STREAM_HEADROOM,
+                                             thread_name_prefix="plinth-rpc")
+        self.grpc = grpc.server(workers,
                                 options=options, interceptors=interceptors)
         graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.service), self.grpc)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.service), self.grpc)

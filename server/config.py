@@ -26,6 +26,10 @@ from typing import Any, Mapping
 DEFAULT_HOME = Path(os.environ.get("PLINTH_HOME", Path.home() / ".plinth"))
 
 
+# PLINTH_* variables that are not server settings: the home folder, the client's token.
+OTHER_VARIABLES = frozenset({"PLINTH_HOME", "PLINTH_TOKEN"})
+
+
 class ConfigError(ValueError):
     """A setting that does not parse or does not exist, named with where it came from."""
 
@@ -86,11 +90,11 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {path}: {exc}") from exc
         config = _apply(config, _flatten(data), f"config file {path}")
     env = os.environ if env is None else env
-    from_env = {}
-    for name in _names(config):
-        key = "PLINTH_" + name.replace(".", "_").upper()
-        if key in env:
-            from_env[name] = env[key]
+    by_variable = {"PLINTH_" + name.replace(".", "_").upper(): name for name in _names(config)}
+    unknown = sorted(k for k in env if k.startswith("PLINTH_") and k not in by_variable and k not in OTHER_VARIABLES)
+    if unknown:
+        raise ConfigError(f"environment: unknown setting {unknown[0]} (settings: {', '.join(sorted(by_variable))})")
+    from_env = {name: env[key] for key, name in by_variable.items() if key in env}
     config = _apply(config, from_env, "environment")
     return _apply(config, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
 

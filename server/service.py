@@ -189,11 +189,15 @@ class PlinthService:
                 job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_QUEUED), STOPPED_QUEUED)
         if self._worker is not None:
             self._worker.join(grace)
-            running = self._running
-            if self._worker.is_alive() and running is not None:
-                running.request_cancel(STOPPED_RUNNING)
+            if self._worker.is_alive():
+                # A job is running, or the worker has just taken one (it cancels that itself,
+                # seeing _stopping): either way wait for it to end before the store closes.
+                running = self._running
+                if running is not None:
+                    running.request_cancel(STOPPED_RUNNING)
                 self._worker.join(CANCEL_WAIT)
-                if self._worker.is_alive():
+                running = self._running
+                if self._worker.is_alive() and running is not None:
                     log.warning("job %s did not stop within %.0f s of being cancelled; recorded as cancelled",
                                 running.id, CANCEL_WAIT)
                     running.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_RUNNING), STOPPED_RUNNING)
@@ -219,6 +223,9 @@ class PlinthService:
                   observers=self.observers)
         if deadline_seconds > 0:
             job.deadline = job.created_at + deadline_seconds
+            timer = threading.Timer(deadline_seconds, self._expire, args=(job,))
+            timer.daemon = True
+            timer.start()
         with self._submit_lock:
             if self._stopping:
                 raise ServiceStopping("the server is stopping and takes no new jobs")
@@ -260,6 +267,18 @@ class PlinthService:
             job.request_cancel()  # running: it stops at its next check; or it has just ended
         return job
 
+    def _expire(self, job: Job) -> None:
+        """A job's deadline passed: a queued job ends now (and frees its place in the queue), a
+        running one at its next check."""
+        if job.status.terminal:
+            return
+        reason = f"deadline exceeded ({job.deadline - job.created_at:.3g} s after submission)"
+        if self.queue.remove(job):
+            job.request_cancel(reason)
+            job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+        else:
+            job.request_cancel(reason)
+
     def jobs(self, statuses: Iterable[JobStatus] = (), limit: int = 100,
              before: int | None = None) -> tuple[list[Job], int | None]:
         """A page of jobs newest first, optionally only those in `statuses`, and the cursor for
@@ -273,10 +292,13 @@ class PlinthService:
             job = self.queue.get()
             if job is None:
                 return
-            if job.is_cancelled():  # by request or past its deadline while queued
-                job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
-                continue
             self._running = job
+            if self._stopping:  # taken just as stop() began: it never starts
+                job.request_cancel(STOPPED_QUEUED)
+            if job.is_cancelled():  # by request, past its deadline while queued, or stopping
+                job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+                self._running = None
+                continue
             try:
                 with job_context(job.id):  # every log line of the run carries the job id
                     self._run(job)

@@ -47,7 +47,7 @@ def test_events_come_in_the_documented_order(client, txt2img):
     progress = [e.progress for e in result.events if e.WhichOneof("kind") == "progress"]
     assert [(p.node_id, p.step, p.total) for p in progress] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
     output = [e for e in result.events if e.WhichOneof("kind") == "output"]
-    assert len(output) == 1 and output[0].output.node_id == "9"
+    assert [(e.output.node_id, len(e.output.images)) for e in output] == [("9", 1), ("9", 1)]  # one per image
     cached = client.run(txt2img)
     check_order(cached.events)
     assert set(kinds(cached.events)) == {"queued", "started", "node_cached", "output", "completed"}
@@ -294,6 +294,7 @@ def test_a_job_past_its_deadline_is_cancelled_queued_or_running(server, client, 
         assert "deadline exceeded" in events[-1].payload.reason
     assert time.time() - running.created_at < 30
     assert not any(type(e.payload).__name__ == "Started" for e in queued.events)
+    assert queued.finished_at < running.finished_at  # ended while still queued, not when reached
 
 
 def test_run_takes_the_calls_own_grpc_deadline(server, txt2img):
@@ -312,3 +313,17 @@ def copy_graph(graph):
     import copy
 
     return copy.deepcopy(graph)
+
+
+def test_an_output_too_big_for_one_message_comes_without_its_bytes(models_dir, tmp_path, txt2img):
+    from plinth.clients import Client
+    from plinth.server.app import PlinthServer
+    from plinth.server.config import Config, Limits
+
+    config = Config(models_dir=models_dir, data_dir=tmp_path, device="cpu", port=0,
+                    limits=Limits(max_message_bytes=150_000))
+    txt2img["5"]["inputs"].update(width=256, height=256, batch_size=2)
+    with PlinthServer(config) as small, Client(small.address, timeout=120) as client:
+        result = client.run(txt2img)  # each ~150 KB PNG alone would not fit
+        assert result.status == "completed" and [r.png for r in result.image_refs] == [b"", b""]
+        assert all(len(client.download(r.id)) > 100_000 for r in result.image_refs)

@@ -22,7 +22,7 @@ from plinth.server.workspace import ASSET_FORMATS, is_sha256
 
 log = logging.getLogger("plinth.assets")
 
-CHUNK_BYTES = 1 << 20  # per Download message: well under any sensible max_message_bytes
+CHUNK_BYTES = 1 << 20  # per Download message, or less when max_message_bytes is smaller
 MAX_NAME_CHARS = 1024
 
 
@@ -93,8 +93,9 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
             asset = asp.Asset(id=request.id, name=path.name, size=size, width=width, height=height,
                               format=ASSET_FORMATS.get(path.suffix, "PNG"), kind=kind)
             first = True
+            chunk = max(1 << 12, min(CHUNK_BYTES, self.service.config.limits.max_message_bytes - (1 << 12)))
             while True:
-                data = source.read(CHUNK_BYTES)
+                data = source.read(chunk)
                 if not data and not first:
                     return
                 yield asp.DownloadChunk(asset=asset, data=data) if first else asp.DownloadChunk(data=data)

@@ -28,19 +28,24 @@ ReadImage = Callable[[str], bytes | None]
 
 
 def image_ref(image: ImageRef, node_id: str, with_bytes: bool,
-              read_image: ReadImage | None = None) -> common_pb2.ImageRef:
+              read_image: ReadImage | None = None, max_inline: int = 1 << 62) -> common_pb2.ImageRef:
     """A reference; previews always carry their bytes, since they are not stored to fetch. An
-    output read back from the job store has no bytes in memory: `read_image` fetches them."""
+    output read back from the job store has no bytes in memory: `read_image` fetches them. An
+    output bigger than `max_inline` goes without its bytes (Download streams it), so no event
+    is ever too big to send."""
     png = b""
     if with_bytes or image.kind != "output":
         png = image.png
         if not png and image.kind == "output" and read_image is not None:
             png = read_image(image.id) or b""
+        if len(png) > max_inline and image.kind == "output":
+            png = b""
     return common_pb2.ImageRef(id=image.id, node_id=node_id, filename=image.filename, width=image.width,
                                height=image.height, png=png, kind=image.kind)
 
 
-def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None = None) -> gs.JobEvent:
+def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None = None,
+          max_inline: int = 1 << 62) -> gs.JobEvent:
     p = event.payload
     msg = gs.JobEvent(job_id=event.job_id, seq=event.seq, time=event.time)
     if isinstance(p, ev.Queued):
@@ -57,7 +62,7 @@ def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None
         msg.node_finished.CopyFrom(gs.NodeFinished(node_id=p.node_id, class_type=p.class_type, seconds=p.seconds))
     elif isinstance(p, ev.Output):
         msg.output.node_id = p.node_id
-        msg.output.images.extend(image_ref(i, p.node_id, with_bytes, read_image) for i in p.images)
+        msg.output.images.extend(image_ref(i, p.node_id, with_bytes, read_image, max_inline) for i in p.images)
     elif isinstance(p, ev.Completed):
         msg.completed.seconds = p.seconds
     elif isinstance(p, ev.Failed):

@@ -71,9 +71,10 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         gone = threading.Event()
         if not context.add_callback(gone.set):
             return  # the caller has already gone
+        max_inline = self.service.config.limits.max_message_bytes - (1 << 16)  # room for the envelope
         for event in job.watch(stop=gone):
             yield convert.event(event, with_bytes=not job.omit_image_bytes,
-                                read_image=self.service.workspace.read_image)
+                                read_image=self.service.workspace.read_image, max_inline=max_inline)
 
     def Submit(self, request, context):
         return gs.SubmitResponse(job_id=self._submit(request, context).id)

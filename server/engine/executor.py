@@ -124,10 +124,11 @@ class Executor:
                     control.emit(ev.NodeFinished(node.id, node.class_type, seconds))
                     result.nodes[node.id] = NodeRun(node.class_type, "executed", seconds)
                 outputs[node.id] = value
-                if node.output_node:
+                if node.output_node:  # one event per image, so a big batch never makes one huge message
                     images = list(value.get("images", []))
                     result.images.extend(images)
-                    control.emit(ev.Output(node.id, images))
+                    for image in images:
+                        control.emit(ev.Output(node.id, [image]))
         except JobCancelled:
             result.status = "cancelled"
         except Exception as exc:  # a node failed: the job fails, the server keeps serving
