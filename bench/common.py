@@ -66,6 +66,18 @@ def build_sd15_random(models_dir: Path, name: str = "sd15-random") -> Path:
     return target
 
 
+def write_json(data: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def report(data: object, path: Path | None) -> None:
+    """Print the figures as JSON, and write them to `path` too when given."""
+    print(json.dumps(data, indent=2))
+    if path is not None:
+        write_json(data, path)
+
+
 def rss_peak_mb() -> float:
     import resource
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import median_ms, quiet, timed
+from common import median_ms, quiet, timed, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -72,8 +72,7 @@ def main() -> None:
         changed = f"{row['seed_changed_ms']:.1f}" if row["seed_changed_ms"] is not None else "-"
         print(f"{name:<28} {row['first_ms']:>7.1f} ms {changed:>7} ms {row['cached_ms']:>7.2f} ms")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import median_ms, quiet, timed
+from common import median_ms, quiet, timed, write_json
 
 PATHS = ("in-process", "gRPC")
 
@@ -95,8 +95,7 @@ def main() -> None:
         print(f"{label:<12} {row['seed_changed_ms']:>11.2f} ms {row['cached_ms']:>11.2f} ms")
     print(f"{'gRPC adds':<12} {overhead['seed_changed_ms']:>11.2f} ms {overhead['cached_ms']:>11.2f} ms")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"runs": args.runs, "rows": rows, "grpc_overhead_ms": overhead}, indent=2))
+        write_json({"runs": args.runs, "rows": rows, "grpc_overhead_ms": overhead}, args.json)
 
 
 if __name__ == "__main__":

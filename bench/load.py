@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import quiet
+from common import quiet, report
 
 
 def main() -> None:
@@ -74,17 +74,14 @@ def main() -> None:
             t.join()
         wall = time.perf_counter() - wall
     latencies.sort()
-    report = {
+    figures = {
         "jobs": args.clients * args.jobs_per_client, "concurrency": args.clients,
         "completed": len(latencies), "refused": len(refused), "lost_or_failed": len(lost),
         "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
         "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 1) if latencies else None,
         "throughput_jobs_per_s": round(len(latencies) / wall, 1),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

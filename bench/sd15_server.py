@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_sd15_random, median_ms, quiet, rss_peak_mb, timed
+from common import build_sd15_random, median_ms, quiet, report, rss_peak_mb, timed
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
         cached = timed(lambda: run(None), max(args.runs, 5))
         last = run(next(seeds))
     per_node = {n.class_type: round(n.seconds, 3) for n in last.nodes.values() if n.status == "executed"}
-    report = {
+    figures = {
         "shape": f"{args.size}x{args.size}, {args.steps} steps, euler, cfg 7, batch 1, CPU fp32",
         "first_run_s": round(first, 2),
         "seed_changed_median_s": round(median_ms(warm) / 1000, 2),
@@ -67,10 +67,7 @@ def main() -> None:
         "nodes_s": per_node,
         "peak_rss_mb": round(rss_peak_mb()),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -245,15 +245,6 @@ class Node:
         raise NotImplementedError
 
     @classmethod
-    def fingerprint(cls, inputs: dict[str, Any], env: "ValidationEnv") -> str:
-        """Extra cache-key material beyond the literal inputs. Files named by dynamic choices
-        (models, uploaded images) are fingerprinted by the engine already.
-
-        Two runs with equal literal inputs and equal fingerprints must give equal outputs.
-        """
-        return ""
-
-    @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
         """Checks across literal inputs, as (input, code, reason); run after per-input checks."""
         return []

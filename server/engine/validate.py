@@ -206,7 +206,6 @@ def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: Validati
         "literals": node.literals,
         "links": {name: [planned[link.node_id].key, link.index] for name, link in node.links.items()},
         "files": files,
-        "fingerprint": node.node_cls.fingerprint(node.literals, env),
         "graph": graph_hash if node.node_cls.USES_GRAPH else "",
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=repr)
