@@ -38,6 +38,17 @@ class ModelHandle:
 
 
 @dataclass(frozen=True)
+class ModelOptions:
+    """How loader nodes set models up on the device, from the server's config (the dtype is
+    NodeContext.dtype): attention kernel, memory format, torch.compile, warm-up at load."""
+
+    attention: str = "auto"  # auto, sdpa, xformers
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False
+    warm_up: bool = True
+
+
+@dataclass(frozen=True)
 class ImageRef:
     """An image an output node stored."""
 
@@ -78,6 +89,7 @@ class NodeContext(Protocol):
     # More PNG text chunks for saved images: "workflow" holds the editor file a graph came from.
     extra_pnginfo: dict[str, Any]
     models_dir: Path
+    model_options: ModelOptions
 
     def model(self, handle: ModelHandle) -> Any:
         """The loaded model for `handle`, loading it through the model manager on a miss."""

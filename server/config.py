@@ -69,6 +69,17 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     cache_bytes: int = 2 << 30  # node output cache
     model_budget_bytes: int = 0  # 0: half of the device's memory
+    # Host RAM for models moved off the GPU to make room (brought back without reading the file
+    # again); 0: a quarter of RAM. Unused when the device is the CPU.
+    offload_budget_bytes: int = 0
+    precision: str = "auto"  # auto (float16 on CUDA, float32 on the CPU), float32, bfloat16, float16
+    attention: str = "auto"  # auto (xformers on CUDA when the gpu extra is installed, else SDPA), sdpa, xformers
+    channels_last: bool = True  # UNet and VAE in channels_last memory format, on CUDA only
+    compile: bool = False  # torch.compile each UNet when it loads (slow first call; pays on long runs)
+    warm_up: bool = True  # one small forward of each model as it loads, off the first job's clock
+    # Jobs whose sampler steps are batched into one forward (same model, size and schedule
+    # length; seeds, prompts, cfg and denoise may differ); 0: 8 on CUDA, 1 (off) on the CPU.
+    batch_jobs: int = 0
     # List and load .ckpt/.pt/.pth/.bin files: read with torch.load(weights_only=True) into a
     # .safetensors copy under data_dir/converted. Off by default: pickles can run code.
     allow_pickle: bool = False

@@ -45,6 +45,7 @@ class _CaptureContext:
     def __init__(self, service: PlinthService) -> None:
         resources = JobResources(service.workspace, service.models, {})
         self.device, self.dtype = service.device, service.dtype
+        self.model_options = service.executor.model_options
         self.graph: dict[str, Any] = {}
         self.extra_pnginfo: dict[str, Any] = {}
         self.node_id = ""

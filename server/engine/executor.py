@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from plinth.nodes.context import ImageRef, JobCancelled, ModelHandle
+from plinth.nodes.context import ImageRef, JobCancelled, ModelHandle, ModelOptions
 from plinth.server.engine import events as ev
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.validate import ExecutionPlan, PlannedNode
@@ -65,13 +65,14 @@ class RunContext:
     """The NodeContext a node sees while it runs (plinth.nodes.context.NodeContext)."""
 
     def __init__(self, resources: Resources, control: JobControl, graph: dict[str, Any],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, model_options: ModelOptions) -> None:
         self._resources = resources
         self._control = control
         self.graph = graph
         self.extra_pnginfo: dict[str, Any] = {}
         self.device = device
         self.dtype = dtype
+        self.model_options = model_options
         self.models_dir = resources.models_dir
         self.node_id = ""
         self.input_image: Callable[[str], bytes] = resources.input_image
@@ -92,15 +93,17 @@ class RunContext:
 
 
 class Executor:
-    def __init__(self, cache: OutputCache, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cache: OutputCache, device: torch.device, dtype: torch.dtype,
+                 model_options: ModelOptions | None = None) -> None:
         self.cache = cache
         self.device = device
         self.dtype = dtype
+        self.model_options = model_options or ModelOptions()
 
     def run(self, plan: ExecutionPlan, resources: Resources, control: JobControl) -> RunResult:
         """Run the plan; emits Started, per-node and Output events but not the terminal event,
         which the caller sends once it has recorded the result."""
-        ctx = RunContext(resources, control, plan.graph.raw, self.device, self.dtype)
+        ctx = RunContext(resources, control, plan.graph.raw, self.device, self.dtype, self.model_options)
         if plan.graph.workflow is not None:
             ctx.extra_pnginfo["workflow"] = plan.graph.workflow
         result = RunResult("completed")

@@ -43,8 +43,10 @@ class LoadedModel:
 
 
 class ModelManager:
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, device: Any = None, offload_budget_bytes: int = 0) -> None:
         self.budget_bytes = budget_bytes
+        self.device = device
+        self.offload_budget_bytes = offload_budget_bytes
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self.loads = 0
