@@ -1,5 +1,6 @@
-"""The server's core without gRPC: validate and queue jobs, run them one at a time on a worker
-thread, and keep them for GetJob, Watch and ListJobs: live and recent ones in memory, every one
+"""The server's core without gRPC: validate and queue jobs, run them on a worker thread (one at
+a time, or up to batch_jobs side by side with their sampler steps batched: see
+server/engine/batching.py), and keep them for GetJob, Watch and ListJobs: live and recent ones in memory, every one
 in the job store (data_dir/jobs.sqlite3), which is what survives a restart.
 
 Restart policy: jobs the previous process left queued or running are marked failed ("server
@@ -26,6 +27,7 @@ from plinth.nodes.context import ModelOptions
 from plinth.nodes.registry import NODES
 from plinth.server.config import Config, Limits
 from plinth.server.engine import events as ev
+from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.executor import Executor
 from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, load_json, parse_graph
@@ -194,8 +196,12 @@ class PlinthService:
         self._jobs_lock = threading.Lock()
         self._submit_lock = threading.Lock()  # orders submits against stop()
         self._stopping = False
-        self._worker: threading.Thread | None = None
-        self._running: Job | None = None
+        self._worker: threading.Thread | None = None  # takes jobs off the queue
+        self._members: set[threading.Thread] = set()  # jobs running side by side (batch_jobs > 1)
+        self._running: set[Job] = set()
+        self._running_lock = threading.Lock()
+        self._slots = threading.Semaphore(self.batch_jobs)
+        self.lockstep = Lockstep() if self.batch_jobs > 1 else None
         self.observers: list[Callable[[Job, ev.Event], None]] = []  # e.g. metrics
         self.store = JobStore(self.workspace.data_dir / "jobs.sqlite3")
         recovered = self.store.recover()
@@ -221,19 +227,18 @@ class PlinthService:
             if self.queue.remove(job):
                 job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_QUEUED), STOPPED_QUEUED)
         if self._worker is not None:
-            self._worker.join(grace)
-            if self._worker.is_alive():
-                # A job is running, or the worker has just taken one (it cancels that itself,
-                # seeing _stopping): either way wait for it to end before the store closes.
-                running = self._running
-                if running is not None:
-                    running.request_cancel(STOPPED_RUNNING)
-                self._worker.join(CANCEL_WAIT)
-                running = self._running
-                if self._worker.is_alive() and running is not None:
-                    log.warning("job %s did not stop within %.0f s of being cancelled; recorded as cancelled",
-                                running.id, CANCEL_WAIT)
-                    running.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_RUNNING), STOPPED_RUNNING)
+            self._join(time.monotonic() + grace)
+            if self._busy():
+                # Jobs are running, or the worker has just taken one (it cancels that itself,
+                # seeing _stopping): either way wait for them to end before the store closes.
+                for job in self._running_now():
+                    job.request_cancel(STOPPED_RUNNING)
+                self._join(time.monotonic() + CANCEL_WAIT)
+                for job in self._running_now():
+                    if not job.status.terminal:
+                        log.warning("job %s did not stop within %.0f s of being cancelled; recorded as cancelled",
+                                    job.id, CANCEL_WAIT)
+                        job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_RUNNING), STOPPED_RUNNING)
         self.store.flush()
 
     def close(self) -> None:
@@ -321,28 +326,70 @@ class PlinthService:
     # worker
 
     def _work(self) -> None:
+        """Take jobs off the queue as slots free up: with batch_jobs 1 run each here, one after
+        the other; else each on a member thread of the lockstep (server/engine/batching.py)."""
         while True:
+            self._slots.acquire()  # a free slot before taking a job, so priorities hold
             job = self.queue.get()
             if job is None:
+                self._slots.release()
                 return
-            self._running = job
+            with self._running_lock:
+                self._running.add(job)
             if self._stopping:  # taken just as stop() began: it never starts
                 job.request_cancel(STOPPED_QUEUED)
             if job.is_cancelled():  # by request, past its deadline while queued, or stopping
                 job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
-                self._running = None
+                self._release(job)
                 continue
-            try:
-                with job_context(job.id):  # every log line of the run carries the job id
+            if self.lockstep is None:
+                self._run_and_release(job)
+                continue
+            member = threading.Thread(target=self._run_and_release, args=(job,), name=f"plinth-job-{job.id[:8]}",
+                                      daemon=True)
+            with self._running_lock:
+                self._members = {t for t in self._members if t.is_alive()} | {member}
+            member.start()
+
+    def _run_and_release(self, job: Job) -> None:
+        try:
+            with job_context(job.id):  # every log line of the run carries the job id
+                if self.lockstep is None:
                     self._run(job)
-            finally:
-                self._running = None
+                else:
+                    with self.lockstep.member():
+                        self._run(job)
+        finally:
+            self._release(job)
+
+    def _release(self, job: Job) -> None:
+        with self._running_lock:
+            self._running.discard(job)
+        self._slots.release()
+
+    def _running_now(self) -> list[Job]:
+        with self._running_lock:
+            return list(self._running)
+
+    def _busy(self) -> bool:
+        with self._running_lock:
+            members = [t for t in self._members if t.is_alive()]
+        return bool(self._running) or bool(members) or (self._worker is not None and self._worker.is_alive())
+
+    def _join(self, deadline: float) -> None:
+        """Wait until the worker and every member thread have ended, or the deadline."""
+        assert self._worker is not None
+        self._worker.join(max(0.0, deadline - time.monotonic()))
+        with self._running_lock:
+            members = list(self._members)
+        for member in members:
+            member.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self, job: Job) -> None:
         job.start()
         start = time.perf_counter()
         try:
-            result = self.executor.run(job.plan, job.resources, job)
+            result = self.executor.run(job.plan, job.resources, job, self.lockstep)
         except Exception as exc:  # the executor itself broke: record it, keep serving
             log.exception("job %s failed outside any node", job.id)
             job.finish(JobStatus.FAILED, ev.Failed(str(exc), error_type=type(exc).__name__), str(exc))

@@ -16,6 +16,7 @@ import torch
 
 from plinth.nodes.context import ImageRef, JobCancelled, ModelHandle, ModelOptions
 from plinth.server.engine import events as ev
+from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.validate import ExecutionPlan, PlannedNode
 
@@ -73,6 +74,9 @@ class RunContext:
         self.device = device
         self.dtype = dtype
         self.model_options = model_options
+        # Set when the job runs side by side with others (server/engine/batching.py): the
+        # sampler's plain UNet calls go through it to be batched with theirs.
+        self.unet_forward: Callable[..., torch.Tensor] | None = None
         self.models_dir = resources.models_dir
         self.node_id = ""
         self.input_image: Callable[[str], bytes] = resources.input_image
@@ -100,10 +104,14 @@ class Executor:
         self.dtype = dtype
         self.model_options = model_options or ModelOptions()
 
-    def run(self, plan: ExecutionPlan, resources: Resources, control: JobControl) -> RunResult:
+    def run(self, plan: ExecutionPlan, resources: Resources, control: JobControl,
+            lockstep: Lockstep | None = None) -> RunResult:
         """Run the plan; emits Started, per-node and Output events but not the terminal event,
-        which the caller sends once it has recorded the result."""
+        which the caller sends once it has recorded the result. With `lockstep` the run is one
+        of several side by side (inside lockstep.member()) and its UNet calls are batched."""
         ctx = RunContext(resources, control, plan.graph.raw, self.device, self.dtype, self.model_options)
+        if lockstep is not None:
+            ctx.unet_forward = lockstep.forward
         if plan.graph.workflow is not None:
             ctx.extra_pnginfo["workflow"] = plan.graph.workflow
         result = RunResult("completed")
