@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--models", type=Path, help=f"models directory (default: {DEFAULT_HOME / 'models'})")
         p.add_argument("--data", type=Path, help=f"data directory: images, inputs (default: {DEFAULT_HOME / 'data'})")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+        p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="dtype models run in (default: auto = float16 on CUDA, float32 on the CPU)")
 
     def remote(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must be signed by (mutual TLS)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    p.add_argument("--batch-jobs", type=int, metavar="N",
+                   help="run up to N jobs side by side, their sampler steps batched (default: 0 = 8 on CUDA, 1 on the CPU)")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile each UNet as it loads")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line, with the job id")
     p.add_argument("--log-level", default="info", help="debug, info, warning, error (default: info)")
     dirs(p)
@@ -132,7 +137,7 @@ def _config(args: argparse.Namespace, **flags: object):
     from plinth.server.config import load
 
     return load(args.config, flags={"models_dir": args.models, "data_dir": args.data, "device": args.device,
-                                    **flags})
+                                    "precision": args.precision, **flags})
 
 
 def _server(args: argparse.Namespace, **flags: object):
@@ -163,7 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logs.configure(json=args.log_json, level=args.log_level)
     try:
-        server = _server(args, host=args.host, port=args.port, metrics_port=args.metrics_port, **{
+        server = _server(args, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                         batch_jobs=args.batch_jobs, compile=args.compile, **{
             "auth.token_file": args.token_file, "auth.tls_cert": args.tls_cert, "auth.tls_key": args.tls_key,
             "auth.tls_client_ca": args.tls_client_ca}).start()
     except (ConfigError, StoreError) as exc:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from plinth.nodes.context import ModelOptions
 from plinth.nodes.registry import NODES
-from plinth.server.config import Config, Limits
+from plinth.server.config import Config, ConfigError, Limits
 from plinth.server.engine import events as ev
 from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.cache import OutputCache
@@ -67,9 +67,9 @@ def pick_device(name: str, precision: str = "auto") -> tuple[torch.device, torch
     if precision == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
     if precision == "float16" and device.type == "cpu":
-        raise ValueError("precision 'float16' is for CUDA; on the CPU use float32 or bfloat16")
+        raise ConfigError("precision 'float16' is for CUDA; on the CPU use float32 or bfloat16")
     return device, PRECISIONS[precision]
 
 
@@ -78,7 +78,7 @@ def batch_jobs(config: Config, device: torch.device) -> int:
     or for 0 (auto) 8 on CUDA and 1 on the CPU, where the UNet's cost grows linearly with the
     batch and batching only adds latency (bench/compare.py measures both)."""
     if config.batch_jobs < 0:
-        raise ValueError(f"batch_jobs must be 0 (auto) or more, not {config.batch_jobs}")
+        raise ConfigError(f"batch_jobs must be 0 (auto) or more, not {config.batch_jobs}")
     return config.batch_jobs or (8 if device.type == "cuda" else 1)
 
 

@@ -42,3 +42,22 @@ def test_tokens_come_from_the_setting_and_the_file(tmp_path):
     config = load(None, env={"PLINTH_AUTH_TOKENS": "a, b", "PLINTH_AUTH_TOKEN_FILE": str(file)})
     assert tokens(config.auth) == {"a", "b", "file-token"}
     assert isinstance(config.auth.token_file, Path)
+
+
+def test_precision_and_batch_jobs_pick_the_dtype_and_slots_or_name_what_is_wrong():
+    import torch
+
+    from plinth.server.config import Config, ConfigError
+    from plinth.server.service import batch_jobs, pick_device
+
+    assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
+    assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="float16' is for CUDA"):
+        pick_device("cpu", "float16")
+    with pytest.raises(ConfigError, match="'half' is not one of"):
+        pick_device("cpu", "half")
+    assert batch_jobs(Config(), torch.device("cpu")) == 1  # batching does not pay on this CPU
+    assert batch_jobs(Config(), torch.device("cuda")) == 8
+    assert batch_jobs(Config(batch_jobs=3), torch.device("cpu")) == 3
+    with pytest.raises(ConfigError, match="batch_jobs must be"):
+        batch_jobs(Config(batch_jobs=-1), torch.device("cpu"))
