@@ -96,6 +96,13 @@ class RunContext:
         self.check_cancelled()
 
 
+def out_of_memory_message(device: torch.device, class_type: str, exc: BaseException) -> str:
+    """What a job that ran out of memory is told: where, in which node, and what to change."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return (f"out of memory on {device} in {class_type}: {first} "
+            "(use a smaller image or batch, VAEDecodeTiled for large decodes, or fewer jobs side by side: batch_jobs)")
+
+
 class Executor:
     def __init__(self, cache: OutputCache, device: torch.device, dtype: torch.dtype,
                  model_options: ModelOptions | None = None) -> None:
@@ -146,7 +153,10 @@ class Executor:
             node_id, class_type = (node.id, node.class_type) if node else ("", "")
             log.exception("node %s (%s) failed", node_id, class_type)
             result.status = "failed"
-            result.failure = ev.Failed(str(exc) or type(exc).__name__, node_id, class_type, type(exc).__name__)
+            message = str(exc) or type(exc).__name__
+            if isinstance(exc, torch.OutOfMemoryError):
+                message = out_of_memory_message(self.device, class_type, exc)
+            result.failure = ev.Failed(message, node_id, class_type, type(exc).__name__)
         return result
 
     @staticmethod
