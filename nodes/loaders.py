@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-
-from plinth.nodes.context import NodeContext, file_model
+from plinth.nodes.context import ModelOptions, NodeContext, file_model
 from plinth.nodes.models.checkpoint import load_checkpoint, load_vae
 from plinth.nodes.schema import Choice, Node, Output
 from plinth.nodes.types import DiffusionModel, TextEncoder, Vae
+
+
+def model_options(ctx: NodeContext) -> ModelOptions:
+    """The server's model set-up settings; defaults for a context without them (small test
+    contexts)."""
+    return getattr(ctx, "model_options", None) or ModelOptions()
 
 
 class CheckpointLoaderSimple(Node):
@@ -21,9 +26,9 @@ class CheckpointLoaderSimple(Node):
 
 
     def run(self, ctx: NodeContext, ckpt_name: str) -> tuple:
-        models_dir, device, dtype = ctx.models_dir, ctx.device, ctx.dtype
+        models_dir, device, dtype, options = ctx.models_dir, ctx.device, ctx.dtype, model_options(ctx)
         handle = file_model(ctx, "checkpoints", ckpt_name,
-                            lambda path: load_checkpoint(path, models_dir, device, dtype))
+                            lambda path: load_checkpoint(path, models_dir, device, dtype, options))
         return DiffusionModel(handle), TextEncoder(handle), Vae(handle)
 
 
@@ -39,5 +44,5 @@ class VAELoader(Node):
 
 
     def run(self, ctx: NodeContext, vae_name: str) -> tuple[Vae]:
-        device, dtype = ctx.device, ctx.dtype
-        return (Vae(file_model(ctx, "vae", vae_name, lambda path: load_vae(path, device, dtype))),)
+        device, dtype, options = ctx.device, ctx.dtype, model_options(ctx)
+        return (Vae(file_model(ctx, "vae", vae_name, lambda path: load_vae(path, device, dtype, options))),)

@@ -7,18 +7,27 @@ off its weights (single_file.py), so no config is fetched from anywhere.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.context import ModelOptions, NodeInputError
 from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file, load_vae_file
 from plinth.nodes.models.tokenizer import load_tokenizer, write_tokenizer_files
 
+log = logging.getLogger("plinth.models")
+ATTENTION = ("auto", "sdpa", "xformers")
 
+
+class ModelSetupError(RuntimeError):
+    """A model loaded but cannot be set up as the server's settings ask (e.g. attention
+    "xformers" without CUDA or without the package); the message names the setting."""
 
 @dataclass
 class StableDiffusion:
@@ -47,14 +56,23 @@ class StableDiffusion:
         return sum(p.numel() * p.element_size()
                    for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters())
 
+    def to(self, device: torch.device | str) -> "StableDiffusion":
+        """Move the weights to `device` in place (the model manager offloads to the CPU and
+        back); the dtype and every module object stay the same, so hooks and processors hold."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
 
 def tokenizer_dir(models_dir: Path) -> Path:
     """Where the offline CLIP tokenizer is written once per models directory."""
     return write_tokenizer_files(models_dir / ".plinth" / "clip-tokenizer")
 
 
-def load_checkpoint(path: Path, models_dir: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
-    """Load a diffusers folder or an original-layout .safetensors file."""
+def load_checkpoint(path: Path, models_dir: Path, device: torch.device, dtype: torch.dtype,
+                    options: ModelOptions | None = None) -> StableDiffusion:
+    """Load a diffusers folder or an original-layout .safetensors file, set up for `device`
+    as `options` ask (see prepare_model); without options, plain eval-mode modules."""
     if path.is_dir():
         model = _load_folder(path, models_dir)
     elif path.suffix == ".safetensors":
@@ -65,16 +83,124 @@ def load_checkpoint(path: Path, models_dir: Path, device: torch.device, dtype: t
         module.to(device).eval().requires_grad_(False)
         if module.dtype != dtype:
             module.to(dtype)
+    if options is not None:
+        prepare_model(model, device, options)
     return model
 
 
-def load_vae(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+def load_vae(path: Path, device: torch.device, dtype: torch.dtype, options: ModelOptions | None = None) -> Any:
     """A standalone AutoencoderKL: a diffusers folder or a .safetensors file."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True) if path.is_dir() else load_vae_file(path)
     vae.to(device).eval().requires_grad_(False)
-    return vae if vae.dtype == dtype else vae.to(dtype)
+    if vae.dtype != dtype:
+        vae.to(dtype)
+    if options is not None:
+        set_attention(vae, use_xformers(device, options.attention))
+        if options.channels_last and device.type == "cuda":
+            vae.to(memory_format=torch.channels_last)
+        if options.warm_up:
+            warm_up_vae(vae)
+    return vae
+
+
+# --- setting a loaded model up for its device -------------------------------------------------
+
+def xformers_importable() -> bool:
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers  # noqa: F401
+        import xformers.ops  # noqa: F401
+    except Exception:  # a broken install (e.g. built for another torch) counts as absent
+        return False
+    return True
+
+
+def use_xformers(device: torch.device, attention: str) -> bool:
+    """Whether the `attention` setting means xformers on `device`: "auto" takes it only on CUDA
+    with the package importable; "xformers" without either is an error naming the setting."""
+    if attention not in ATTENTION:
+        raise ModelSetupError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
+    if attention == "sdpa":
+        return False
+    if device.type != "cuda":
+        if attention == "xformers":
+            raise ModelSetupError(f"attention 'xformers' needs a CUDA device, and models run on {device}; "
+                                  "set attention to auto or sdpa")
+        return False
+    if not xformers_importable():
+        if attention == "xformers":
+            raise ModelSetupError("attention 'xformers' needs the xformers package: install the `gpu` extra "
+                                  "(pip install 'plinth[gpu]'), or set attention to auto or sdpa")
+        return False
+    return True
+
+
+def set_attention(module: Any, xformers: bool) -> None:
+    """xformers memory-efficient attention, or torch SDPA (diffusers' AttnProcessor2_0) set
+    explicitly, on a diffusers UNet or VAE."""
+    if xformers:
+        module.enable_xformers_memory_efficient_attention()
+    elif hasattr(module, "set_attn_processor") and getattr(module, "attn_processors", None):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        module.set_attn_processor(AttnProcessor2_0())
+
+
+def prepare_model(model: StableDiffusion, device: torch.device, options: ModelOptions) -> StableDiffusion:
+    """Set a loaded StableDiffusion up for `device` (already on it, in its dtype): attention
+    kernel, channels_last memory format (CUDA only), torch.compile of the UNet in place, and a
+    warm-up forward of each part. Every module object stays the same, so callers' references,
+    `unet.config`, `.parameters()` and LoRA / IP-Adapter hooks and processors keep working."""
+    xformers = use_xformers(device, options.attention)
+    for module in (model.unet, model.vae):
+        set_attention(module, xformers)
+    if options.channels_last and device.type == "cuda":
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+    if options.compile:
+        compile_in_place(model.unet)
+    if options.warm_up:
+        warm_up(model)
+    log.info("model set up on %s: attention %s, channels_last %s, compile %s, warm-up %s", device,
+             "xformers" if xformers else "sdpa", options.channels_last and device.type == "cuda",
+             options.compile, options.warm_up)
+    return model
+
+
+def compile_in_place(module: torch.nn.Module) -> None:
+    """torch.compile the module's forward, keeping the module object (nn.Module.compile): its
+    config, parameters, submodules and hooks stay what callers hold. Compilation itself happens
+    at the first call (the warm-up, when on)."""
+    module.compile()
+
+
+@torch.inference_mode()
+def warm_up(model: StableDiffusion) -> None:
+    """One small forward of the text encoder, the UNet and the VAE decoder, so the first job
+    does not pay the process's first-call costs (kernel selection, allocator growth, compile)."""
+    start = time.perf_counter()
+    unet, text = model.unet, model.text_encoder
+    device = next(unet.parameters()).device
+    length = int(getattr(text.config, "max_position_embeddings", 77) or 77)
+    tokens = torch.full((1, min(77, length)), int(getattr(text.config, "eos_token_id", 2) or 2),
+                        dtype=torch.long, device=device)
+    text(tokens)
+    width = int(unet.config.cross_attention_dim)
+    context = torch.zeros(1, min(77, length), width, device=device, dtype=unet.dtype)
+    sample = torch.zeros(1, int(unet.config.in_channels), 8, 8, device=device, dtype=unet.dtype)
+    unet(sample, torch.tensor([999], device=device), encoder_hidden_states=context)
+    warm_up_vae(model.vae)
+    log.info("warm-up took %.2f s", time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def warm_up_vae(vae: Any) -> None:
+    """One decode of a 2x2 latent (16x16 pixels for SD's VAE)."""
+    param = next(vae.parameters())
+    vae.decode(torch.zeros(1, int(vae.config.latent_channels), 2, 2, device=param.device, dtype=param.dtype))
 
 
 def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:
