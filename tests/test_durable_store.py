@@ -86,7 +86,7 @@ def test_finished_jobs_survive_sigkill_and_unfinished_ones_fail(models_dir, tmp_
     server = Served(models_dir, data)
     try:
         with Client(server.address, timeout=120) as client:
-            done = client.run(graph(txt2img, 4242))
+            done = client.run(graph(txt2img, 4242), results_only=False)
             running = client.submit(graph(txt2img, 4343, steps=400))
             queued = client.submit(graph(txt2img, 4444))
             wait_for_progress(client, running)
@@ -151,7 +151,7 @@ def test_stop_lets_the_running_job_finish_and_cancels_the_queue(local_server, tx
     from plinth.server import service as service_module
 
     with Client(local_server.address, timeout=120) as client:
-        first = client.run(graph(txt2img, 5151))
+        first = client.run(graph(txt2img, 5151), results_only=False)
         monkeypatch.setattr(service_module, "MAX_FINISHED_JOBS", 0)  # the next submit evicts `first`
         short = client.submit(graph(txt2img, 5252, steps=30))
         behind = client.submit(graph(txt2img, 5353))

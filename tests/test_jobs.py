@@ -42,13 +42,13 @@ def check_order(events):
 
 def test_events_come_in_the_documented_order(client, txt2img):
     txt2img["3"]["inputs"].update(seed=8080, steps=3)
-    result = client.run(txt2img)
+    result = client.run(txt2img, results_only=False)
     check_order(result.events)
     progress = [e.progress for e in result.events if e.WhichOneof("kind") == "progress"]
     assert [(p.node_id, p.step, p.total) for p in progress] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
     output = [e for e in result.events if e.WhichOneof("kind") == "output"]
     assert [(e.output.node_id, len(e.output.images)) for e in output] == [("9", 1), ("9", 1)]  # one per image
-    cached = client.run(txt2img)
+    cached = client.run(txt2img, results_only=False)
     check_order(cached.events)
     assert set(kinds(cached.events)) == {"queued", "started", "node_cached", "output", "completed"}
 
@@ -327,3 +327,20 @@ def test_an_output_too_big_for_one_message_comes_without_its_bytes(models_dir, t
         result = client.run(txt2img)  # each ~150 KB PNG alone would not fit
         assert result.status == "completed" and [r.png for r in result.image_refs] == [b"", b""]
         assert all(len(client.download(r.id)) > 100_000 for r in result.image_refs)
+
+
+def test_run_without_a_listener_streams_only_the_results_and_still_says_how_each_node_ran(client, txt2img):
+    txt2img["3"]["inputs"]["seed"] = 6060
+    full = client.run(txt2img, results_only=False)
+    txt2img["3"]["inputs"]["seed"] = 6061
+    lean = client.run(txt2img)  # no on_event: results_only
+    assert kinds(lean.events) == ["output", "output", "completed"]
+    assert {k: (v.class_type, v.status) for k, v in lean.nodes.items()} == \
+        {k: (v.class_type, v.status) for k, v in full.nodes.items()}
+    assert lean.nodes["3"].status == "executed" and lean.nodes["3"].seconds > 0
+    assert len(lean.images) == 2
+    # a listener gets every event, and the terminal one carries the same summary
+    seen = []
+    client.run(txt2img, on_event=seen.append)
+    assert kinds(seen)[:2] == ["queued", "started"] and set(seen[-1].nodes) == set(full.nodes)
+    assert all(v.status == "cached" for v in seen[-1].nodes.values())

@@ -23,7 +23,7 @@ def test_fifty_concurrent_clients(server, txt2img):
         with Client(server.address, timeout=120) as client:
             start.wait()
             try:
-                outcomes[index] = client.run(graph)
+                outcomes[index] = client.run(graph, results_only=False)
             except PlinthError as exc:
                 outcomes[index] = exc
 

@@ -35,11 +35,13 @@ class AsyncClient:
 
     async def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
                   on_event: EventHandler | None = None, check: bool = True,
-                  omit_image_bytes: bool = False) -> RunResult:
+                  omit_image_bytes: bool = False, results_only: bool | None = None) -> RunResult:
         """As Client.run."""
         result = RunResult()
         try:
-            request = submit_request(graph, inputs, priority, omit_image_bytes)
+            if results_only is None:  # nobody to show progress to: only the outputs and the end
+                results_only = on_event is None
+            request = submit_request(graph, inputs, priority, omit_image_bytes, results_only=results_only)
             async for event in self.graphs.Run(request, timeout=self.timeout, metadata=self.metadata):
                 result.add(event)
                 if on_event:

@@ -132,15 +132,18 @@ class Client:
 
     def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
             on_event: EventHandler | None = None, check: bool = True,
-            omit_image_bytes: bool = False) -> RunResult:
+            omit_image_bytes: bool = False, results_only: bool | None = None) -> RunResult:
         """Submit a graph, follow it to the end and return its images and per-node status.
 
         Raises PlinthError when the server refuses the graph, and JobFailed when the job fails
-        or is cancelled (unless check=False).
+        or is cancelled (unless check=False). Without on_event the server streams only the
+        outputs and the end (results_only; `result.events` then holds just those).
         """
         result = RunResult()
         try:
-            request = submit_request(graph, inputs, priority, omit_image_bytes)
+            if results_only is None:  # nobody to show progress to: only the outputs and the end
+                results_only = on_event is None
+            request = submit_request(graph, inputs, priority, omit_image_bytes, results_only=results_only)
             for event in self.graphs.Run(request, timeout=self.timeout, metadata=self.metadata):
                 result.add(event)
                 if on_event:

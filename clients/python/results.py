@@ -82,10 +82,11 @@ def image_bytes(value: ImageLike) -> bytes:
 
 
 def submit_request(graph: GraphLike, inputs: Mapping[str, ImageLike] | None, priority: int,
-                   omit_image_bytes: bool = False, deadline_seconds: float = 0.0) -> gs.SubmitRequest:
+                   omit_image_bytes: bool = False, deadline_seconds: float = 0.0,
+                   results_only: bool = False) -> gs.SubmitRequest:
     return gs.SubmitRequest(
         graph_json=graph_json(graph), priority=priority, omit_image_bytes=omit_image_bytes,
-        deadline_seconds=deadline_seconds,
+        deadline_seconds=deadline_seconds, results_only=results_only,
         inputs=[gs.InputImage(name=name, data=image_bytes(v)) for name, v in (inputs or {}).items()])
 
 
@@ -125,6 +126,8 @@ class RunResult:
                     self.images.append(Image.open(io.BytesIO(ref.png)))
         elif kind in ("completed", "failed", "cancelled"):
             self.status = kind
+            for node_id, run in event.nodes.items():  # the whole picture, also when only results streamed
+                self.nodes[node_id] = NodeStatus(run.class_type, run.status, run.seconds)
             if kind == "failed":
                 f = event.failed
                 where = f" in node {f.node_id} ({f.class_type})" if f.node_id else ""

@@ -10,6 +10,7 @@ from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, node_service_
 from plinth.nodes.context import ImageRef
 from plinth.nodes.schema import Choice, Float, Int, NodeSchema, String
 from plinth.server.engine import events as ev
+from plinth.server.engine.executor import NodeRun
 from plinth.server.engine.graph import GraphError
 from plinth.server.jobs.job import Job, JobStatus
 
@@ -78,9 +79,12 @@ def job(job: Job) -> gs.Job:
         job_id=job.id, status=STATUS_TO_PB[job.status], priority=job.priority, created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at, error=job.error,
         outputs=[image_ref(i, job.output_nodes.get(i.id, ""), False) for i in job.outputs],
-        nodes={k: gs.NodeRun(class_type=v.class_type, status=v.status, seconds=v.seconds)
-               for k, v in job.nodes.items()},
+        nodes={k: node_run(v) for k, v in job.nodes.items()},
     )
+
+
+def node_run(run: NodeRun) -> gs.NodeRun:
+    return gs.NodeRun(class_type=run.class_type, status=run.status, seconds=run.seconds)
 
 
 def node_error(error: GraphError) -> common_pb2.NodeError:

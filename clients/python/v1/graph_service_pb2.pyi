@@ -16,18 +16,20 @@ class InputImage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("graph_json", "inputs", "priority", "omit_image_bytes", "deadline_seconds")
+    __slots__ = ("graph_json", "inputs", "priority", "omit_image_bytes", "deadline_seconds", "results_only")
     GRAPH_JSON_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     OMIT_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     graph_json: str
     inputs: _containers.RepeatedCompositeFieldContainer[InputImage]
     priority: int
     omit_image_bytes: bool
     deadline_seconds: float
-    def __init__(self, graph_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[InputImage, _Mapping]]] = ..., priority: _Optional[int] = ..., omit_image_bytes: _Optional[bool] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+    results_only: bool
+    def __init__(self, graph_json: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[InputImage, _Mapping]]] = ..., priority: _Optional[int] = ..., omit_image_bytes: _Optional[bool] = ..., deadline_seconds: _Optional[float] = ..., results_only: _Optional[bool] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -117,10 +119,18 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.JobStatus, str]] = ..., priority: _Optional[int] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., error: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_common_pb2.ImageRef, _Mapping]]] = ..., nodes: _Optional[_Mapping[str, NodeRun]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "queued", "started", "node_started", "progress", "node_cached", "node_finished", "output", "completed", "failed", "cancelled")
+    __slots__ = ("job_id", "seq", "time", "nodes", "queued", "started", "node_started", "progress", "node_cached", "node_finished", "output", "completed", "failed", "cancelled")
+    class NodesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: NodeRun
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[NodeRun, _Mapping]] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     NODE_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +144,7 @@ class JobEvent(_message.Message):
     job_id: str
     seq: int
     time: float
+    nodes: _containers.MessageMap[str, NodeRun]
     queued: Queued
     started: Started
     node_started: NodeStarted
@@ -144,7 +155,7 @@ class JobEvent(_message.Message):
     completed: Completed
     failed: Failed
     cancelled: Cancelled
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., node_cached: _Optional[_Union[NodeCached, _Mapping]] = ..., node_finished: _Optional[_Union[NodeFinished, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., nodes: _Optional[_Mapping[str, NodeRun]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., node_cached: _Optional[_Union[NodeCached, _Mapping]] = ..., node_finished: _Optional[_Union[NodeFinished, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
