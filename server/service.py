@@ -389,7 +389,8 @@ class PlinthService:
         job.start()
         start = time.perf_counter()
         try:
-            result = self.executor.run(job.plan, job.resources, job, self.lockstep)
+            with self.models.job_scope():  # its models stay on the device while it runs
+                result = self.executor.run(job.plan, job.resources, job, self.lockstep)
         except Exception as exc:  # the executor itself broke: record it, keep serving
             log.exception("job %s failed outside any node", job.id)
             job.finish(JobStatus.FAILED, ev.Failed(str(exc), error_type=type(exc).__name__), str(exc))
@@ -401,6 +402,8 @@ class PlinthService:
             job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
         else:
             failure = result.failure or ev.Failed("failed")
+            if failure.error_type == "OutOfMemoryError":  # give the next job the memory back
+                self.models.free_memory()
             job.finish(JobStatus.FAILED, failure, failure.message)
         log.info("job %s %s in %.3f s", job.id, job.status.value, time.perf_counter() - start)
 

@@ -87,7 +87,7 @@ def test_limits_name_every_input_past_them(txt2img):
         validate(parse_graph(txt2img), NODES, Env(), Limits(max_nodes=6))
 
 
-def test_running_out_of_memory_fails_the_job_with_where_and_what_to_change(client, txt2img, monkeypatch):
+def test_running_out_of_memory_fails_the_job_with_where_and_what_to_change(server, client, txt2img, monkeypatch):
     from plinth.clients import JobFailed
     from plinth.nodes.latent import VAEDecode
 
@@ -95,11 +95,14 @@ def test_running_out_of_memory_fails_the_job_with_where_and_what_to_change(clien
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(VAEDecode, "run", exhausted)
+    freed = []
+    monkeypatch.setattr(server.service.models, "free_memory", lambda: freed.append(True) or 0)
     txt2img["3"]["inputs"]["seed"] = 8_675_309  # nothing cached downstream of the sampler
     with pytest.raises(JobFailed) as failed:
         client.run(txt2img)
     message = str(failed.value)
     assert "out of memory on cpu in VAEDecode" in message and "Tried to allocate 2.00 GiB" in message
     assert "VAEDecodeTiled" in message
+    assert freed == [True]  # the server gave the memory back before the next job
     monkeypatch.undo()
     assert client.run(txt2img).images  # and the server goes on

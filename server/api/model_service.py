@@ -192,6 +192,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{exc} (model_budget_bytes = {self.service.models.budget_bytes} bytes)")
         except torch.OutOfMemoryError as exc:
+            self.service.models.free_memory()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory loading {folder}/{name}: {exc}")
         except LookupError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
