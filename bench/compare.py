@@ -1,0 +1,446 @@
+"""Plinth against the plain diffusers pipeline: latency, throughput and memory (issue 5).
+
+    python bench/compare.py [--runs 3] [--tiny-runs 30] [--size 256] [--steps 4] [--models DIR]
+                            [--only a,b,c,tiny] [--batch-jobs-list 1,8] [--precision float32]
+                            [--json bench/results/compare.json] [--quick]
+    python bench/compare.py --compare-precision [--runs 3] [--quick]
+
+One SD1.5-shaped model with seeded random weights (built once under --models, see
+common.build_sd15_random), --size x --size, --steps steps, euler, scheduler normal, cfg 7,
+batch 1, CPU, three ways:
+
+  (a) diffusers: StableDiffusionPipeline loaded from the same diffusers folder (Euler with
+      timestep_spacing "linspace", which is Plinth's "normal"), output_type "pil";
+  (b) Plinth in-process: PlinthService.submit(graph), then the job followed to its end;
+  (c) Plinth over gRPC: PlinthServer on 127.0.0.1 and Client.run(graph).
+
+For each: the first run (model load included), one untimed run (two with --quick; a pipeline's
+second call is still slow), the median of --runs runs with only the seed changed, the median of
+max(--runs, 5) fully cached re-runs (n/a for (a): a pipeline has no cache, an identical re-run
+is a full run), throughput with 1, 4 and 8 concurrent clients (each submits one job with its
+own seed at once; jobs / wall time; (a)'s clients share one pipeline behind a lock, served one
+at a time, as a plain pipeline serves), and the peak RSS of the process. Plinth runs with
+batch_jobs=1; (c) is measured again at 8 clients for every other value of --batch-jobs-list,
+each in a process of its own. Then the ratios (b)/(a) and (c)/(a), the tiny model's
+per-request overhead (graphs/txt2img.json as it is: tiny-sd, 64x64, 2 steps, batch 2, over
+gRPC; median of --tiny-runs seed-changed runs, end to end minus the seconds inside nodes), its
+cached re-run and 8-client throughput at each batch_jobs, and the targets with PASS/FAIL.
+Prints tables and writes the figures as JSON to --json. About 20 minutes on 2 cores.
+
+--quick uses tiny-sd at 64x64 for every path, to check the script itself in a minute or two.
+--compare-precision runs only (c) in float32 and in bfloat16: seed-changed medians of each and
+the mean and max absolute difference of the two images for the same seed (0..255).
+
+Every path runs in a process of its own, one after the other: peak RSS is then the path's own,
+and torch is only ever used from one thread of a process (two threads each using torch slow
+each other down about 2x on a 2-core machine; see bench/latency.py). For the same reason (a)'s
+pipeline is loaded and called on one worker thread only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import build_sd15_random, quiet, rss_peak_mb, timed, write_json
+
+PATHS = {"a": "(a) diffusers pipeline", "b": "(b) Plinth in-process", "c": "(c) Plinth gRPC"}
+CLIENTS = (1, 4, 8)
+TARGETS = {  # what must hold
+    "warm_ratio": "(c)/(a) seed changed <= 1.03",
+    "cached": "cached re-run end to end < 20 ms",
+    "overhead": "per-request overhead (tiny, gRPC) < 5 ms",
+    "rss": "peak RSS (c) within 10% of (a)",
+}
+
+
+# ---------------------------------------------------------------- in a child process
+
+
+@dataclass
+class Outcome:
+    node_seconds: float | None  # time inside node execution (Plinth only)
+    image: object | None  # the first output image (PIL)
+
+
+Call = Callable[[int], Outcome]  # one request with this seed, returned when it has ended
+
+
+@contextlib.contextmanager
+def open_diffusers(spec: dict) -> Iterator[Call]:
+    """(a): the pipeline, loaded on the first call (so the first run includes the load) and
+    called on one worker thread: concurrent callers queue for it, as behind a lock."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    graph = spec["graph"]
+    sampler, latent = graph["3"]["inputs"], graph["5"]["inputs"]
+    assert (sampler["sampler_name"], sampler["scheduler"]) == ("euler", "normal"), sampler
+    folder = Path(spec["models"]) / "checkpoints" / graph["4"]["inputs"]["ckpt_name"]
+    dtype = torch.bfloat16 if spec["precision"] == "bfloat16" else torch.float32
+    loaded = {}
+
+    def generate(seed: int) -> Outcome:
+        if "pipe" not in loaded:
+            scheduler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True,
+                                                               timestep_spacing="linspace")
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
+                local_files_only=True, dtype=dtype)
+            pipe.set_progress_bar_config(disable=True)
+            loaded["pipe"] = pipe
+        images = loaded["pipe"](
+            graph["6"]["inputs"]["text"], negative_prompt=graph["7"]["inputs"]["text"],
+            width=latent["width"], height=latent["height"], num_images_per_prompt=latent["batch_size"],
+            num_inference_steps=sampler["steps"], guidance_scale=sampler["cfg"],
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images
+        return Outcome(None, images[0])
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as worker:
+        yield lambda seed: worker.submit(generate, seed).result()
+
+
+def plinth_config(spec: dict, **extra):
+    from plinth.server.config import Config
+
+    return Config(models_dir=Path(spec["models"]), data_dir=Path(spec["data"]), device="cpu",
+                  precision=spec["precision"], batch_jobs=spec["batch_jobs"], **extra)
+
+
+def with_seed(graph: dict, seed: int) -> dict:
+    graph = copy.deepcopy(graph)
+    graph["3"]["inputs"]["seed"] = seed
+    return graph
+
+
+@contextlib.contextmanager
+def open_service(spec: dict) -> Iterator[Call]:
+    """(b): the service core in this process, no gRPC: submit, then follow the job's events."""
+    from PIL import Image
+
+    from plinth.server.jobs.job import JobStatus
+    from plinth.server.service import PlinthService
+
+    service = PlinthService(plinth_config(spec))
+    service.start()
+
+    def call(seed: int) -> Outcome:
+        job = service.submit(with_seed(spec["graph"], seed))
+        for _ in job.watch():  # returns after the terminal event
+            pass
+        assert job.status == JobStatus.COMPLETED, f"{job.status.value}: {job.error}"
+        seconds = sum(n.seconds for n in job.nodes.values() if n.status == "executed")
+        return Outcome(seconds, Image.open(io.BytesIO(job.outputs[0].png)))
+
+    try:
+        yield call
+    finally:
+        service.stop()
+        service.close()
+
+
+@contextlib.contextmanager
+def open_grpc(spec: dict) -> Iterator[Call]:
+    """(c): a server on 127.0.0.1 and one client whose channel the concurrent callers share."""
+    from plinth.clients import Client
+    from plinth.server.app import PlinthServer
+
+    with PlinthServer(plinth_config(spec, port=0)) as server, Client(server.address) as client:
+        def call(seed: int) -> Outcome:
+            result = client.run(with_seed(spec["graph"], seed))
+            seconds = sum(n.seconds for n in result.nodes.values() if n.status == "executed")
+            return Outcome(seconds, result.images[0])
+
+        yield call
+
+
+OPENERS = {"a": open_diffusers, "b": open_service, "c": open_grpc}
+
+
+def one_client(call: Call, seed: int, barrier: threading.Barrier, errors: list[Exception]) -> None:
+    barrier.wait()
+    try:
+        call(seed)
+    except Exception as exc:  # noqa: BLE001 - re-raised by throughput()
+        errors.append(exc)
+
+
+def throughput(call: Call, clients: int, seeds: Iterator[int], rounds: int) -> float:
+    """Jobs per second with `clients` threads each sending one request at once (median of rounds)."""
+    rates = []
+    for _ in range(rounds):
+        barrier = threading.Barrier(clients + 1)
+        errors: list[Exception] = []
+        threads = [threading.Thread(target=one_client, args=(call, next(seeds), barrier, errors))
+                   for _ in range(clients)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        if errors:
+            raise errors[0]
+        rates.append(clients / wall)
+    return statistics.median(rates)
+
+
+def clocked(call: Call, seed: int) -> tuple[float, Outcome]:
+    start = time.perf_counter()
+    outcome = call(seed)
+    return time.perf_counter() - start, outcome
+
+
+def measure(spec: dict) -> dict:
+    """One path in this process: the figures spec asks for, in seconds and MB."""
+    quiet()
+    seeds = itertools.count(1)
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="plinth-bench-data-") as data, \
+            OPENERS[spec["path"]]({**spec, "data": data}) as call:
+        out["first_s"], first = clocked(call, next(seeds))
+        if spec.get("image"):
+            first.image.save(spec["image"])
+        for _ in range(spec["warmup"]):  # not timed: the first calls after a load run slow
+            call(next(seeds))
+        if spec["runs"]:
+            warm_seeds = [next(seeds) for _ in range(spec["runs"])]
+            warm = [clocked(call, seed) for seed in warm_seeds]
+            out["seed_changed_runs_s"] = [t for t, _ in warm]
+            out["seed_changed_s"] = statistics.median(out["seed_changed_runs_s"])
+            if spec["path"] != "a":
+                out["overhead_s"] = statistics.median([t - o.node_seconds for t, o in warm])
+            if spec["path"] != "a" and spec["cached_runs"]:  # the last graph again: all cached
+                out["cached_s"] = statistics.median(timed(lambda: call(warm_seeds[-1]), spec["cached_runs"]))
+        out["throughput_per_s"] = {str(n): throughput(call, n, seeds, spec["rounds"]) for n in spec["clients"]}
+    out["peak_rss_mb"] = rss_peak_mb()
+    return out
+
+
+def build(spec: dict) -> None:
+    quiet()
+    name = spec["graph"]["4"]["inputs"]["ckpt_name"]
+    if name == "tiny-sd":
+        from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+
+        ensure_tiny_sd(Path(spec["models"]))
+    else:
+        build_sd15_random(Path(spec["models"]), name)
+
+
+# ---------------------------------------------------------------- in the parent
+
+
+def in_child(spec: dict) -> dict:
+    """Run `spec` in a fresh process and return its figures (its stderr passes through)."""
+    proc = subprocess.run([sys.executable, __file__, "--child"], input=json.dumps(spec),
+                          stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_spec(args, graph: dict, path: str, **changes) -> dict:
+    """What one child measures; by default every figure of the paths table."""
+    return {"path": path, "models": str(args.models), "graph": graph, "precision": args.precision,
+            "batch_jobs": 1, "runs": args.runs, "cached_runs": max(args.runs, 5),
+            "warmup": 2 if args.quick else 1, "clients": list(CLIENTS), "rounds": 3 if args.quick else 1,
+            **changes}
+
+
+def txt2img(ckpt: str | None = None, size: int | None = None, steps: int | None = None) -> dict:
+    """graphs/txt2img.json, as it is or set to one image of `size` with euler/normal at cfg 7."""
+    from plinth.graphs import read
+
+    graph = json.loads(read("txt2img.json"))
+    if ckpt is not None:
+        graph["4"]["inputs"]["ckpt_name"] = ckpt
+        graph["5"]["inputs"].update(width=size, height=size, batch_size=1)
+        graph["3"]["inputs"].update(steps=steps, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    return graph
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fmt_rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.3g}/s"
+
+
+def print_table(header: list[str], widths: list[int], rows: list[list[str]]) -> None:
+    for cells in [header, *rows]:
+        print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+
+
+def compare_paths(args, graph: dict, case: str) -> dict:
+    """(a), (b), (c) and (c) at the other batch_jobs values, each in its own process."""
+    rows: dict[str, dict] = {}
+    for path in (p for p in "abc" if p in args.only):
+        rows[PATHS[path]] = in_child(child_spec(args, graph, path))
+    if "c" in args.only:
+        for jobs in (j for j in args.batch_jobs_list if j != 1):
+            rows[f"(c) batch_jobs={jobs}"] = in_child(child_spec(args, graph, "c", batch_jobs=jobs, runs=0,
+                                                                 clients=[8]))
+    print(f"{case}, median of {args.runs} (cached: {max(args.runs, 5)})")
+    print_table(
+        ["path", "first run*", "seed changed", "cached re-run", "overhead", "peak RSS",
+         *(f"{n} client{'s' * (n > 1)}" for n in CLIENTS)],
+        [30, 11, 13, 15, 10, 10, 10, 10, 10],
+        [[label, fmt_time(row.get("first_s")), fmt_time(row.get("seed_changed_s")),
+          "n/a (no cache)" if label == PATHS["a"] else fmt_time(row.get("cached_s")),
+          fmt_time(row.get("overhead_s")), f"{row['peak_rss_mb']:.0f} MB",
+          *(fmt_rate(row["throughput_per_s"].get(str(n))) for n in CLIENTS)] for label, row in rows.items()])
+    print("  * the first run includes the model load.\n"
+          "  (a) has no output cache: an identical re-run is a full run, the same as 'seed changed'; n/a.\n"
+          "  (a)'s concurrent clients share one pipeline behind a lock: served one at a time.\n"
+          "  Plinth runs with batch_jobs=1 (off) unless named; overhead = end to end minus time inside nodes.\n")
+
+    def ratio(label: str, figure: Callable[[dict], float | None]) -> float | None:
+        if label not in rows or PATHS["a"] not in rows:
+            return None
+        mine, theirs = figure(rows[label]), figure(rows[PATHS["a"]])
+        return None if mine is None or theirs is None else mine / theirs
+
+    ratios = {f"{PATHS[p]} / (a), seed changed": ratio(PATHS[p], lambda row: row.get("seed_changed_s"))
+              for p in "bc"}
+    for label in rows:
+        if label != PATHS["a"]:
+            ratios[f"{label} / (a), throughput at 8 clients"] = ratio(
+                label, lambda row: row["throughput_per_s"].get("8"))
+    print("ratios (time: lower is better for Plinth; throughput: higher is better)")
+    for name, value in ratios.items():
+        print(f"  {name:<60} {'-' if value is None else f'{value:.3f}'}")
+    print()
+    return {"rows": rows, "ratios": ratios}
+
+
+def tiny_overhead(args) -> dict:
+    """The demo graph as it is over gRPC: what a request costs beyond the nodes' own work."""
+    spec = child_spec(args, txt2img(), "c", precision="float32", runs=args.tiny_runs, cached_runs=args.tiny_runs,
+                      warmup=3, clients=[8], rounds=5)
+    out = {"batch_jobs=1": in_child(spec)}
+    for jobs in (j for j in args.batch_jobs_list if j != 1):
+        out[f"batch_jobs={jobs}"] = in_child({**spec, "batch_jobs": jobs, "runs": 0})
+    row = out["batch_jobs=1"]
+    print(f"tiny-sd, graphs/txt2img.json as is (64x64, 2 steps, batch 2), gRPC, median of {args.tiny_runs}")
+    print(f"  seed changed, end to end      {fmt_time(row['seed_changed_s'])}")
+    print(f"  per-request overhead          {fmt_time(row['overhead_s'])}   (end to end minus time inside nodes)")
+    print(f"  fully cached re-run           {fmt_time(row['cached_s'])}")
+    for label, figures in out.items():
+        print(f"  8 clients, {label:<18} {fmt_rate(figures['throughput_per_s']['8'])}")
+    print()
+    return out
+
+
+def targets(paths: dict | None, tiny: dict | None) -> dict:
+    """Each target: its figure, PASS or FAIL, or "not run" when a path it needs was left out."""
+    rows = paths["rows"] if paths else {}
+    a, c, tiny = rows.get(PATHS["a"], {}), rows.get(PATHS["c"], {}), (tiny or {}).get("batch_jobs=1", {})
+    warm = paths["ratios"][f"{PATHS['c']} / (a), seed changed"] if paths else None
+    cached = [x for x in (c.get("cached_s"), tiny.get("cached_s")) if x is not None]
+    overhead = tiny.get("overhead_s")
+    rss = c["peak_rss_mb"] / a["peak_rss_mb"] if a and c else None
+    checks = {  # target: (figure, passed, as shown)
+        TARGETS["warm_ratio"]: (warm, warm <= 1.03 if warm else None, f"{warm:.3f}" if warm else "-"),
+        TARGETS["cached"]: (max(cached, default=None), max(cached) < 0.020 if cached else None,
+                            " / ".join(fmt_time(x) for x in cached) + " ((c) / tiny)" if cached else "-"),
+        TARGETS["overhead"]: (overhead, overhead < 0.005 if overhead else None, fmt_time(overhead)),
+        TARGETS["rss"]: (rss, rss <= 1.10 if rss else None, f"{rss:.3f} x (a)" if rss else "-"),
+    }
+    print("targets")
+    for name, (_, ok, shown) in checks.items():
+        print(f"  {name:<45} {shown:>30}   {'not run' if ok is None else ('PASS' if ok else 'FAIL')}")
+    return {name: {"value": value, "pass": ok} for name, (value, ok, _) in checks.items()}
+
+
+def compare_precision(args, graph: dict, case: str) -> dict:
+    """(c) in float32 and in bfloat16: speed, and how far apart the images for one seed are."""
+    import numpy as np
+    from PIL import Image
+
+    rows, pixels = {}, []
+    with tempfile.TemporaryDirectory(prefix="plinth-bench-precision-") as folder:
+        for precision in ("float32", "bfloat16"):
+            image = Path(folder) / f"{precision}.png"
+            rows[precision] = in_child(child_spec(args, graph, "c", precision=precision, cached_runs=0, clients=[],
+                                                  image=str(image)))
+            pixels.append(np.asarray(Image.open(image).convert("RGB"), dtype=np.int16))
+    diff = np.abs(pixels[0] - pixels[1])
+    print(f"{case}, (c) Plinth gRPC, median of {args.runs}; images for seed 1")
+    for precision, row in rows.items():
+        print(f"  {precision:<9} first {fmt_time(row['first_s']):>10}   "
+              f"seed changed {fmt_time(row['seed_changed_s']):>10}")
+    speed = rows["bfloat16"]["seed_changed_s"] / rows["float32"]["seed_changed_s"]
+    print(f"  bfloat16 / float32 seed changed: {speed:.3f}")
+    print(f"  image difference (0..255): mean {diff.mean():.2f}, max {diff.max()}")
+    return {"rows": rows, "image_abs_diff": {"mean": float(diff.mean()), "max": int(diff.max())}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tiny-runs", type=int, default=30)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "plinth-bench-models")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "compare.json")
+    parser.add_argument("--only", type=lambda s: set(s.split(",")), default={"a", "b", "c", "tiny"},
+                        help="a subset of a,b,c,tiny")
+    parser.add_argument("--batch-jobs-list", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--quick", action="store_true", help="tiny-sd at 64x64 for every path")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="only (c) in float32 against bfloat16")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one spec from stdin, here
+    args = parser.parse_args()
+    if not args.only <= {"a", "b", "c", "tiny"}:
+        parser.error(f"--only takes a,b,c,tiny, not {','.join(sorted(args.only))}")
+    if args.child:
+        spec = json.load(sys.stdin)
+        if spec["path"] == "build":
+            build(spec)
+            print("{}")
+        else:
+            print(json.dumps(measure(spec)))
+        return
+
+    if args.quick:
+        ckpt, size = "tiny-sd", 64
+    else:
+        ckpt, size = "sd15-random", args.size
+    graph = txt2img(ckpt, size, args.steps)
+    case = (f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, CPU "
+            f"{'float32 vs bfloat16' if args.compare_precision else args.precision}")
+    start = time.perf_counter()
+    in_child({"path": "build", "models": str(args.models), "graph": graph})
+    print(f"model {ckpt} ready under {args.models} in {time.perf_counter() - start:.1f} s\n")
+
+    results: dict = {"case": case, "runs": args.runs, "tiny_runs": args.tiny_runs}
+    if args.compare_precision:
+        results["precision"] = compare_precision(args, graph, case)
+    else:
+        paths = compare_paths(args, graph, case) if args.only & set("abc") else None
+        tiny = tiny_overhead(args) if "tiny" in args.only else None
+        results.update(paths=paths, tiny=tiny, targets=targets(paths, tiny))
+    write_json(results, args.json)
+    print(f"\nfigures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
