@@ -334,7 +334,8 @@ def test_run_without_a_listener_streams_only_the_results_and_still_says_how_each
     full = client.run(txt2img, results_only=False)
     txt2img["3"]["inputs"]["seed"] = 6061
     lean = client.run(txt2img)  # no on_event: results_only
-    assert kinds(lean.events) == ["output", "output", "completed"]
+    assert kinds(lean.events) == ["output", "completed"]  # both images in one Output event
+    assert [r.node_id for r in lean.events[0].output.images] == ["9", "9"]
     assert {k: (v.class_type, v.status) for k, v in lean.nodes.items()} == \
         {k: (v.class_type, v.status) for k, v in full.nodes.items()}
     assert lean.nodes["3"].status == "executed" and lean.nodes["3"].seconds > 0
@@ -344,3 +345,18 @@ def test_run_without_a_listener_streams_only_the_results_and_still_says_how_each
     client.run(txt2img, on_event=seen.append)
     assert kinds(seen)[:2] == ["queued", "started"] and set(seen[-1].nodes) == set(full.nodes)
     assert all(v.status == "cached" for v in seen[-1].nodes.values())
+
+
+def test_packed_outputs_split_where_the_bytes_would_not_fit_a_message():
+    from plinth.nodes.context import ImageRef
+    from plinth.server.api.convert import packed_outputs
+    from plinth.server.engine import events as ev
+
+    def out(seq, node, *sizes):
+        images = [ImageRef(f"{node}-{seq}-{i}", "x.png", 1, 1, b"p" * n) for i, n in enumerate(sizes)]
+        return ev.Event("job", seq, float(seq), ev.Output(node, images))
+
+    events = [out(3, "9", 40), out(4, "9", 50), out(5, "9", 30), out(6, "12", 10), out(7, "9", 200)]
+    packed = list(packed_outputs(events, True, None, max_inline=100))
+    assert [(m.seq, m.output.node_id, [len(r.png) for r in m.output.images]) for m in packed] == [
+        (3, "9", [40, 50]), (5, "9", [30]), (6, "12", [10]), (7, "9", [0])]  # too big: fetched by id

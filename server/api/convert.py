@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, node_service_pb2 as ns
 from plinth.nodes.context import ImageRef
@@ -72,6 +72,26 @@ def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None
     elif isinstance(p, ev.Cancelled):
         msg.cancelled.reason = p.reason
     return msg
+
+
+def packed_outputs(events: list[ev.Event], with_bytes: bool, read_image: ReadImage | None,
+                   max_inline: int) -> Iterator[gs.JobEvent]:
+    """Output events as few messages: consecutive images of one node share an Output event
+    (with the first one's seq and time) while their bytes fit `max_inline`."""
+    message: gs.JobEvent | None = None
+    size = 0
+    for event in events:
+        for image in event.payload.images:
+            ref = image_ref(image, event.payload.node_id, with_bytes, read_image, max_inline)
+            if message is None or message.output.node_id != event.payload.node_id or size + len(ref.png) > max_inline:
+                if message is not None:
+                    yield message
+                message = gs.JobEvent(job_id=event.job_id, seq=event.seq, time=event.time)
+                message.output.node_id, size = event.payload.node_id, 0
+            message.output.images.append(ref)
+            size += len(ref.png)
+    if message is not None:
+        yield message
 
 
 def job(job: Job) -> gs.Job:

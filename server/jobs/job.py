@@ -22,6 +22,10 @@ from plinth.server.engine.validate import ExecutionPlan
 from plinth.server.workspace import JobResources
 
 
+# The events a results-only watcher gets.
+RESULTS = (ev.Output, *ev.TERMINAL)
+
+
 class JobStatus(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -78,7 +82,9 @@ class Job:
     events: list[ev.Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._changed = threading.Condition()
+        lock = threading.RLock()
+        self._changed = threading.Condition(lock)  # every event
+        self._results = threading.Condition(lock)  # Output and terminal events only
         self._cancel = threading.Event()
         self.cancel_reason = CANCELLED_WHILE_RUNNING
 
@@ -136,20 +142,29 @@ class Job:
 
     def _notify(self, event: ev.Event) -> None:
         self._changed.notify_all()
+        if isinstance(event.payload, RESULTS):
+            self._results.notify_all()
         for observe in self.observers:
             observe(self, event)
 
-    def watch(self, start: int = 0, stop: threading.Event | None = None) -> Iterator[ev.Event]:
-        """Every event from `start` on, as it comes, until the terminal event (or `stop`)."""
+    def watch(self, start: int = 0, stop: threading.Event | None = None,
+              results_only: bool = False) -> Iterator[ev.Event]:
+        """Every event from `start` on, as it comes, until the terminal event (or `stop`). With
+        results_only just the Output events and the terminal one, and the watcher is not woken
+        for the others (a sampler step each), so it takes no CPU from the run."""
         index = start
+        wake = self._results if results_only else self._changed
         while True:
             with self._changed:
-                while index >= len(self.events):
+                while index >= len(self.events) or (
+                        results_only and not any(isinstance(e.payload, RESULTS) for e in self.events[index:])):
                     if self.status.terminal or (stop is not None and stop.is_set()):
                         return
-                    self._changed.wait(timeout=0.5)
+                    wake.wait(timeout=0.5)
                 batch = self.events[index:]
             for event in batch:
+                if results_only and not isinstance(event.payload, RESULTS):
+                    continue
                 yield event
                 if isinstance(event.payload, ev.TERMINAL):
                     return

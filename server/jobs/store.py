@@ -73,6 +73,9 @@ JOB_COLUMNS = "n, id, created_at, priority, status, omit_image_bytes, started_at
 PAYLOADS = {cls.__name__: cls for cls in get_args(ev.EventPayload)}
 # Most writes the writer thread puts in one transaction.
 BATCH = 2000
+# Seconds an unwaited write waits for others to share its commit: a job's events (a sampler
+# step each) go in a few transactions instead of one each, which took CPU from the run.
+LINGER = 0.005
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -235,9 +238,13 @@ class JobStore:
         closing = False
         while not closing:
             batch = [self._writes.get()]
+            linger_until = time.monotonic() + LINGER
             while len(batch) < BATCH and batch[-1] is not None:
+                # Unwaited writes (events) linger a little to share a commit; a waited one
+                # (a submit, a job's end) is committed at once with whatever is queued.
+                remaining = linger_until - time.monotonic() if batch[-1][1] is None else 0.0
                 try:
-                    batch.append(self._writes.get_nowait())
+                    batch.append(self._writes.get(timeout=remaining) if remaining > 0 else self._writes.get_nowait())
                 except queue.Empty:
                     break
             if batch[-1] is None:
