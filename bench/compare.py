@@ -4,6 +4,7 @@
                             [--only a,b,c,tiny] [--batch-jobs-list 1,8] [--precision float32]
                             [--json bench/results/compare.json] [--quick]
     python bench/compare.py --compare-precision [--runs 3] [--quick]
+    python bench/compare.py --device cuda --precision float16 --size 512 --steps 20   # on a GPU
 
 One SD1.5-shaped model with seeded random weights (built once under --models, see
 common.build_sd15_random), --size x --size, --steps steps, euler, scheduler normal, cfg 7,
@@ -75,6 +76,7 @@ TARGETS = {  # what must hold
 class Outcome:
     node_seconds: float | None  # time inside node execution (Plinth only)
     image: object | None  # the first output image (PIL)
+    sampler_seconds: float | None = None  # the KSampler node's time (Plinth only)
 
 
 Call = Callable[[int], Outcome]  # one request with this seed, returned when it has ended
@@ -91,7 +93,7 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
     sampler, latent = graph["3"]["inputs"], graph["5"]["inputs"]
     assert (sampler["sampler_name"], sampler["scheduler"]) == ("euler", "normal"), sampler
     folder = Path(spec["models"]) / "checkpoints" / graph["4"]["inputs"]["ckpt_name"]
-    dtype = torch.bfloat16 if spec["precision"] == "bfloat16" else torch.float32
+    dtype = getattr(torch, spec["precision"])
     loaded = {}
 
     def generate(seed: int) -> Outcome:
@@ -102,6 +104,7 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
                 folder, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
                 local_files_only=True, dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
+            pipe.to(spec["device"])
             loaded["pipe"] = pipe
         images = loaded["pipe"](
             graph["6"]["inputs"]["text"], negative_prompt=graph["7"]["inputs"]["text"],
@@ -117,7 +120,7 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
 def plinth_config(spec: dict, **extra):
     from plinth.server.config import Config
 
-    return Config(models_dir=Path(spec["models"]), data_dir=Path(spec["data"]), device="cpu",
+    return Config(models_dir=Path(spec["models"]), data_dir=Path(spec["data"]), device=spec["device"],
                   precision=spec["precision"], batch_jobs=spec["batch_jobs"], **extra)
 
 
@@ -144,7 +147,7 @@ def open_service(spec: dict) -> Iterator[Call]:
             pass
         assert job.status == JobStatus.COMPLETED, f"{job.status.value}: {job.error}"
         seconds = sum(n.seconds for n in job.nodes.values() if n.status == "executed")
-        return Outcome(seconds, Image.open(io.BytesIO(job.outputs[0].png)))
+        return Outcome(seconds, Image.open(io.BytesIO(job.outputs[0].png)), sampler_seconds(job.nodes))
 
     try:
         yield call
@@ -163,9 +166,15 @@ def open_grpc(spec: dict) -> Iterator[Call]:
         def call(seed: int) -> Outcome:
             result = client.run(with_seed(spec["graph"], seed))
             seconds = sum(n.seconds for n in result.nodes.values() if n.status == "executed")
-            return Outcome(seconds, result.images[0])
+            return Outcome(seconds, result.images[0], sampler_seconds(result.nodes))
 
         yield call
+
+
+def sampler_seconds(nodes: dict) -> float | None:
+    """The KSampler's own time in a run where it executed (node "3" of the txt2img graph)."""
+    node = nodes.get("3")
+    return node.seconds if node is not None and node.status == "executed" else None
 
 
 OPENERS = {"a": open_diffusers, "b": open_service, "c": open_grpc}
@@ -225,6 +234,8 @@ def measure(spec: dict) -> dict:
             out["seed_changed_s"] = statistics.median(out["seed_changed_runs_s"])
             if spec["path"] != "a":
                 out["overhead_s"] = statistics.median([t - o.node_seconds for t, o in warm])
+                steps = spec["graph"]["3"]["inputs"]["steps"]
+                out["sampler_it_per_s"] = statistics.median([steps / o.sampler_seconds for _, o in warm])
             if spec["path"] != "a" and spec["cached_runs"]:  # the last graph again: all cached
                 out["cached_s"] = statistics.median(timed(lambda: call(warm_seeds[-1]), spec["cached_runs"]))
         out["throughput_per_s"] = {str(n): throughput(call, n, seeds, spec["rounds"]) for n in spec["clients"]}
@@ -256,6 +267,7 @@ def in_child(spec: dict) -> dict:
 def child_spec(args, graph: dict, path: str, **changes) -> dict:
     """What one child measures; by default every figure of the paths table."""
     return {"path": path, "models": str(args.models), "graph": graph, "precision": args.precision,
+            "device": args.device,
             "batch_jobs": 1, "runs": args.runs, "cached_runs": max(args.runs, 5),
             "warmup": 2 if args.quick else 1, "clients": list(CLIENTS), "rounds": 3 if args.quick else 1,
             **changes}
@@ -299,17 +311,20 @@ def compare_paths(args, graph: dict, case: str) -> dict:
                                                                  clients=[8]))
     print(f"{case}, median of {args.runs} (cached: {max(args.runs, 5)})")
     print_table(
-        ["path", "first run*", "seed changed", "cached re-run", "overhead", "peak RSS",
+        ["path", "first run*", "seed changed", "cached re-run", "overhead", "sampler", "peak RSS",
          *(f"{n} client{'s' * (n > 1)}" for n in CLIENTS)],
-        [30, 11, 13, 15, 10, 10, 10, 10, 10],
+        [30, 11, 13, 15, 10, 12, 10, 10, 10, 10],
         [[label, fmt_time(row.get("first_s")), fmt_time(row.get("seed_changed_s")),
           "n/a (no cache)" if label == PATHS["a"] else fmt_time(row.get("cached_s")),
-          fmt_time(row.get("overhead_s")), f"{row['peak_rss_mb']:.0f} MB",
+          fmt_time(row.get("overhead_s")),
+          f"{row['sampler_it_per_s']:.2f} it/s" if row.get("sampler_it_per_s") else "-",
+          f"{row['peak_rss_mb']:.0f} MB",
           *(fmt_rate(row["throughput_per_s"].get(str(n))) for n in CLIENTS)] for label, row in rows.items()])
     print("  * the first run includes the model load.\n"
           "  (a) has no output cache: an identical re-run is a full run, the same as 'seed changed'; n/a.\n"
           "  (a)'s concurrent clients share one pipeline behind a lock: served one at a time.\n"
-          "  Plinth runs with batch_jobs=1 (off) unless named; overhead = end to end minus time inside nodes.\n")
+          "  Plinth runs with batch_jobs=1 (off) unless named; overhead = end to end minus time inside nodes;\n"
+          "  sampler = steps / the KSampler node's seconds (UNet calls at batch 2 for cfg).\n")
 
     def ratio(label: str, figure: Callable[[dict], float | None]) -> float | None:
         if label not in rows or PATHS["a"] not in rows:
@@ -403,7 +418,9 @@ def main() -> None:
     parser.add_argument("--only", type=lambda s: set(s.split(",")), default={"a", "b", "c", "tiny"},
                         help="a subset of a,b,c,tiny")
     parser.add_argument("--batch-jobs-list", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="float16 is for --device cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--quick", action="store_true", help="tiny-sd at 64x64 for every path")
     parser.add_argument("--compare-precision", action="store_true",
                         help="only (c) in float32 against bfloat16")
@@ -425,7 +442,7 @@ def main() -> None:
     else:
         ckpt, size = "sd15-random", args.size
     graph = txt2img(ckpt, size, args.steps)
-    case = (f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, CPU "
+    case = (f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, {args.device} "
             f"{'float32 vs bfloat16' if args.compare_precision else args.precision}")
     start = time.perf_counter()
     in_child({"path": "build", "models": str(args.models), "graph": graph})
