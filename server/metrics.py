@@ -27,6 +27,8 @@ Names (all prefixed `plinth_`):
 | cache_bytes, cache_max_bytes, cache_entries | gauge | | service.cache |
 | model_loads_total | counter | | service.models.loads |
 | model_memory_bytes, model_budget_bytes | gauge | | service.models |
+| model_offloaded_bytes | gauge | | service.models (models moved off the GPU to RAM) |
+| batched_forwards_total, batched_calls_total | counter | | service.lockstep (batch_jobs > 1): UNet forwards, and the sampler calls they served |
 | device_memory_allocated_bytes, device_memory_reserved_bytes | gauge | | torch.cuda, CUDA only |
 
 plus the standard `process_*` family (process_resident_memory_bytes is the RSS; Linux).
@@ -215,6 +217,14 @@ class _ServiceCollector(Collector):
             yield from gauge("model_memory_bytes", "Bytes of loaded models (model manager).",
                              lambda: _retry(lambda: models.bytes_used))
             yield from gauge("model_budget_bytes", "The model manager's byte budget.", lambda: models.budget_bytes)
+            yield from gauge("model_offloaded_bytes", "Bytes of models moved off the device to RAM.",
+                             lambda: _retry(lambda: models.offloaded_bytes))
+        lockstep = getattr(service, "lockstep", None)
+        if lockstep is not None:
+            yield from counter("batched_forwards", "UNet forwards run for jobs side by side (batch_jobs > 1).",
+                               lambda: lockstep.stats.forwards)
+            yield from counter("batched_calls", "Sampler UNet calls those forwards served; calls / forwards is "
+                               "the mean batch.", lambda: lockstep.stats.calls)
         device = getattr(service, "device", None)
         if getattr(device, "type", "") == "cuda":
             import torch

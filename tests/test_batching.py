@@ -19,9 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from plinth.server.config import Config
 from plinth.server.engine.batching import Lockstep
 from plinth.server.jobs.job import JobStatus
+from plinth.server.metrics import Metrics
 from plinth.server.service import PlinthService
 from support import files
 from support.lora_files import kohya, random_lora
@@ -66,7 +69,14 @@ def run_jobs(models: Path, data: Path, graphs: list[dict], batch_jobs: int):
                 pass
         assert [j.status for j in jobs] == [JobStatus.COMPLETED] * len(jobs), [j.error for j in jobs]
         images = [[np.asarray(Image.open(io.BytesIO(ref.png))).astype(int) for ref in job.outputs] for job in jobs]
-        return images, service.lockstep.stats if service.lockstep else None
+        if service.lockstep is None:
+            return images, None
+        exported = {s.name: s.value for family in text_string_to_metric_families(
+            Metrics(service, subscribe=False).render().decode()) for s in family.samples}
+        stats = service.lockstep.stats
+        assert exported["plinth_batched_forwards_total"] == stats.forwards
+        assert exported["plinth_batched_calls_total"] == stats.calls
+        return images, stats
     finally:
         service.stop()
         service.close()
