@@ -1,7 +1,7 @@
 """The server's core without gRPC: validate and queue jobs, run them on a worker thread (one at
 a time, or up to batch_jobs side by side with their sampler steps batched: see
-server/engine/batching.py), and keep them for GetJob, Watch and ListJobs: live and recent ones in memory, every one
-in the job store (data_dir/jobs.sqlite3), which is what survives a restart.
+server/engine/batching.py), and keep them for GetJob, Watch and ListJobs: live and recent ones
+in memory, every one in the job store (data_dir/jobs.sqlite3), which is what survives a restart.
 
 Restart policy: jobs the previous process left queued or running are marked failed ("server
 stopped while the job was queued/running"), never run again (their uploaded images are not
@@ -59,8 +59,9 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 def pick_device(name: str, precision: str = "auto") -> tuple[torch.device, torch.dtype]:
     """The device (CUDA when there is one, for "auto") and the dtype models run in: float16 on
-    CUDA and float32 on the CPU unless `precision` names one (bfloat16 is about 1.6x faster per
-    step on CPUs with AVX-512 BF16, and no longer bit-exact with float32)."""
+    CUDA and float32 on the CPU unless `precision` names one (bfloat16 takes half the time of
+    float32 on this project's CPU and moves pixels by about 1 level in 255: bench/compare.py
+    --compare-precision)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -373,8 +374,9 @@ class PlinthService:
 
     def _busy(self) -> bool:
         with self._running_lock:
-            members = [t for t in self._members if t.is_alive()]
-        return bool(self._running) or bool(members) or (self._worker is not None and self._worker.is_alive())
+            if self._running or any(t.is_alive() for t in self._members):
+                return True
+        return self._worker is not None and self._worker.is_alive()
 
     def _join(self, deadline: float) -> None:
         """Wait until the worker and every member thread have ended, or the deadline."""

@@ -4,7 +4,8 @@ and each job's images are those it gets alone.
 Tolerance: a batched forward runs the same kernels over more rows; oneDNN and MKL may block a
 GEMM or a convolution differently for another batch size, which changes float rounding (not
 the maths). The images are compared as saved 8-bit PNGs and may differ by at most 1 level in a
-pixel; the tests record the largest difference they see, which on this machine is 0.
+pixel (a float difference of ~1e-6 can round across a level). On this machine six different
+jobs batched together differ from their lone runs by 1 level in 6 of 73,728 values.
 """
 
 from __future__ import annotations

@@ -271,6 +271,34 @@ def test_models_the_running_job_holds_are_not_moved_until_it_ends():
     assert moves == [("a", "cpu")] and manager.bytes_used == 40
 
 
+def test_jobs_side_by_side_each_keep_their_own_models_and_free_them_when_they_end():
+    import threading
+
+    handle, loads, moves = fakes()
+    manager = ModelManager(50, device="cuda", offload_budget_bytes=100, mover=recording_mover)
+    a_holds, b_ends, a_ends = threading.Event(), threading.Event(), threading.Event()
+
+    def job_a():
+        with manager.job_scope():
+            manager.get(handle("a"))
+            a_holds.set()
+            b_ends.wait(10)
+            manager.get(handle("c"))  # over budget: b (ended) goes, a (held) stays
+            assert ("a", "cpu") not in moves and ("b", "cpu") in moves
+        a_ends.set()
+
+    thread = threading.Thread(target=job_a)
+    thread.start()
+    a_holds.wait(10)
+    with manager.job_scope():  # job b, on this thread, while a runs
+        manager.get(handle("b"))  # over budget, but a is held by job a
+        assert moves == []
+    b_ends.set()
+    thread.join(10)
+    assert a_ends.is_set()
+    assert ("a", "cpu") in moves and manager.bytes_used <= 50  # both ended: back under budget
+
+
 def test_unmovable_models_are_dropped_and_errors_are_clear():
     handle, loads, moves = fakes()
     manager = ModelManager(40, device="cuda", offload_budget_bytes=100, mover=lambda model, device: False)

@@ -85,8 +85,10 @@ class ModelManager:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # on the device, LRU first
         self._offloaded: OrderedDict[str, LoadedModel] = OrderedDict()  # moved to the CPU, LRU first
         self._lock = threading.RLock()
-        self._in_use: set[str] | None = None  # keys a running job got (job_scope): never moved out
-        self._scopes = 0
+        # Keys each running job got (job_scope), by job: never moved out while it runs. A job
+        # runs on one thread (jobs side by side each on their own), so get() finds its set there.
+        self._scopes: list[set[str]] = []
+        self._scope = threading.local()
         self.loads = 0  # reads from disk
         self.restores = 0  # offloaded models moved back to the device
         self.offloads = 0  # models moved from the device to the CPU
@@ -98,8 +100,9 @@ class ModelManager:
     def get(self, handle: ModelHandle) -> Any:
         with self._lock:
             key = handle.key
-            if self._in_use is not None:
-                self._in_use.add(key)
+            scope = getattr(self._scope, "keys", None)
+            if scope is not None:
+                scope.add(key)
             entry = self._loaded.get(key)
             if entry is not None:
                 self._loaded.move_to_end(key)
@@ -140,7 +143,7 @@ class ModelManager:
     def _make_room(self, nbytes: int, for_key: str) -> None:
         """Evict least recently used device models until `nbytes` more fit the budget; models
         the running job holds (job_scope) stay, even past the budget, until the job ends."""
-        in_use = self._in_use or set()
+        in_use = self._in_use()
         while self.bytes_used + nbytes > self.budget_bytes:
             victim = next((k for k in self._loaded if k not in in_use and k != for_key), None)
             if victim is None:
@@ -174,20 +177,23 @@ class ModelManager:
 
     @contextlib.contextmanager
     def job_scope(self) -> Iterator[None]:
-        """Around one job's run: models it gets are not moved off the device while it runs (a
-        node may hold one while getting another); the budget is enforced again when it ends."""
+        """Around one job's run, on the thread that runs it: models it gets are not moved off
+        the device while it runs (a node may hold one while getting another); the budget is
+        enforced again when it ends."""
+        keys: set[str] = set()
         with self._lock:
-            if self._scopes == 0:
-                self._in_use = set()
-            self._scopes += 1
+            self._scopes.append(keys)
+        self._scope.keys = keys
         try:
             yield
         finally:
+            self._scope.keys = None
             with self._lock:
-                self._scopes -= 1
-                if self._scopes == 0:
-                    self._in_use = None
-                    self._make_room(0, "")
+                self._scopes = [k for k in self._scopes if k is not keys]  # by identity: sets may be equal
+                self._make_room(0, "")
+
+    def _in_use(self) -> set[str]:
+        return set().union(*self._scopes)
 
     def unload(self, key: str) -> bool:
         with self._lock:
@@ -209,7 +215,7 @@ class ModelManager:
             dropped = self.offloaded_bytes
             self._offloaded.clear()
             if unload_device_models:
-                in_use = self._in_use or set()
+                in_use = self._in_use()
                 for key in [k for k in self._loaded if k not in in_use]:
                     dropped += self._loaded.pop(key).nbytes
         gc.collect()
