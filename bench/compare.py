@@ -29,7 +29,7 @@ cached re-run and 8-client throughput at each batch_jobs, and the targets with P
 The (c)/(a) seed-changed target is checked on the paired run: (a) and (c) each in a fresh
 process, in turn for --paired rounds, the median of the rounds' ratios (see compare_paired:
 the table's paths run minutes apart, and this machine drifts by 10% over minutes).
-Prints tables and writes the figures as JSON to --json. About 30 minutes on 2 cores.
+Prints tables and writes the figures as JSON to --json. About 35 minutes on 2 cores.
 
 --quick uses tiny-sd at 64x64 for every path, to check the script itself in a minute or two.
 --compare-precision runs only (c) in float32 and in bfloat16: seed-changed medians of each and
