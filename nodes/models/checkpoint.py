@@ -97,11 +97,7 @@ def load_vae(path: Path, device: torch.device, dtype: torch.dtype, options: Mode
     if vae.dtype != dtype:
         vae.to(dtype)
     if options is not None:
-        set_attention(vae, use_xformers(device, options.attention))
-        if options.channels_last and device.type == "cuda":
-            vae.to(memory_format=torch.channels_last)
-        if options.warm_up:
-            warm_up_vae(vae)
+        prepare_vae(vae, device, options, use_xformers(device, options.attention))
     return vae
 
 
@@ -155,32 +151,36 @@ def prepare_model(model: StableDiffusion, device: torch.device, options: ModelOp
     warm-up forward of each part. Every module object stays the same, so callers' references,
     `unet.config`, `.parameters()` and LoRA / IP-Adapter hooks and processors keep working."""
     xformers = use_xformers(device, options.attention)
-    for module in (model.unet, model.vae):
-        set_attention(module, xformers)
+    set_attention(model.unet, xformers)
     if options.channels_last and device.type == "cuda":
         model.unet.to(memory_format=torch.channels_last)
-        model.vae.to(memory_format=torch.channels_last)
     if options.compile:
-        compile_in_place(model.unet)
+        # nn.Module.compile keeps the module object: its config, parameters, submodules and
+        # hooks stay what callers hold. Compilation happens at the first call (the warm-up).
+        model.unet.compile()
     if options.warm_up:
-        warm_up(model)
+        warm_up_unet_and_text(model)
+    prepare_vae(model.vae, device, options, xformers)
     log.info("model set up on %s: attention %s, channels_last %s, compile %s, warm-up %s", device,
              "xformers" if xformers else "sdpa", options.channels_last and device.type == "cuda",
              options.compile, options.warm_up)
     return model
 
 
-def compile_in_place(module: torch.nn.Module) -> None:
-    """torch.compile the module's forward, keeping the module object (nn.Module.compile): its
-    config, parameters, submodules and hooks stay what callers hold. Compilation itself happens
-    at the first call (the warm-up, when on)."""
-    module.compile()
+def prepare_vae(vae: Any, device: torch.device, options: ModelOptions, xformers: bool) -> None:
+    """A VAE's part of the set-up, for one in a checkpoint or loaded on its own."""
+    set_attention(vae, xformers)
+    if options.channels_last and device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
+    if options.warm_up:
+        warm_up_vae(vae)
 
 
 @torch.inference_mode()
-def warm_up(model: StableDiffusion) -> None:
-    """One small forward of the text encoder, the UNet and the VAE decoder, so the first job
-    does not pay the process's first-call costs (kernel selection, allocator growth, compile)."""
+def warm_up_unet_and_text(model: StableDiffusion) -> None:
+    """One small forward of the text encoder and the UNet (the VAE's is warm_up_vae), so the
+    first job does not pay the process's first-call costs (kernel selection, allocator growth,
+    compile)."""
     start = time.perf_counter()
     unet, text = model.unet, model.text_encoder
     device = next(unet.parameters()).device
@@ -192,7 +192,6 @@ def warm_up(model: StableDiffusion) -> None:
     context = torch.zeros(1, min(77, length), width, device=device, dtype=unet.dtype)
     sample = torch.zeros(1, int(unet.config.in_channels), 8, 8, device=device, dtype=unet.dtype)
     unet(sample, torch.tensor([999], device=device), encoder_hidden_states=context)
-    warm_up_vae(model.vae)
     log.info("warm-up took %.2f s", time.perf_counter() - start)
 
 

@@ -25,7 +25,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,6 @@ class BatchStats:
     forwards: int = 0  # UNet forwards run here
     calls: int = 0  # sampler calls they served
     largest: int = 0  # most calls in one forward
-    sizes: dict[int, int] = field(default_factory=dict)  # calls per forward -> forwards
 
 
 class Lockstep:
@@ -147,4 +146,3 @@ class Lockstep:
         stats.forwards += 1
         stats.calls += len(group)
         stats.largest = max(stats.largest, len(group))
-        stats.sizes[len(group)] = stats.sizes.get(len(group), 0) + 1

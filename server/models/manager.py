@@ -91,7 +91,6 @@ class ModelManager:
         self._scope = threading.local()
         self.loads = 0  # reads from disk
         self.restores = 0  # offloaded models moved back to the device
-        self.offloads = 0  # models moved from the device to the CPU
 
     @property
     def two_tier(self) -> bool:
@@ -172,7 +171,6 @@ class ModelManager:
             return
         entry.device = "cpu"
         self._offloaded[entry.key] = entry
-        self.offloads += 1
         log.info("offloaded %s (%d MiB) to the CPU %s", entry.key, entry.nbytes >> 20, reason)
 
     @contextlib.contextmanager
