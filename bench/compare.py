@@ -101,19 +101,31 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
 
     def generate(seed: int) -> Outcome:
         if "pipe" not in loaded:
-            scheduler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True,
-                                                               timestep_spacing="linspace")
+            scheduler = EulerDiscreteScheduler.from_pretrained(
+                folder, subfolder="scheduler", local_files_only=True, timestep_spacing="linspace"
+            )
             pipe = StableDiffusionPipeline.from_pretrained(
-                folder, scheduler=scheduler, safety_checker=None, requires_safety_checker=False,
-                local_files_only=True, dtype=dtype)
+                folder,
+                scheduler=scheduler,
+                safety_checker=None,
+                requires_safety_checker=False,
+                local_files_only=True,
+                dtype=dtype,
+            )
             pipe.set_progress_bar_config(disable=True)
             pipe.to(spec["device"])
             loaded["pipe"] = pipe
         images = loaded["pipe"](
-            graph["6"]["inputs"]["text"], negative_prompt=graph["7"]["inputs"]["text"],
-            width=latent["width"], height=latent["height"], num_images_per_prompt=latent["batch_size"],
-            num_inference_steps=sampler["steps"], guidance_scale=sampler["cfg"],
-            generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images
+            graph["6"]["inputs"]["text"],
+            negative_prompt=graph["7"]["inputs"]["text"],
+            width=latent["width"],
+            height=latent["height"],
+            num_images_per_prompt=latent["batch_size"],
+            num_inference_steps=sampler["steps"],
+            guidance_scale=sampler["cfg"],
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+        ).images
         return Outcome(None, images[0])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as worker:
@@ -123,8 +135,14 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
 def plinth_config(spec: dict, **extra):
     from plinth.server.config import Config
 
-    return Config(models_dir=Path(spec["models"]), data_dir=Path(spec["data"]), device=spec["device"],
-                  precision=spec["precision"], batch_jobs=spec["batch_jobs"], **extra)
+    return Config(
+        models_dir=Path(spec["models"]),
+        data_dir=Path(spec["data"]),
+        device=spec["device"],
+        precision=spec["precision"],
+        batch_jobs=spec["batch_jobs"],
+        **extra,
+    )
 
 
 def with_seed(graph: dict, seed: int) -> dict:
@@ -166,6 +184,7 @@ def open_grpc(spec: dict) -> Iterator[Call]:
     from plinth.server.app import PlinthServer
 
     with PlinthServer(plinth_config(spec, port=0)) as server, Client(server.address) as client:
+
         def call(seed: int) -> Outcome:
             result = client.run(with_seed(spec["graph"], seed))
             seconds = sum(n.seconds for n in result.nodes.values() if n.status == "executed")
@@ -197,8 +216,9 @@ def throughput(call: Call, clients: int, seeds: Iterator[int], rounds: int) -> f
     for _ in range(rounds):
         barrier = threading.Barrier(clients + 1)
         errors: list[Exception] = []
-        threads = [threading.Thread(target=one_client, args=(call, next(seeds), barrier, errors))
-                   for _ in range(clients)]
+        threads = [
+            threading.Thread(target=one_client, args=(call, next(seeds), barrier, errors)) for _ in range(clients)
+        ]
         for t in threads:
             t.start()
         barrier.wait()
@@ -223,8 +243,10 @@ def measure(spec: dict) -> dict:
     quiet()
     seeds = itertools.count(1)
     out: dict = {}
-    with tempfile.TemporaryDirectory(prefix="plinth-bench-data-") as data, \
-            OPENERS[spec["path"]]({**spec, "data": data}) as call:
+    with (
+        tempfile.TemporaryDirectory(prefix="plinth-bench-data-") as data,
+        OPENERS[spec["path"]]({**spec, "data": data}) as call,
+    ):
         out["first_s"], first = clocked(call, next(seeds))
         if spec.get("image"):
             first.image.save(spec["image"])
@@ -262,18 +284,28 @@ def build(spec: dict) -> None:
 
 def in_child(spec: dict) -> dict:
     """Run `spec` in a fresh process and return its figures (its stderr passes through)."""
-    proc = subprocess.run([sys.executable, __file__, "--child"], input=json.dumps(spec),
-                          stdout=subprocess.PIPE, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child"], input=json.dumps(spec), stdout=subprocess.PIPE, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def child_spec(args, graph: dict, path: str, **changes) -> dict:
     """What one child measures; by default every figure of the paths table."""
-    return {"path": path, "models": str(args.models), "graph": graph, "precision": args.precision,
-            "device": args.device,
-            "batch_jobs": 1, "runs": args.runs, "cached_runs": max(args.runs, 5),
-            "warmup": 2 if args.quick else 1, "clients": list(CLIENTS), "rounds": 3 if args.quick else 1,
-            **changes}
+    return {
+        "path": path,
+        "models": str(args.models),
+        "graph": graph,
+        "precision": args.precision,
+        "device": args.device,
+        "batch_jobs": 1,
+        "runs": args.runs,
+        "cached_runs": max(args.runs, 5),
+        "warmup": 2 if args.quick else 1,
+        "clients": list(CLIENTS),
+        "rounds": 3 if args.quick else 1,
+        **changes,
+    }
 
 
 def txt2img(ckpt: str | None = None, size: int | None = None, steps: int | None = None) -> dict:
@@ -310,24 +342,43 @@ def compare_paths(args, graph: dict, case: str) -> dict:
         rows[PATHS[path]] = in_child(child_spec(args, graph, path))
     if "c" in args.only:
         for jobs in (j for j in args.batch_jobs_list if j != 1):
-            rows[f"(c) batch_jobs={jobs}"] = in_child(child_spec(args, graph, "c", batch_jobs=jobs, runs=0,
-                                                                 clients=[8]))
+            rows[f"(c) batch_jobs={jobs}"] = in_child(
+                child_spec(args, graph, "c", batch_jobs=jobs, runs=0, clients=[8])
+            )
     print(f"{case}, median of {args.runs} (cached: {max(args.runs, 5)})")
     print_table(
-        ["path", "first run*", "seed changed", "cached re-run", "overhead", "sampler", "peak RSS",
-         *(f"{n} client{'s' * (n > 1)}" for n in CLIENTS)],
+        [
+            "path",
+            "first run*",
+            "seed changed",
+            "cached re-run",
+            "overhead",
+            "sampler",
+            "peak RSS",
+            *(f"{n} client{'s' * (n > 1)}" for n in CLIENTS),
+        ],
         [30, 11, 13, 15, 10, 12, 10, 10, 10, 10],
-        [[label, fmt_time(row.get("first_s")), fmt_time(row.get("seed_changed_s")),
-          "n/a (no cache)" if label == PATHS["a"] else fmt_time(row.get("cached_s")),
-          fmt_time(row.get("overhead_s")),
-          f"{row['sampler_it_per_s']:.2f} it/s" if row.get("sampler_it_per_s") else "-",
-          f"{row['peak_rss_mb']:.0f} MB",
-          *(fmt_rate(row["throughput_per_s"].get(str(n))) for n in CLIENTS)] for label, row in rows.items()])
-    print("  * the first run includes the model load.\n"
-          "  (a) has no output cache: an identical re-run is a full run, the same as 'seed changed'; n/a.\n"
-          "  (a)'s concurrent clients share one pipeline behind a lock: served one at a time.\n"
-          "  Plinth runs with batch_jobs=1 (off) unless named; overhead = end to end minus time inside nodes;\n"
-          "  sampler = steps / the KSampler node's seconds (UNet calls at batch 2 for cfg).\n")
+        [
+            [
+                label,
+                fmt_time(row.get("first_s")),
+                fmt_time(row.get("seed_changed_s")),
+                "n/a (no cache)" if label == PATHS["a"] else fmt_time(row.get("cached_s")),
+                fmt_time(row.get("overhead_s")),
+                f"{row['sampler_it_per_s']:.2f} it/s" if row.get("sampler_it_per_s") else "-",
+                f"{row['peak_rss_mb']:.0f} MB",
+                *(fmt_rate(row["throughput_per_s"].get(str(n))) for n in CLIENTS),
+            ]
+            for label, row in rows.items()
+        ],
+    )
+    print(
+        "  * the first run includes the model load.\n"
+        "  (a) has no output cache: an identical re-run is a full run, the same as 'seed changed'; n/a.\n"
+        "  (a)'s concurrent clients share one pipeline behind a lock: served one at a time.\n"
+        "  Plinth runs with batch_jobs=1 (off) unless named; overhead = end to end minus time inside nodes;\n"
+        "  sampler = steps / the KSampler node's seconds (UNet calls at batch 2 for cfg).\n"
+    )
 
     def ratio(label: str, figure: Callable[[dict], float | None]) -> float | None:
         if label not in rows or PATHS["a"] not in rows:
@@ -335,12 +386,12 @@ def compare_paths(args, graph: dict, case: str) -> dict:
         mine, theirs = figure(rows[label]), figure(rows[PATHS["a"]])
         return None if mine is None or theirs is None else mine / theirs
 
-    ratios = {f"{PATHS[p]} / (a), seed changed": ratio(PATHS[p], lambda row: row.get("seed_changed_s"))
-              for p in "bc"}
+    ratios = {f"{PATHS[p]} / (a), seed changed": ratio(PATHS[p], lambda row: row.get("seed_changed_s")) for p in "bc"}
     for label in rows:
         if label != PATHS["a"]:
             ratios[f"{label} / (a), throughput at 8 clients"] = ratio(
-                label, lambda row: row["throughput_per_s"].get("8"))
+                label, lambda row: row["throughput_per_s"].get("8")
+            )
     print("ratios (time: lower is better for Plinth; throughput: higher is better)")
     for name, value in ratios.items():
         print(f"  {name:<60} {'-' if value is None else f'{value:.3f}'}")
@@ -362,8 +413,10 @@ def compare_paired(args, graph: dict) -> dict:
             row = in_child(child_spec(args, graph, path, cached_runs=0, clients=[]))
             times[path].append(row["seed_changed_s"])
     ratios = {f"{path}/a": statistics.median(t / a for t, a in zip(times[path], times["a"])) for path in paths[1:]}
-    print(f"paired: {', '.join(PATHS[p] for p in paths)}, each in a fresh process, in turn for {args.paired} "
-          f"rounds (each figure a process's seed-changed median of {args.runs})")
+    print(
+        f"paired: {', '.join(PATHS[p] for p in paths)}, each in a fresh process, in turn for {args.paired} "
+        f"rounds (each figure a process's seed-changed median of {args.runs})"
+    )
     for path in paths:
         print(f"  {PATHS[path]:<28} {' '.join(f'{t:6.2f} s' for t in times[path])}")
     for name, value in ratios.items():
@@ -374,8 +427,17 @@ def compare_paired(args, graph: dict) -> dict:
 
 def tiny_overhead(args) -> dict:
     """The demo graph as it is over gRPC: what a request costs beyond the nodes' own work."""
-    spec = child_spec(args, txt2img(), "c", precision="float32", runs=args.tiny_runs, cached_runs=args.tiny_runs,
-                      warmup=3, clients=[8], rounds=5)
+    spec = child_spec(
+        args,
+        txt2img(),
+        "c",
+        precision="float32",
+        runs=args.tiny_runs,
+        cached_runs=args.tiny_runs,
+        warmup=3,
+        clients=[8],
+        rounds=5,
+    )
     out = {"batch_jobs=1": in_child(spec)}
     for jobs in (j for j in args.batch_jobs_list if j != 1):
         out[f"batch_jobs={jobs}"] = in_child({**spec, "batch_jobs": jobs, "runs": 0})
@@ -404,8 +466,11 @@ def targets(paths: dict | None, tiny: dict | None, pairs: dict | None = None) ->
     rss = c["peak_rss_mb"] / a["peak_rss_mb"] if a and c else None
     checks = {  # target: (figure, passed, as shown)
         TARGETS["warm_ratio"]: (warm, warm <= 1.03 if warm else None, f"{warm:.3f}" if warm else "-"),
-        TARGETS["cached"]: (max(cached, default=None), max(cached) < 0.020 if cached else None,
-                            " / ".join(fmt_time(x) for x in cached) + " ((c) / tiny)" if cached else "-"),
+        TARGETS["cached"]: (
+            max(cached, default=None),
+            max(cached) < 0.020 if cached else None,
+            " / ".join(fmt_time(x) for x in cached) + " ((c) / tiny)" if cached else "-",
+        ),
         TARGETS["overhead"]: (overhead, overhead < 0.005 if overhead else None, fmt_time(overhead)),
         TARGETS["rss"]: (rss, rss <= 1.10 if rss else None, f"{rss:.3f} x (a)" if rss else "-"),
     }
@@ -424,14 +489,17 @@ def compare_precision(args, graph: dict, case: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="plinth-bench-precision-") as folder:
         for precision in ("float32", "bfloat16"):
             image = Path(folder) / f"{precision}.png"
-            rows[precision] = in_child(child_spec(args, graph, "c", precision=precision, cached_runs=0, clients=[],
-                                                  image=str(image)))
+            rows[precision] = in_child(
+                child_spec(args, graph, "c", precision=precision, cached_runs=0, clients=[], image=str(image))
+            )
             pixels.append(np.asarray(Image.open(image).convert("RGB"), dtype=np.int16))
     diff = np.abs(pixels[0] - pixels[1])
     print(f"{case}, (c) Plinth gRPC, median of {args.runs}; images for seed 1")
     for precision, row in rows.items():
-        print(f"  {precision:<9} first {fmt_time(row['first_s']):>10}   "
-              f"seed changed {fmt_time(row['seed_changed_s']):>10}")
+        print(
+            f"  {precision:<9} first {fmt_time(row['first_s']):>10}   "
+            f"seed changed {fmt_time(row['seed_changed_s']):>10}"
+        )
     speed = rows["bfloat16"]["seed_changed_s"] / rows["float32"]["seed_changed_s"]
     print(f"  bfloat16 / float32 seed changed: {speed:.3f}")
     print(f"  image difference (0..255): mean {diff.mean():.2f}, max {diff.max()}")
@@ -446,19 +514,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "plinth-bench-models")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "compare.json")
-    parser.add_argument("--only", type=lambda s: set(s.split(",")), default={"a", "b", "c", "paired", "tiny"},
-                        help="a subset of a,b,c (the table), paired, tiny")
+    parser.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default={"a", "b", "c", "paired", "tiny"},
+        help="a subset of a,b,c (the table), paired, tiny",
+    )
     parser.add_argument("--batch-jobs-list", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
-    parser.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="float16 is for --device cuda")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="float16 is for --device cuda",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--quick", action="store_true", help="tiny-sd at 64x64 for every path")
-    parser.add_argument("--paired", type=int, default=3, metavar="ROUNDS",
-                        help="rounds of the paired run ((a) and --paired-with, fresh processes in turn)")
-    parser.add_argument("--paired-with", type=lambda s: [p for p in "bc" if p in s.split(",")], default=["c"],
-                        help="the Plinth paths the paired run sets beside (a): b, c or b,c")
-    parser.add_argument("--compare-precision", action="store_true",
-                        help="only (c) in float32 against bfloat16")
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=3,
+        metavar="ROUNDS",
+        help="rounds of the paired run ((a) and --paired-with, fresh processes in turn)",
+    )
+    parser.add_argument(
+        "--paired-with",
+        type=lambda s: [p for p in "bc" if p in s.split(",")],
+        default=["c"],
+        help="the Plinth paths the paired run sets beside (a): b, c or b,c",
+    )
+    parser.add_argument("--compare-precision", action="store_true", help="only (c) in float32 against bfloat16")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one spec from stdin, here
     args = parser.parse_args()
     if not args.only <= {"a", "b", "c", "paired", "tiny"}:
@@ -477,8 +561,10 @@ def main() -> None:
     else:
         ckpt, size = "sd15-random", args.size
     graph = txt2img(ckpt, size, args.steps)
-    case = (f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, {args.device} "
-            f"{'float32 vs bfloat16' if args.compare_precision else args.precision}")
+    case = (
+        f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, {args.device} "
+        f"{'float32 vs bfloat16' if args.compare_precision else args.precision}"
+    )
     start = time.perf_counter()
     in_child({"path": "build", "models": str(args.models), "graph": graph})
     print(f"model {ckpt} ready under {args.models} in {time.perf_counter() - start:.1f} s\n")

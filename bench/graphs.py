@@ -40,9 +40,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="plinth-bench-graphs-"))
     # Made in a child process: once this process's main thread has used torch, the server's
     # worker thread runs about 2x slower on this 2-core machine (see bench/latency.py).
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from support.saved_graphs import write_graph_models as w; from pathlib import Path; "
-                    "w(Path(sys.argv[2]))", str(REPO / "tests"), str(root / "models")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "from support.saved_graphs import write_graph_models as w; from pathlib import Path; "
+            "w(Path(sys.argv[2]))",
+            str(REPO / "tests"),
+            str(root / "models"),
+        ],
+        check=True,
+    )
     seeds = itertools.count(1000)
     rows = {}
     config = Config(models_dir=root / "models", data_dir=root / "data", device="cpu", port=0)
@@ -63,9 +72,11 @@ def main() -> None:
             first = timed(lambda: run(True), 1)[0]
             changed = timed(lambda: run(True), args.runs) if samplers else []
             cached = timed(lambda: run(False), args.runs)
-            rows[name] = {"first_ms": round(first * 1000, 1),
-                          "seed_changed_ms": round(median_ms(changed), 1) if changed else None,
-                          "cached_ms": round(median_ms(cached), 2)}
+            rows[name] = {
+                "first_ms": round(first * 1000, 1),
+                "seed_changed_ms": round(median_ms(changed), 1) if changed else None,
+                "cached_ms": round(median_ms(cached), 2),
+            }
     print(f"saved graphs on tiny-sd, CPU, through gRPC; medians of {args.runs} runs")
     print(f"{'graph':<28} {'first':>10} {'new seed':>10} {'cached':>10}")
     for name, row in rows.items():

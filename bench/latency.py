@@ -69,8 +69,10 @@ def measure(path: str, runs: int) -> dict[str, float]:
         fn = in_process if path == "in-process" else over_grpc
         for _ in range(3):  # model load, the first UNet calls, the channel
             fn(next(seeds))
-        return {"seed_changed_ms": median_ms(timed(lambda: fn(next(seeds)), runs)),
-                "cached_ms": median_ms(timed(lambda: fn(None), runs))}
+        return {
+            "seed_changed_ms": median_ms(timed(lambda: fn(next(seeds)), runs)),
+            "cached_ms": median_ms(timed(lambda: fn(None), runs)),
+        }
 
 
 def main() -> None:
@@ -85,8 +87,12 @@ def main() -> None:
 
     rows = {}
     for path in PATHS:
-        proc = subprocess.run([sys.executable, __file__, "--path", path, "--runs", str(args.runs)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--path", path, "--runs", str(args.runs)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
     overhead = {k: rows["gRPC"][k] - rows["in-process"][k] for k in rows["gRPC"]}
     print(f"tiny-sd, demo graph (64x64, 2 steps, batch 2), CPU, median of {args.runs} runs")

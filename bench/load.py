@@ -36,8 +36,13 @@ def main() -> None:
     base = json.loads(read("txt2img.json"))
     base["5"]["inputs"]["batch_size"] = 1
     root = Path(tempfile.mkdtemp(prefix="plinth-bench-load-"))
-    config = Config(models_dir=root / "models", data_dir=root / "data", device="cpu", port=0,
-                    limits=Limits(max_queue=args.max_queue))
+    config = Config(
+        models_dir=root / "models",
+        data_dir=root / "data",
+        device="cpu",
+        port=0,
+        limits=Limits(max_queue=args.max_queue),
+    )
     latencies: list[float] = []
     refused: list[str] = []
     lost: list[str] = []
@@ -75,10 +80,15 @@ def main() -> None:
         wall = time.perf_counter() - wall
     latencies.sort()
     figures = {
-        "jobs": args.clients * args.jobs_per_client, "concurrency": args.clients,
-        "completed": len(latencies), "refused": len(refused), "lost_or_failed": len(lost),
+        "jobs": args.clients * args.jobs_per_client,
+        "concurrency": args.clients,
+        "completed": len(latencies),
+        "refused": len(refused),
+        "lost_or_failed": len(lost),
         "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
-        "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 1) if latencies else None,
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 1)
+        if latencies
+        else None,
         "throughput_jobs_per_s": round(len(latencies) / wall, 1),
     }
     report(figures, args.json)

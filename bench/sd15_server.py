@@ -45,8 +45,10 @@ def main() -> None:
     graph["3"]["inputs"].update(steps=args.steps, cfg=7.0, sampler_name="euler", scheduler="normal")
     seeds = itertools.count(1)
     data = Path(tempfile.mkdtemp(prefix="plinth-bench-data-"))
-    with PlinthServer(Config(models_dir=args.models, data_dir=data, device="cpu", port=0)) as server, \
-            Client(server.address) as client:
+    with (
+        PlinthServer(Config(models_dir=args.models, data_dir=data, device="cpu", port=0)) as server,
+        Client(server.address) as client,
+    ):
 
         def run(seed: int | None):
             if seed is not None:

@@ -15,9 +15,7 @@ from plinth.nodes.resize import fit_mask
 from plinth.nodes.schema import Choice, Float, Link, Node, Output
 
 # sRGB (D65) to CIE XYZ, and the D65 white point.
-RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
-              (0.2126729, 0.7151522, 0.0721750),
-              (0.0193339, 0.1191920, 0.9503041))
+RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
 WHITE = (0.95047, 1.0, 1.08883)
 DELTA = 6.0 / 29.0
 # Smallest standard deviation divided by, in the units of the working space (RGB 0..1, and Lab
@@ -29,7 +27,7 @@ def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in 0..1 [...,3] to CIE Lab (D65), scaled by 1/100 so L runs 0..1."""
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb.clamp_min(0) + 0.055) / 1.055) ** 2.4)
     xyz = linear @ rgb.new_tensor(RGB_TO_XYZ).t() / rgb.new_tensor(WHITE)
-    f = torch.where(xyz > DELTA ** 3, xyz.clamp_min(DELTA ** 3) ** (1.0 / 3.0), xyz / (3 * DELTA ** 2) + 4.0 / 29.0)
+    f = torch.where(xyz > DELTA**3, xyz.clamp_min(DELTA**3) ** (1.0 / 3.0), xyz / (3 * DELTA**2) + 4.0 / 29.0)
     fx, fy, fz = f.unbind(-1)
     return torch.stack([1.16 * fy - 0.16, 5.0 * (fx - fy), 2.0 * (fy - fz)], dim=-1)
 
@@ -39,10 +37,9 @@ def lab_to_srgb(lab: torch.Tensor) -> torch.Tensor:
     light, a, b = lab.unbind(-1)
     fy = (light + 0.16) / 1.16
     f = torch.stack([fy + a / 5.0, fy, fy - b / 2.0], dim=-1)
-    xyz = torch.where(f > DELTA, f ** 3, 3 * DELTA ** 2 * (f - 4.0 / 29.0)) * lab.new_tensor(WHITE)
+    xyz = torch.where(f > DELTA, f**3, 3 * DELTA**2 * (f - 4.0 / 29.0)) * lab.new_tensor(WHITE)
     linear = xyz @ torch.linalg.inv(lab.new_tensor(RGB_TO_XYZ)).t()
-    return torch.where(linear <= 0.0031308, linear * 12.92,
-                       1.055 * linear.clamp_min(0.0031308) ** (1.0 / 2.4) - 0.055)
+    return torch.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear.clamp_min(0.0031308) ** (1.0 / 2.4) - 0.055)
 
 
 def channel_stats(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +53,14 @@ def channel_stats(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Te
     return mean, std
 
 
-def transfer_colors(image: torch.Tensor, reference: torch.Tensor, strength: float, method: str,
-                    mask: torch.Tensor | None = None,
-                    reference_mask: torch.Tensor | None = None) -> torch.Tensor:
+def transfer_colors(
+    image: torch.Tensor,
+    reference: torch.Tensor,
+    strength: float,
+    method: str,
+    mask: torch.Tensor | None = None,
+    reference_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`image` [B,H,W,C] with the colour statistics of `reference` [b,h,w,C].
 
     Each image entry is measured on its own (inside `mask`, where given); the reference's
@@ -70,13 +72,19 @@ def transfer_colors(image: torch.Tensor, reference: torch.Tensor, strength: floa
     batch, height, width = image.shape[:3]
     rgb = image[..., :3].float()
     ref = to_space(reference[..., :3].float().to(rgb.device))
-    ref_weights = (torch.ones(ref.shape[:3], device=ref.device) if reference_mask is None
-                   else fit_mask(reference_mask.to(ref.device), ref.shape[0], ref.shape[1], ref.shape[2]))
+    ref_weights = (
+        torch.ones(ref.shape[:3], device=ref.device)
+        if reference_mask is None
+        else fit_mask(reference_mask.to(ref.device), ref.shape[0], ref.shape[1], ref.shape[2])
+    )
     if ref_weights.sum() <= 0:
         raise NodeInputError("reference_mask selects no pixels of the reference to measure")
     ref_mean, ref_std = channel_stats(ref, ref_weights)
-    weights = (torch.ones((batch, height, width), device=rgb.device) if mask is None
-               else fit_mask(mask.to(rgb.device), batch, height, width))
+    weights = (
+        torch.ones((batch, height, width), device=rgb.device)
+        if mask is None
+        else fit_mask(mask.to(rgb.device), batch, height, width)
+    )
     moved = []
     for entry, entry_weights in zip(to_space(rgb), weights):
         if entry_weights.sum() <= 0:  # nothing to measure, and nothing will be changed
@@ -108,7 +116,14 @@ class ColorTransfer(Node):
     mask = Link("MASK", optional=True)
     reference_mask = Link("MASK", optional=True)
 
-    def run(self, ctx: NodeContext, image: torch.Tensor, reference: torch.Tensor, strength: float,
-            method: str, mask: torch.Tensor | None = None,
-            reference_mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+    def run(
+        self,
+        ctx: NodeContext,
+        image: torch.Tensor,
+        reference: torch.Tensor,
+        strength: float,
+        method: str,
+        mask: torch.Tensor | None = None,
+        reference_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor]:
         return (transfer_colors(image, reference, strength, method, mask, reference_mask),)

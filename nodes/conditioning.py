@@ -29,7 +29,8 @@ def area_in_latent(area: tuple[int, int, int, int], height: int, width: int) -> 
         raise NodeInputError(
             f"ConditioningSetArea's area (x={x * 8}, y={y * 8}, {w * 8}x{h * 8} pixels) lies outside the "
             f"{width * 8}x{height * 8}-pixel image being sampled; move it inside (x below {width * 8}, "
-            f"y below {height * 8})")
+            f"y below {height * 8})"
+        )
     return clipped_h, clipped_w, y, x
 
 
@@ -102,11 +103,11 @@ class ConditioningSetArea(Node):
     y = Int(default=0, min=0, max=MAX_RESOLUTION, step=8)
     strength = Float(default=1.0, min=0.0, max=10.0, step=0.01)
 
-    def run(self, ctx: NodeContext, conditioning: Conditioning, width: int, height: int, x: int, y: int,
-            strength: float) -> tuple[Conditioning]:
+    def run(
+        self, ctx: NodeContext, conditioning: Conditioning, width: int, height: int, x: int, y: int, strength: float
+    ) -> tuple[Conditioning]:
         area = (height // 8, width // 8, y // 8, x // 8)
-        return ([ConditioningEntry(e.embeds, {**e.options, "area": area, "strength": strength})
-                 for e in conditioning],)
+        return ([ConditioningEntry(e.embeds, {**e.options, "area": area, "strength": strength}) for e in conditioning],)
 
 
 class ConditioningZeroOut(Node):

@@ -71,7 +71,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     config["block_out_channels"] = [shape(f"down_blocks.{i}.resnets.0.conv2.weight")[0] for i in levels]
     config["down_block_types"] = [
         "CrossAttnDownBlock2D" if any(k.startswith(f"down_blocks.{i}.attentions.") for k in shapes) else "DownBlock2D"
-        for i in levels]
+        for i in levels
+    ]
     config["in_channels"] = shape("conv_in.weight")[1]
     to_k = sorted(k for k in shapes if k.endswith("attn2.to_k.weight"))
     if to_k:
@@ -80,7 +81,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     config["conditioning_channels"] = hint_in[1]
     steps = len(_indices(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")) // 2
     config["conditioning_embedding_out_channels"] = [hint_in[0]] + [
-        shape(f"controlnet_cond_embedding.blocks.{2 * k + 1}.weight")[0] for k in range(steps)]
+        shape(f"controlnet_cond_embedding.blocks.{2 * k + 1}.weight")[0] for k in range(steps)
+    ]
     return config
 
 
@@ -101,9 +103,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             elif "input_hint_block.0.weight" in keys:
                 layout, wanted, strip = "original", keys, ""
             else:
-                raise NodeInputError(f"{path.name}: not a ControlNet (it has neither diffusers' "
-                                     "controlnet_cond_embedding.* nor the original input_hint_block.* weights)")
-            state = {k[len(strip):]: f.get_tensor(k) for k in wanted}
+                raise NodeInputError(
+                    f"{path.name}: not a ControlNet (it has neither diffusers' "
+                    "controlnet_cond_embedding.* nor the original input_hint_block.* weights)"
+                )
+            state = {k[len(strip) :]: f.get_tensor(k) for k in wanted}
     except NodeInputError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -120,14 +124,16 @@ def _convert_original(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     blocks = _indices(state, r"input_blocks\.(\d+)\.")
     downsamplers = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in state]
     layers = downsamplers[0] - 1 if downsamplers else len(blocks) - 1
-    converted = {k: v for k, v in convert_controlnet_checkpoint(state, {"layers_per_block": layers}).items()
-                 if v is not None}
+    converted = {
+        k: v for k, v in convert_controlnet_checkpoint(state, {"layers_per_block": layers}).items() if v is not None
+    }
     used = {id(v) for v in converted.values()}
     return converted, sorted(k for k, v in state.items() if id(v) not in used)
 
 
-def build_controlnet(state: dict[str, torch.Tensor], name: str, layout: str = "diffusers",
-                     config: dict[str, Any] | None = None) -> Any:
+def build_controlnet(
+    state: dict[str, torch.Tensor], name: str, layout: str = "diffusers", config: dict[str, Any] | None = None
+) -> Any:
     """A ControlNetModel with exactly these weights (diffusers keys, or original keys without a
     prefix), its config read off the weights unless given. The module is made on the meta
     device, so no time goes into a random initialisation the weights would overwrite."""
@@ -148,8 +154,10 @@ def build_controlnet(state: dict[str, torch.Tensor], name: str, layout: str = "d
     unexpected = sorted([*(state.keys() - expected.keys()), *unused])
     misshapen = sorted(k for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
     if missing or unexpected or misshapen:
-        raise NodeInputError(f"{name}: the weights do not match an SD1.x ControlNet layout "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]})")
+        raise NodeInputError(
+            f"{name}: the weights do not match an SD1.x ControlNet layout "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]})"
+        )
     model.load_state_dict(state, assign=True)
     return model
 
@@ -190,7 +198,6 @@ class ControlNetLoader(Node):
 
     control_net_name = Choice(source="controlnet")
 
-
     def run(self, ctx: NodeContext, control_net_name: str) -> tuple[ModelHandle]:
         device, dtype = ctx.device, ctx.dtype
         handle = file_model(ctx, "controlnet", control_net_name, lambda path: load_controlnet(path, device, dtype))
@@ -201,8 +208,10 @@ class ControlNetLoader(Node):
 def _with_control(cond: Conditioning, spec: ControlSpec) -> Conditioning:
     """Copies of the entries with `spec` added to their controls; the entries given (maybe cached
     outputs of other nodes) are left as they were."""
-    return [ConditioningEntry(entry.embeds, {**entry.options, "controls": (*entry.options.get("controls", ()), spec)})
-            for entry in cond]
+    return [
+        ConditioningEntry(entry.embeds, {**entry.options, "controls": (*entry.options.get("controls", ()), spec)})
+        for entry in cond
+    ]
 
 
 class ControlNetApplyAdvanced(Node):
@@ -227,9 +236,18 @@ class ControlNetApplyAdvanced(Node):
     end_percent = Float(default=1.0, min=0.0, max=1.0, step=0.001)
     vae = Link("VAE", optional=True)
 
-    def run(self, ctx: NodeContext, positive: Conditioning, negative: Conditioning, control_net: ModelHandle,
-            image: torch.Tensor, strength: float, start_percent: float, end_percent: float,
-            vae: Vae | None = None) -> tuple[Conditioning, Conditioning]:
+    def run(
+        self,
+        ctx: NodeContext,
+        positive: Conditioning,
+        negative: Conditioning,
+        control_net: ModelHandle,
+        image: torch.Tensor,
+        strength: float,
+        start_percent: float,
+        end_percent: float,
+        vae: Vae | None = None,
+    ) -> tuple[Conditioning, Conditioning]:
         if strength == 0:
             return positive, negative
         spec = ControlSpec(control_net, image, strength, start_percent, end_percent)

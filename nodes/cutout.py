@@ -64,7 +64,7 @@ class CutoutModel:
         spec = self.session.get_inputs()[0]
         self.input_name = spec.name
         defaults = preprocessing_for(path.name)
-        height, width = (spec.shape[2:4] if len(spec.shape) == 4 else (None, None))
+        height, width = spec.shape[2:4] if len(spec.shape) == 4 else (None, None)
         self.height = height if isinstance(height, int) and height > 0 else defaults.size
         self.width = width if isinstance(width, int) and width > 0 else defaults.size
         self.mean = np.asarray(defaults.mean, dtype=np.float32)[:, None, None]
@@ -77,8 +77,7 @@ class CutoutModel:
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """Foreground probability [H,W] in 0..1 for one IMAGE entry [H,W,C]."""
         height, width = image.shape[:2]
-        small = resize_image(image[None, ..., :3].float().cpu(), self.width, self.height, "bilinear",
-                             antialias=True)[0]
+        small = resize_image(image[None, ..., :3].float().cpu(), self.width, self.height, "bilinear", antialias=True)[0]
         pixels = small.permute(2, 0, 1).numpy()
         pixels = pixels / max(float(pixels.max()), 1e-6)
         batch = ((pixels - self.mean) / self.std)[None].astype(np.float32)
@@ -92,8 +91,9 @@ class CutoutModel:
         return full.clamp(0.0, 1.0)
 
 
-def plain_background_mask(rgb: np.ndarray, tolerance: float, min_area: int, keep_enclosed: bool,
-                          soft_edge: float) -> np.ndarray:
+def plain_background_mask(
+    rgb: np.ndarray, tolerance: float, min_area: int, keep_enclosed: bool, soft_edge: float
+) -> np.ndarray:
     """Product mask [H,W] (1 = product) for one float RGB image [H,W,3] on a plain backdrop.
 
     The backdrop colour is the median of a thin band along the image border (robust to a
@@ -107,8 +107,14 @@ def plain_background_mask(rgb: np.ndarray, tolerance: float, min_area: int, keep
     """
     height, width = rgb.shape[:2]
     band = max(1, round(min(height, width) * 0.02))
-    border = np.concatenate([rgb[:band].reshape(-1, 3), rgb[-band:].reshape(-1, 3),
-                             rgb[:, :band].reshape(-1, 3), rgb[:, -band:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            rgb[:band].reshape(-1, 3),
+            rgb[-band:].reshape(-1, 3),
+            rgb[:, :band].reshape(-1, 3),
+            rgb[:, -band:].reshape(-1, 3),
+        ]
+    )
     backdrop = np.median(border, axis=0)
     near = np.linalg.norm(rgb - backdrop, axis=-1) / np.sqrt(3.0) <= tolerance
     labels, _ = ndimage.label(near)
@@ -147,7 +153,6 @@ class RemoveBackground(Node):
     image = Link("IMAGE")
     model = Choice(source="rembg")
 
-
     def run(self, ctx: NodeContext, image: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
         use_cuda = ctx.device.type == "cuda"
         cutout: CutoutModel = ctx.model(file_model(ctx, "rembg", model, lambda path: CutoutModel(path, use_cuda)))
@@ -168,24 +173,39 @@ class PlainBackgroundCutout(Node):
     OUTPUTS = (Output("MASK"),)
 
     image = Link("IMAGE")
-    tolerance = Float(default=0.1, min=0.0, max=1.0, step=0.01,
-                      tooltip="how far from the backdrop colour a pixel may be and still count as "
-                              "backdrop (0..1, black to white is 1)")
-    min_area = Int(default=64, min=0, max=1 << 28,
-                   tooltip="product specks and enclosed holes smaller than this many pixels are "
-                           "dropped or filled")
-    keep_enclosed = Boolean(default=True,
-                            tooltip="regions of backdrop colour surrounded by the product stay product "
-                                    "(off: large ones are holes through the product)")
-    soft_edge = Float(default=1.0, min=0.0, max=64.0, step=0.1,
-                      tooltip="Gaussian blur of the outline, in pixels")
+    tolerance = Float(
+        default=0.1,
+        min=0.0,
+        max=1.0,
+        step=0.01,
+        tooltip="how far from the backdrop colour a pixel may be and still count as "
+        "backdrop (0..1, black to white is 1)",
+    )
+    min_area = Int(
+        default=64,
+        min=0,
+        max=1 << 28,
+        tooltip="product specks and enclosed holes smaller than this many pixels are dropped or filled",
+    )
+    keep_enclosed = Boolean(
+        default=True,
+        tooltip="regions of backdrop colour surrounded by the product stay product "
+        "(off: large ones are holes through the product)",
+    )
+    soft_edge = Float(default=1.0, min=0.0, max=64.0, step=0.1, tooltip="Gaussian blur of the outline, in pixels")
 
-    def run(self, ctx: NodeContext, image: torch.Tensor, tolerance: float, min_area: int,
-            keep_enclosed: bool, soft_edge: float) -> tuple[torch.Tensor]:
+    def run(
+        self,
+        ctx: NodeContext,
+        image: torch.Tensor,
+        tolerance: float,
+        min_area: int,
+        keep_enclosed: bool,
+        soft_edge: float,
+    ) -> tuple[torch.Tensor]:
         masks = []
         for entry in image:
             ctx.check_cancelled()
             rgb = entry[..., :3].float().cpu().numpy()
-            masks.append(torch.from_numpy(plain_background_mask(rgb, tolerance, min_area, keep_enclosed,
-                                                                soft_edge)))
+            masks.append(torch.from_numpy(plain_background_mask(rgb, tolerance, min_area, keep_enclosed, soft_edge)))
         return (torch.stack(masks).to(image.device),)

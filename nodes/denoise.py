@@ -172,8 +172,14 @@ class Denoiser:
         concat = None
         if self.unet.config.in_channels != self.sd.latent_channels:
             concat = self._inpaint_concat(options, latents)
-        return Part(embeds.to(self.ctx.device, self.dtype), positive, options.get("area"),
-                    float(options.get("strength", 1.0)), tuple(options.get("controls", ())), concat)
+        return Part(
+            embeds.to(self.ctx.device, self.dtype),
+            positive,
+            options.get("area"),
+            float(options.get("strength", 1.0)),
+            tuple(options.get("controls", ())),
+            concat,
+        )
 
     def _inpaint_concat(self, options: dict[str, Any], latents: Latent) -> torch.Tensor:
         """An inpainting UNet's extra input: the mask and the latent of the masked image
@@ -184,12 +190,17 @@ class Denoiser:
         mask = options.get("concat_mask", latents.noise_mask)
         if masked.shape[-2:] != (h, w):  # e.g. upscaled since InpaintModelConditioning
             masked = resize(masked, w, h, "bilinear")
-        mask = (mask_planes(mask.to(self.ctx.device), h, w, batch).clamp(0, 1).round() if mask is not None
-                else torch.ones(batch, 1, h, w, device=self.ctx.device))
+        mask = (
+            mask_planes(mask.to(self.ctx.device), h, w, batch).clamp(0, 1).round()
+            if mask is not None
+            else torch.ones(batch, 1, h, w, device=self.ctx.device)
+        )
         concat = torch.cat([mask, repeat_to_batch(masked, batch)], dim=1)
         if concat.shape[1] + self.sd.latent_channels != self.unet.config.in_channels:
-            raise NodeInputError(f"the model takes {self.unet.config.in_channels} input channels; "
-                                 f"latent plus inpainting input give {concat.shape[1] + self.sd.latent_channels}")
+            raise NodeInputError(
+                f"the model takes {self.unet.config.in_channels} input channels; "
+                f"latent plus inpainting input give {concat.shape[1] + self.sd.latent_channels}"
+            )
         return concat
 
     def predict(self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
@@ -211,16 +222,18 @@ class Denoiser:
             weight[region] += part.strength
         return total / weight
 
-    def _call(self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part],
-              region: tuple[slice, ...] | None = None) -> torch.Tensor:
+    def _call(
+        self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part], region: tuple[slice, ...] | None = None
+    ) -> torch.Tensor:
         """One batched UNet call over several parts (each gets the whole latent batch)."""
         batch = x_in.shape[0]
         length = math.lcm(*(p.embeds.shape[1] for p in parts))
         context = torch.cat([p.embeds.repeat(batch, length // p.embeds.shape[1], 1) for p in parts])
         sample = torch.cat([x_in] * len(parts)).to(self.dtype)
         if any(p.concat is not None for p in parts):
-            sample = torch.cat([sample, torch.cat([p.concat[region] if region else p.concat for p in parts])
-                                .to(self.dtype)], dim=1)
+            sample = torch.cat(
+                [sample, torch.cat([p.concat[region] if region else p.concat for p in parts]).to(self.dtype)], dim=1
+            )
         rows = [p.positive for p in parts for _ in range(batch)]
         kwargs = merged_call_kwargs(self.ctx, self.model.patches, rows, self.progress(t))
         residuals = self._control_residuals(x_in, t, parts, context, region)
@@ -233,8 +246,14 @@ class Denoiser:
             return shared(self.unet, sample, t, context).float()
         return self.unet(sample, t, encoder_hidden_states=context, **kwargs).sample.float()
 
-    def _control_residuals(self, x_in: torch.Tensor, t: torch.Tensor, parts: Sequence[Part],
-                           context: torch.Tensor, region: tuple[slice, ...] | None):
+    def _control_residuals(
+        self,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        parts: Sequence[Part],
+        context: torch.Tensor,
+        region: tuple[slice, ...] | None,
+    ):
         """Sum of the active ControlNets' residuals, per part (zeros for parts without)."""
         progress = self.progress(t)
         active = [[c for c in p.controls if c.start_percent <= progress <= c.end_percent] for p in parts]
@@ -256,20 +275,33 @@ class Denoiser:
         mid = torch.cat([r[1] if r[1] is not None else torch.zeros_like(template[1]) for r in per_part])
         return downs, mid
 
-    def _control(self, spec: ControlSpec, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 region: tuple[slice, ...] | None):
+    def _control(
+        self,
+        spec: ControlSpec,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        region: tuple[slice, ...] | None,
+    ):
         controlnet = self.ctx.model(spec.controlnet)
         batch, _, h, w = x_in.shape
         hint = repeat_to_batch(control_hint(spec.hint, h, w, self.sd.vae_scale).to(self.ctx.device), batch)
         dtype = next(controlnet.parameters()).dtype
-        down, mid = controlnet(x_in.to(dtype), t, encoder_hidden_states=context.to(dtype),
-                               controlnet_cond=hint.to(dtype), conditioning_scale=spec.strength, return_dict=False)
+        down, mid = controlnet(
+            x_in.to(dtype),
+            t,
+            encoder_hidden_states=context.to(dtype),
+            controlnet_cond=hint.to(dtype),
+            conditioning_scale=spec.strength,
+            return_dict=False,
+        )
         return list(down), mid
 
     # loop
 
-    def run(self, latents: Latent, positive: Conditioning, negative: Conditioning,
-            on_step: Callable[[int, int], None]) -> torch.Tensor:
+    def run(
+        self, latents: Latent, positive: Conditioning, negative: Conditioning, on_step: Callable[[int, int], None]
+    ) -> torch.Tensor:
         """Sample and return LATENT samples (unscaled); see the module docstring."""
         plan, scheduler = self.plan, self.scheduler
         device = self.ctx.device
@@ -285,8 +317,11 @@ class Denoiser:
             x = noise * scheduler.init_noise_sigma
         else:
             x = scheduler.add_noise(clean, noise, timesteps[:1])
-        mask = (mask_planes(latents.noise_mask.to(device), *clean.shape[-2:], clean.shape[0]).clamp(0, 1)
-                if latents.noise_mask is not None else None)
+        mask = (
+            mask_planes(latents.noise_mask.to(device), *clean.shape[-2:], clean.shape[0]).clamp(0, 1)
+            if latents.noise_mask is not None
+            else None
+        )
         step_generator = torch.Generator("cpu").manual_seed((plan.seed + 1) % 2**64)
         step_kwargs = {"generator": step_generator} if takes_generator(scheduler) else {}
         pos_parts = self.parts(positive, True, latents)

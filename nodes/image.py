@@ -34,8 +34,9 @@ def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.cat([image, image.new_ones((*image.shape[:-1], channels - have))], dim=-1)
 
 
-def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+def composite(
+    destination: torch.Tensor, source: torch.Tensor, x: int, y: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """`source` pasted onto a copy of `destination` with its top-left corner at (x, y).
 
     The mask (stretched to the source's size, as ComfyUI does) weighs source against
@@ -49,18 +50,19 @@ def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
     visible_h, visible_w = min(src_h, height - y), min(src_w, width - x)
     if visible_h <= 0 or visible_w <= 0:
         return out
-    region = out[:, y:y + visible_h, x:x + visible_w]
+    region = out[:, y : y + visible_h, x : x + visible_w]
     pasted = source[:, :visible_h, :visible_w]
     if mask is None:
-        out[:, y:y + visible_h, x:x + visible_w] = pasted
+        out[:, y : y + visible_h, x : x + visible_w] = pasted
         return out
     weight = fit_mask(mask.to(out.device), batch, src_h, src_w)[:, :visible_h, :visible_w, None]
-    out[:, y:y + visible_h, x:x + visible_w] = pasted * weight + region * (1.0 - weight)
+    out[:, y : y + visible_h, x : x + visible_w] = pasted * weight + region * (1.0 - weight)
     return out
 
 
-def outpaint_mask(height: int, width: int, left: int, top: int, right: int, bottom: int,
-                  feathering: int) -> torch.Tensor:
+def outpaint_mask(
+    height: int, width: int, left: int, top: int, right: int, bottom: int, feathering: int
+) -> torch.Tensor:
     """The [H+top+bottom, W+left+right] inpainting mask of ImagePadForOutpaint: 1 on the new
     border, 0 on the original image except a band of `feathering` pixels along each padded side
     where it falls off as ((f - d) / f)^2 with d the distance into the image.
@@ -78,14 +80,14 @@ def outpaint_mask(height: int, width: int, left: int, top: int, right: int, bott
             if padded:
                 distance = torch.minimum(distance, d.expand(height, width))
         inner = torch.where(distance < feathering, ((feathering - distance) / feathering) ** 2, 0.0)
-    mask[top:top + height, left:left + width] = inner
+    mask[top : top + height, left : left + width] = inner
     return mask
 
 
 def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     """A normalised 1-D Gaussian of 2 * radius + 1 taps, applied along rows then columns."""
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     return kernel / kernel.sum()
 
 
@@ -116,8 +118,8 @@ def canny(image: torch.Tensor, low_threshold: float, high_threshold: float) -> t
     behind = torch.zeros_like(magnitude)
     for index, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
         here = sector == index
-        forward = ring[:, 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
-        backward = ring[:, 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+        forward = ring[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        backward = ring[:, 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
         ahead = torch.where(here, forward, ahead)
         behind = torch.where(here, backward, behind)
     # Strict on one side only, so a ridge two pixels wide keeps exactly one of them.
@@ -143,7 +145,6 @@ class LoadImageMask(Node):
     image = Choice(source="input_images", image_upload=True)
     channel = Choice(options=("alpha", "red", "green", "blue"), default="alpha")
 
-
     def run(self, ctx: NodeContext, image: str, channel: str) -> tuple[torch.Tensor]:
         pixels, transparency = decode_image(ctx.input_image(image), image)
         if channel == "alpha":
@@ -166,8 +167,16 @@ class ImageCompositeMasked(Node):
     resize_source = Boolean(default=False)
     mask = Link("MASK", optional=True)
 
-    def run(self, ctx: NodeContext, destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
-            resize_source: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+    def run(
+        self,
+        ctx: NodeContext,
+        destination: torch.Tensor,
+        source: torch.Tensor,
+        x: int,
+        y: int,
+        resize_source: bool,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor]:
         if resize_source:
             source = resize_image(source, destination.shape[2], destination.shape[1], "bilinear", antialias=True)
         return (composite(destination, source, x, y, mask),)
@@ -187,10 +196,11 @@ class ImageCrop(Node):
     x = Int(default=0, min=0, max=LIMIT)
     y = Int(default=0, min=0, max=LIMIT)
 
-    def run(self, ctx: NodeContext, image: torch.Tensor, width: int, height: int, x: int,
-            y: int) -> tuple[torch.Tensor]:
+    def run(
+        self, ctx: NodeContext, image: torch.Tensor, width: int, height: int, x: int, y: int
+    ) -> tuple[torch.Tensor]:
         x, y = min(x, image.shape[2] - 1), min(y, image.shape[1] - 1)
-        return (image[:, y:y + height, x:x + width].clone(),)
+        return (image[:, y : y + height, x : x + width].clone(),)
 
 
 class ImageInvert(Node):
@@ -240,11 +250,12 @@ class ImagePadForOutpaint(Node):
     bottom = Int(default=0, min=0, max=LIMIT, step=8)
     feathering = Int(default=40, min=0, max=LIMIT)
 
-    def run(self, ctx: NodeContext, image: torch.Tensor, left: int, top: int, right: int, bottom: int,
-            feathering: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, ctx: NodeContext, image: torch.Tensor, left: int, top: int, right: int, bottom: int, feathering: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, height, width, channels = image.shape
         padded = image.new_full((batch, height + top + bottom, width + left + right, channels), 0.5)
-        padded[:, top:top + height, left:left + width] = image
+        padded[:, top : top + height, left : left + width] = image
         mask = outpaint_mask(height, width, left, top, right, bottom, feathering).to(image.device)
         return padded, mask.expand(batch, -1, -1).clone()
 
@@ -264,11 +275,11 @@ class Canny(Node):
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
         low, high = inputs.get("low_threshold"), inputs.get("high_threshold")
         if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
-            return [("low_threshold", "invalid_combination",
-                     f"low_threshold {low} is above high_threshold {high}")]
+            return [("low_threshold", "invalid_combination", f"low_threshold {low} is above high_threshold {high}")]
         return []
 
-    def run(self, ctx: NodeContext, image: torch.Tensor, low_threshold: float,
-            high_threshold: float) -> tuple[torch.Tensor]:
+    def run(
+        self, ctx: NodeContext, image: torch.Tensor, low_threshold: float, high_threshold: float
+    ) -> tuple[torch.Tensor]:
         edges = canny(image, low_threshold, high_threshold)
         return (edges.unsqueeze(-1).repeat(1, 1, 1, 3),)

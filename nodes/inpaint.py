@@ -46,12 +46,13 @@ class VAEEncodeForInpaint(Node):
     mask = Link("MASK")
     grow_mask_by = Int(default=6, min=0, max=64, step=1)
 
-    def run(self, ctx: NodeContext, pixels: torch.Tensor, vae: Vae, mask: torch.Tensor,
-            grow_mask_by: int) -> tuple[Latent]:
+    def run(
+        self, ctx: NodeContext, pixels: torch.Tensor, vae: Vae, mask: torch.Tensor, grow_mask_by: int
+    ) -> tuple[Latent]:
         greyed, mask = grey_out(ctx, vae, pixels, mask)
         if grow_mask_by > 0:  # sample a little beyond the mask so the seam blends
             kernel = torch.ones(1, 1, grow_mask_by, grow_mask_by)
-            mask = F.conv2d(mask.round(), kernel, padding=grow_mask_by // 2)[..., :mask.shape[2], :mask.shape[3]]
+            mask = F.conv2d(mask.round(), kernel, padding=grow_mask_by // 2)[..., : mask.shape[2], : mask.shape[3]]
         return (Latent(vae_encode(ctx, vae, greyed), noise_mask=mask.clamp(0, 1).round()),)
 
 
@@ -84,8 +85,16 @@ class InpaintModelConditioning(Node):
     mask = Link("MASK")
     noise_mask = Boolean(default=True)
 
-    def run(self, ctx: NodeContext, positive: Conditioning, negative: Conditioning, vae: Vae,
-            pixels: torch.Tensor, mask: torch.Tensor, noise_mask: bool) -> tuple:
+    def run(
+        self,
+        ctx: NodeContext,
+        positive: Conditioning,
+        negative: Conditioning,
+        vae: Vae,
+        pixels: torch.Tensor,
+        mask: torch.Tensor,
+        noise_mask: bool,
+    ) -> tuple:
         greyed, mask = grey_out(ctx, vae, pixels, mask)
         original = vae_encode(ctx, vae, pixels)
         masked_latent = vae_encode(ctx, vae, greyed)

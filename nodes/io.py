@@ -60,8 +60,10 @@ def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         frames, masks = [], []
         for index, frame in enumerate(ImageSequence.Iterator(picture)):
             if (index + 1) * frame.width * frame.height > MAX_DECODED_PIXELS:
-                raise NodeInputError(f"image {name!r} decodes to more than {MAX_DECODED_PIXELS} pixels "
-                                     f"({frame.width}x{frame.height}, frame {index + 1})")
+                raise NodeInputError(
+                    f"image {name!r} decodes to more than {MAX_DECODED_PIXELS} pixels "
+                    f"({frame.width}x{frame.height}, frame {index + 1})"
+                )
             frame = ImageOps.exif_transpose(frame)
             if frames and (frame.height, frame.width) != frames[0].shape[:2]:
                 continue
@@ -128,7 +130,6 @@ class LoadImage(Node):
     OUTPUTS = (Output("IMAGE"), Output("MASK"))
 
     image = Choice(source="input_images", image_upload=True)
-
 
     def run(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         return decode_image(ctx.input_image(image), image)

@@ -84,8 +84,10 @@ def clip_vision_config(shapes: dict[str, tuple[int, ...]], name: str) -> Any:
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise NodeInputError(f"{name}: not a CLIP vision model in the transformers layout with a "
-                                 f"projection (weight {key} is missing)")
+            raise NodeInputError(
+                f"{name}: not a CLIP vision model in the transformers layout with a "
+                f"projection (weight {key} is missing)"
+            )
         return shapes[key]
 
     hidden, _, patch, _ = shape("vision_model.embeddings.patch_embedding.weight")
@@ -95,9 +97,13 @@ def clip_vision_config(shapes: dict[str, tuple[int, ...]], name: str) -> Any:
         raise NodeInputError(f"{name}: {positions} position embeddings are not a square grid plus one")
     layers = len({m.group(1) for k in shapes if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))})
     return CLIPVisionConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // HEAD_DIM),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // HEAD_DIM),
         intermediate_size=shape("vision_model.encoder.layers.0.mlp.fc1.weight")[0],
-        patch_size=patch, image_size=grid * patch, projection_dim=shape("visual_projection.weight")[0],
+        patch_size=patch,
+        image_size=grid * patch,
+        projection_dim=shape("visual_projection.weight")[0],
         hidden_act="quick_gelu" if (hidden, layers) in QUICK_GELU_SHAPES else "gelu",
     )
 
@@ -109,8 +115,9 @@ def load_clip_vision(path: Path, device: torch.device, dtype: torch.dtype) -> An
     from transformers.initialization import no_init_weights
 
     if path.is_dir():
-        model, info = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True,
-                                                                    output_loading_info=True)
+        model, info = CLIPVisionModelWithProjection.from_pretrained(
+            path, local_files_only=True, output_loading_info=True
+        )
         if info["missing_keys"]:
             raise NodeInputError(f"{path.name}: weights missing from the folder: {sorted(info['missing_keys'])[:5]}")
     else:
@@ -175,11 +182,15 @@ def split_ipadapter_state(state: dict[str, Any], name: str) -> tuple[dict[str, t
 def _resampler_key(key: str) -> list[str]:
     """diffusers' IPAdapterPlusImageProjection name(s) for an original Resampler weight
     (to_kv becomes to_k and to_v)."""
-    rules = ((r"layers\.(\d+)\.0\.norm1\.", r"layers.\1.ln0."), (r"layers\.(\d+)\.0\.norm2\.", r"layers.\1.ln1."),
-             (r"layers\.(\d+)\.0\.to_q\.", r"layers.\1.attn.to_q."),
-             (r"layers\.(\d+)\.0\.to_out\.", r"layers.\1.attn.to_out.0."),
-             (r"layers\.(\d+)\.1\.0\.", r"layers.\1.ff.0."), (r"layers\.(\d+)\.1\.1\.", r"layers.\1.ff.1.net.0.proj."),
-             (r"layers\.(\d+)\.1\.3\.", r"layers.\1.ff.1.net.2."))
+    rules = (
+        (r"layers\.(\d+)\.0\.norm1\.", r"layers.\1.ln0."),
+        (r"layers\.(\d+)\.0\.norm2\.", r"layers.\1.ln1."),
+        (r"layers\.(\d+)\.0\.to_q\.", r"layers.\1.attn.to_q."),
+        (r"layers\.(\d+)\.0\.to_out\.", r"layers.\1.attn.to_out.0."),
+        (r"layers\.(\d+)\.1\.0\.", r"layers.\1.ff.0."),
+        (r"layers\.(\d+)\.1\.1\.", r"layers.\1.ff.1.net.0.proj."),
+        (r"layers\.(\d+)\.1\.3\.", r"layers.\1.ff.1.net.2."),
+    )
     if m := re.match(r"layers\.(\d+)\.0\.to_kv\.(.+)", key):
         return [f"layers.{m.group(1)}.attn.to_k.{m.group(2)}", f"layers.{m.group(1)}.attn.to_v.{m.group(2)}"]
     for pattern, replacement in rules:
@@ -196,8 +207,10 @@ def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, to
         cross = proj["norm.weight"].shape[0]
         tokens, rest = divmod(proj["proj.weight"].shape[0], cross)
         if rest:
-            raise NodeInputError(f"{name}: image_proj.proj gives {proj['proj.weight'].shape[0]} values, "
-                                 f"not a whole number of {cross}-wide tokens")
+            raise NodeInputError(
+                f"{name}: image_proj.proj gives {proj['proj.weight'].shape[0]} values, "
+                f"not a whole number of {cross}-wide tokens"
+            )
         embed = proj["proj.weight"].shape[1]
         module = ImageProjection(image_embed_dim=embed, cross_attention_dim=cross, num_image_text_embeds=tokens)
         state = {k.replace("proj.", "image_embeds.", 1) if k.startswith("proj.") else k: v for k, v in proj.items()}
@@ -210,9 +223,15 @@ def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, to
             raise NodeInputError(f"{name}: Resampler attention width is not a multiple of {HEAD_DIM}")
         embed = proj["proj_in.weight"].shape[1]
         module = IPAdapterPlusImageProjection(
-            embed_dims=embed, output_dims=proj["proj_out.weight"].shape[0], hidden_dims=hidden,
-            depth=len({k.split(".")[1] for k in proj if k.startswith("layers.")}), dim_head=HEAD_DIM,
-            heads=heads, num_queries=proj["latents"].shape[1], ffn_ratio=proj["layers.0.1.1.weight"].shape[0] / hidden)
+            embed_dims=embed,
+            output_dims=proj["proj_out.weight"].shape[0],
+            hidden_dims=hidden,
+            depth=len({k.split(".")[1] for k in proj if k.startswith("layers.")}),
+            dim_head=HEAD_DIM,
+            heads=heads,
+            num_queries=proj["latents"].shape[1],
+            ffn_ratio=proj["layers.0.1.1.weight"].shape[0] / hidden,
+        )
         state = {}
         for key, value in proj.items():
             names = _resampler_key(key)
@@ -220,8 +239,10 @@ def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, to
                 state[new] = part
         _load_strict(module, state, name, "plus IP-Adapter Resampler")
         return "plus", module, embed
-    raise NodeInputError(f"{name}: unsupported IP-Adapter variant; plain (image_proj.proj) and plus "
-                         "(image_proj.latents) SD1.x adapters load, FaceID and full-face ones do not")
+    raise NodeInputError(
+        f"{name}: unsupported IP-Adapter variant; plain (image_proj.proj) and plus "
+        "(image_proj.latents) SD1.x adapters load, FaceID and full-face ones do not"
+    )
 
 
 @dataclass
@@ -253,20 +274,25 @@ class IPAdapterWeights:
             if getattr(attn, "is_cross_attention", False):
                 found.append((index, attn))
         if sorted(self.layers) != [index for index, _ in found]:
-            raise NodeInputError(f"{self.name}: the adapter has {len(self.layers)} cross-attention layers, the model "
-                                 f"{len(found)}: it was made for another base model (SD1.5 adapters fit SD1.x)")
+            raise NodeInputError(
+                f"{self.name}: the adapter has {len(self.layers)} cross-attention layers, the model "
+                f"{len(found)}: it was made for another base model (SD1.5 adapters fit SD1.x)"
+            )
         pairs = []
         for index, attn in found:
             k, v = self.layers[index]
             if k.shape != attn.to_k.weight.shape or v.shape != attn.to_v.weight.shape:
-                raise NodeInputError(f"{self.name}: layer {index} is {tuple(k.shape)} but the model's is "
-                                     f"{tuple(attn.to_k.weight.shape)}: it was made for another base model")
+                raise NodeInputError(
+                    f"{self.name}: layer {index} is {tuple(k.shape)} but the model's is "
+                    f"{tuple(attn.to_k.weight.shape)}: it was made for another base model"
+                )
             pairs.append((attn, k, v))
         return pairs
 
 
-def load_ipadapter(path: Path, device: torch.device, dtype: torch.dtype,
-                   state: dict[str, Any] | None = None) -> IPAdapterWeights:
+def load_ipadapter(
+    path: Path, device: torch.device, dtype: torch.dtype, state: dict[str, Any] | None = None
+) -> IPAdapterWeights:
     """Parse an IP-Adapter .safetensors (or an already read `state`, flattened or nested)."""
     proj, ip = split_ipadapter_state(_read_safetensors(path) if state is None else state, path.name)
     kind, module, embed = _image_projection(proj, path.name)
@@ -274,8 +300,10 @@ def load_ipadapter(path: Path, device: torch.device, dtype: torch.dtype,
     for key, value in ip.items():
         m = re.fullmatch(r"(\d+)\.(to_k_ip|to_v_ip)\.weight", key)
         if not m:
-            raise NodeInputError(f"{path.name}: unsupported IP-Adapter weight ip_adapter.{key} "
-                                 "(only to_k_ip/to_v_ip layers are understood)")
+            raise NodeInputError(
+                f"{path.name}: unsupported IP-Adapter weight ip_adapter.{key} "
+                "(only to_k_ip/to_v_ip layers are understood)"
+            )
         layers.setdefault(int(m.group(1)), {})[m.group(2)] = value.to(device=device, dtype=dtype, copy=True)
     incomplete = sorted(i for i, pair in layers.items() if len(pair) != 2)
     if incomplete:
@@ -284,8 +312,13 @@ def load_ipadapter(path: Path, device: torch.device, dtype: torch.dtype,
     out = (module.norm if kind == "plain" else module.norm_out).normalized_shape[0]  # image token width
     if cross != {out}:
         raise NodeInputError(f"{path.name}: image tokens are {out} wide but the layers read {sorted(cross)}")
-    return IPAdapterWeights(path.name, kind, module.to(device, dtype).eval().requires_grad_(False), embed,
-                            {i: (pair["to_k_ip"], pair["to_v_ip"]) for i, pair in layers.items()})
+    return IPAdapterWeights(
+        path.name,
+        kind,
+        module.to(device, dtype).eval().requires_grad_(False),
+        embed,
+        {i: (pair["to_k_ip"], pair["to_v_ip"]) for i, pair in layers.items()},
+    )
 
 
 # the patch
@@ -319,8 +352,10 @@ class IPAdapterPatch:
         from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
         if unet.encoder_hid_proj is not None:
-            raise NodeInputError("the model already has an image projection (another IP-Adapter); "
-                                 "Plinth applies one IP-Adapter per model")
+            raise NodeInputError(
+                "the model already has an image projection (another IP-Adapter); "
+                "Plinth applies one IP-Adapter per model"
+            )
         adapter: IPAdapterWeights = ctx.model(self.adapter)
         layers = adapter.matching_layers(unet)
         param = next(unet.parameters())
@@ -328,8 +363,13 @@ class IPAdapterPatch:
         for _, k, v in layers:
             with torch.device("meta"):
                 processor = IPAdapterAttnProcessor2_0(k.shape[0], k.shape[1], scale=self.weight)
-            processor.load_state_dict({"to_k_ip.0.weight": k.to(param.device, param.dtype),
-                                       "to_v_ip.0.weight": v.to(param.device, param.dtype)}, assign=True)
+            processor.load_state_dict(
+                {
+                    "to_k_ip.0.weight": k.to(param.device, param.dtype),
+                    "to_v_ip.0.weight": v.to(param.device, param.dtype),
+                },
+                assign=True,
+            )
             processors.append(processor)
         saved = [(attn, attn.processor) for attn, _, _ in layers]
         hid_dim_type = unet.config.encoder_hid_dim_type
@@ -338,8 +378,9 @@ class IPAdapterPatch:
                 attn.set_processor(processor)
             unet.encoder_hid_proj = MultiIPAdapterImageProjection([adapter.image_proj.to(param.device, param.dtype)])
             unet.config.encoder_hid_dim_type = "ip_image_proj"  # an attribute, as diffusers sets it
-            self._active = _Active(processors, self.positive.to(param.device, param.dtype),
-                                   self.negative.to(param.device, param.dtype))
+            self._active = _Active(
+                processors, self.positive.to(param.device, param.dtype), self.negative.to(param.device, param.dtype)
+            )
             yield
         finally:
             self._active = None
@@ -393,8 +434,9 @@ class CLIPVisionEncode(Node):
     image = Link("IMAGE")
     crop = Choice(options=("center", "none"), default="center")
 
-    def run(self, ctx: NodeContext, clip_vision: ModelHandle, image: torch.Tensor,
-            crop: str) -> tuple[ClipVisionOutput]:
+    def run(
+        self, ctx: NodeContext, clip_vision: ModelHandle, image: torch.Tensor, crop: str
+    ) -> tuple[ClipVisionOutput]:
         return (encode_image(ctx.model(clip_vision), image, crop == "center"),)
 
 
@@ -441,8 +483,11 @@ class IPAdapterAdvanced(Node):
     end_at = Float(default=1.0, min=0.0, max=1.0, step=0.001)
     embeds_scaling = Choice(options=("V only",), default="V only")
     image_negative = Link("IMAGE", optional=True)
-    clip_vision = Link("CLIP_VISION", optional=True, tooltip="required on Plinth: a CLIPVisionLoader with "
-                                                             "the encoder the adapter was trained with")
+    clip_vision = Link(
+        "CLIP_VISION",
+        optional=True,
+        tooltip="required on Plinth: a CLIPVisionLoader with the encoder the adapter was trained with",
+    )
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -450,13 +495,26 @@ class IPAdapterAdvanced(Node):
             return [("end_at", "custom_validation_failed", "end_at must not be before start_at")]
         return []
 
-    def run(self, ctx: NodeContext, model: DiffusionModel, ipadapter: ModelHandle, image: torch.Tensor,
-            weight: float, weight_type: str, combine_embeds: str, start_at: float, end_at: float,
-            embeds_scaling: str, image_negative: torch.Tensor | None = None,
-            clip_vision: ModelHandle | None = None) -> tuple[DiffusionModel]:
+    def run(
+        self,
+        ctx: NodeContext,
+        model: DiffusionModel,
+        ipadapter: ModelHandle,
+        image: torch.Tensor,
+        weight: float,
+        weight_type: str,
+        combine_embeds: str,
+        start_at: float,
+        end_at: float,
+        embeds_scaling: str,
+        image_negative: torch.Tensor | None = None,
+        clip_vision: ModelHandle | None = None,
+    ) -> tuple[DiffusionModel]:
         if clip_vision is None:
-            raise NodeInputError("IPAdapterAdvanced needs its clip_vision input linked to a CLIPVisionLoader "
-                                 "(Plinth has no unified loader that brings the encoder along)")
+            raise NodeInputError(
+                "IPAdapterAdvanced needs its clip_vision input linked to a CLIPVisionLoader "
+                "(Plinth has no unified loader that brings the encoder along)"
+            )
         if any(isinstance(p, IPAdapterPatch) for p in model.patches):
             raise NodeInputError("this MODEL already has an IP-Adapter; Plinth applies one IP-Adapter per model")
         adapter: IPAdapterWeights = ctx.model(ipadapter)
@@ -465,8 +523,10 @@ class IPAdapterAdvanced(Node):
         width = encoder.config.projection_dim if adapter.kind == "plain" else encoder.config.hidden_size
         if width != adapter.embed_dim:
             what = "image embeddings" if adapter.kind == "plain" else "hidden states"
-            raise NodeInputError(f"{adapter.name} reads CLIP vision {what} {adapter.embed_dim} wide, but "
-                                 f"the linked CLIP vision model gives {width}: use the encoder it was trained with")
+            raise NodeInputError(
+                f"{adapter.name} reads CLIP vision {what} {adapter.embed_dim} wide, but "
+                f"the linked CLIP vision model gives {width}: use the encoder it was trained with"
+            )
         if weight == 0:
             return (model,)
         positive = adapter.features(encode_image(encoder, image))

@@ -53,8 +53,12 @@ def vae_encode(ctx: NodeContext, vae: Vae, pixels: torch.Tensor, tile: tuple[int
                 latents.append(encode(x))
             except torch.OutOfMemoryError:
                 _release(ctx)
-                log.warning("VAE encode of %dx%d ran out of memory; encoding in %d px tiles",
-                            x.shape[-1], x.shape[-2], FALLBACK_TILE)
+                log.warning(
+                    "VAE encode of %dx%d ran out of memory; encoding in %d px tiles",
+                    x.shape[-1],
+                    x.shape[-2],
+                    FALLBACK_TILE,
+                )
                 latents.append(tiled(encode, x, *_encode_tiles((FALLBACK_TILE, FALLBACK_OVERLAP), scale), 1, scale))
     return torch.cat(latents)
 
@@ -81,8 +85,12 @@ def vae_decode(ctx: NodeContext, vae: Vae, samples: torch.Tensor, tile: tuple[in
                     decoded = decode(one)
                 except torch.OutOfMemoryError:
                     _release(ctx)
-                    log.warning("VAE decode of a %dx%d latent ran out of memory; decoding in %d px tiles",
-                                one.shape[-1], one.shape[-2], FALLBACK_TILE)
+                    log.warning(
+                        "VAE decode of a %dx%d latent ran out of memory; decoding in %d px tiles",
+                        one.shape[-1],
+                        one.shape[-2],
+                        FALLBACK_TILE,
+                    )
                     decoded = tiled(decode, one, *_decode_tiles((FALLBACK_TILE, FALLBACK_OVERLAP), scale), scale, 1)
             images.append(((decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1))
     return torch.cat(images)
@@ -125,8 +133,9 @@ def _ramp(n: int, ramp: int) -> torch.Tensor:
     return torch.minimum((i + 1) / (ramp + 1), (n - i) / (ramp + 1)).clamp(max=1)
 
 
-def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-          up: int, down: int) -> torch.Tensor:
+def tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int, up: int, down: int
+) -> torch.Tensor:
     """fn applied to overlapping `tile`-sized squares of x [1,C,H,W] (each side's tiles start
     `tile - overlap` apart, the last one flush with the edge), the outputs (scaled by up/down:
     8/1 for a decoder, 1/8 for an encoder) blended with weights that ramp across the overlaps.
@@ -135,15 +144,15 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     out = weight = None
     for y in _starts(height, tile, overlap):
         for x0 in _starts(width, tile, overlap):
-            part = fn(x[..., y:y + tile, x0:x0 + tile])
+            part = fn(x[..., y : y + tile, x0 : x0 + tile])
             if out is None:
                 out = torch.zeros(*part.shape[:2], height * up // down, width * up // down)
                 weight = torch.zeros(1, 1, *out.shape[-2:])
             ramp = overlap * up // down
             w = _ramp(part.shape[-2], ramp)[:, None] * _ramp(part.shape[-1], ramp)[None, :]
             oy, ox = y * up // down, x0 * up // down
-            out[..., oy:oy + part.shape[-2], ox:ox + part.shape[-1]] += part * w
-            weight[..., oy:oy + part.shape[-2], ox:ox + part.shape[-1]] += w
+            out[..., oy : oy + part.shape[-2], ox : ox + part.shape[-1]] += part * w
+            weight[..., oy : oy + part.shape[-2], ox : ox + part.shape[-1]] += w
     return out / weight
 
 
@@ -196,8 +205,16 @@ class VAEDecodeTiled(Node):
     temporal_size = Int(default=64, min=8, max=4096, step=4)
     temporal_overlap = Int(default=8, min=4, max=4096, step=4)
 
-    def run(self, ctx: NodeContext, samples: Latent, vae: Vae, tile_size: int, overlap: int,
-            temporal_size: int, temporal_overlap: int) -> tuple[torch.Tensor]:
+    def run(
+        self,
+        ctx: NodeContext,
+        samples: Latent,
+        vae: Vae,
+        tile_size: int,
+        overlap: int,
+        temporal_size: int,
+        temporal_overlap: int,
+    ) -> tuple[torch.Tensor]:
         return (vae_decode(ctx, vae, samples.samples, (tile_size, overlap)),)
 
 
@@ -231,8 +248,16 @@ class VAEEncodeTiled(Node):
     temporal_size = Int(default=64, min=8, max=4096, step=4)
     temporal_overlap = Int(default=8, min=4, max=4096, step=4)
 
-    def run(self, ctx: NodeContext, pixels: torch.Tensor, vae: Vae, tile_size: int, overlap: int,
-            temporal_size: int, temporal_overlap: int) -> tuple[Latent]:
+    def run(
+        self,
+        ctx: NodeContext,
+        pixels: torch.Tensor,
+        vae: Vae,
+        tile_size: int,
+        overlap: int,
+        temporal_size: int,
+        temporal_overlap: int,
+    ) -> tuple[Latent]:
         return (Latent(vae_encode(ctx, vae, pixels, (tile_size, overlap))),)
 
 
@@ -249,8 +274,9 @@ class LatentUpscale(Node):
     height = Int(default=512, min=0, max=MAX_RESOLUTION, step=8, limit="height")
     crop = Choice(options=("disabled", "center"), default="disabled")
 
-    def run(self, ctx: NodeContext, samples: Latent, upscale_method: str, width: int, height: int,
-            crop: str) -> tuple[Latent]:
+    def run(
+        self, ctx: NodeContext, samples: Latent, upscale_method: str, width: int, height: int, crop: str
+    ) -> tuple[Latent]:
         h, w = samples.samples.shape[-2:]
         if width == 0 and height == 0:
             return (samples,)

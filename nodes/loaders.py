@@ -24,11 +24,11 @@ class CheckpointLoaderSimple(Node):
 
     ckpt_name = Choice(source="checkpoints")
 
-
     def run(self, ctx: NodeContext, ckpt_name: str) -> tuple:
         models_dir, device, dtype, options = ctx.models_dir, ctx.device, ctx.dtype, model_options(ctx)
-        handle = file_model(ctx, "checkpoints", ckpt_name,
-                            lambda path: load_checkpoint(path, models_dir, device, dtype, options))
+        handle = file_model(
+            ctx, "checkpoints", ckpt_name, lambda path: load_checkpoint(path, models_dir, device, dtype, options)
+        )
         return DiffusionModel(handle), TextEncoder(handle), Vae(handle)
 
 
@@ -41,7 +41,6 @@ class VAELoader(Node):
     OUTPUTS = (Output("VAE"),)
 
     vae_name = Choice(source="vae")
-
 
     def run(self, ctx: NodeContext, vae_name: str) -> tuple[Vae]:
         device, dtype, options = ctx.device, ctx.dtype, model_options(ctx)

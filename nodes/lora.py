@@ -41,12 +41,20 @@ _PART_LABELS = {UNET: "UNet", TEXT_ENCODER: "text encoder"}
 
 # Key suffix -> role, per layout.
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-_DIFFUSERS_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
-                    "lora.up.weight": "up", "lora_linear_layer.down.weight": "down",
-                    "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
+_DIFFUSERS_ROLES = {
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+    "alpha": "alpha",
+}
 _KOHYA = re.compile(rf"lora_(unet|te)_(\w+)\.({'|'.join(map(re.escape, _KOHYA_ROLES))})")
 _DIFFUSERS = re.compile(rf"(unet|text_encoder)\.(.+?)\.({'|'.join(map(re.escape, _DIFFUSERS_ROLES))})")
-_ATTN_PROCESSOR = re.compile(r"(unet|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_ATTN_PROCESSOR = re.compile(
+    r"(unet|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight"
+)
 # Old diffusers attention processors named the projection they wrapped, per model.
 _PROCESSOR_TARGETS = {
     UNET: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
@@ -85,8 +93,12 @@ class LoraFile:
         self._resolved: dict[str, weakref.WeakKeyDictionary[nn.Module, dict[str, LoraLayer]]] = {}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for part in self.layers.values() for layer in part.values() for t in (layer.down, layer.up))
+        return sum(
+            t.numel() * t.element_size()
+            for part in self.layers.values()
+            for layer in part.values()
+            for t in (layer.down, layer.up)
+        )
 
     def resolve(self, part: str, module: nn.Module) -> dict[str, LoraLayer]:
         """Module path in `module` -> its layer, with down/up shaped for that module.
@@ -112,22 +124,25 @@ class LoraFile:
             else:
                 resolved[path] = _fit(self.name, layer, path, modules[path])
         if unmatched:
-            raise NodeInputError(f"{self.name}: {len(unmatched)} layers match no module of this checkpoint's "
-                                 f"{_PART_LABELS[part]}: {_few(unmatched)}")
+            raise NodeInputError(
+                f"{self.name}: {len(unmatched)} layers match no module of this checkpoint's "
+                f"{_PART_LABELS[part]}: {_few(unmatched)}"
+            )
         return resolved
 
 
 def _module_path(names: Mapping[str, str], written: str) -> str | None:
     """The module a layer name from a file means (exact, or kohya's "_" for "."), also when the
     file keeps the `text_model.` level the loaded CLIP text model no longer has."""
-    for candidate in (written, *(written[len(p):] for p in _LEGACY_PREFIXES if written.startswith(p))):
+    for candidate in (written, *(written[len(p) :] for p in _LEGACY_PREFIXES if written.startswith(p))):
         if candidate in names:
             return names[candidate]
     return None
 
 
-def parse_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-               name: str = "LoRA") -> LoraFile:
+def parse_lora(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, name: str = "LoRA"
+) -> LoraFile:
     """Group a LoRA file's tensors into layers; every key must be a LoRA weight or alpha."""
     entries: dict[tuple[str, str], dict[str, Any]] = {}
     unknown: list[str] = []
@@ -145,7 +160,8 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] 
         raise NodeInputError(
             f"{name}: {len(unknown)} keys are not LoRA weights in the kohya (lora_unet_*/lora_te_* with "
             f"lora_down/lora_up/alpha) or diffusers (unet.*/text_encoder.* with lora_A/lora_B) layout: "
-            f"{_few(unknown)}")
+            f"{_few(unknown)}"
+        )
     if not entries:
         raise NodeInputError(f"{name}: the file holds no LoRA weights")
     config = _adapter_config(metadata or {}, name)
@@ -157,8 +173,9 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] 
             raise NodeInputError(f"{name}: {label} has no {' or '.join(missing)} weight")
         down, up = entry["down"], entry["up"]
         if down.ndim not in (2, 4) or up.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
-            raise NodeInputError(f"{name}: {label} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
-                                 "not a low-rank pair")
+            raise NodeInputError(
+                f"{name}: {label} has down {tuple(down.shape)} and up {tuple(up.shape)}, not a low-rank pair"
+            )
         if "alpha" in entry:
             if entry["alpha"].numel() != 1:
                 raise NodeInputError(f"{name}: {label}.alpha is not a single number")
@@ -232,11 +249,14 @@ def _fit(file: str, layer: LoraLayer, path: str, module: nn.Module) -> LoraLayer
         down, up = (t[:, :, None, None] if t.ndim == 2 else t for t in (down, up))
         want = ((layer.rank, module.in_channels, *module.kernel_size), (module.out_channels, layer.rank, 1, 1))
     else:
-        raise NodeInputError(f"{file}: {layer.name} targets {path}, a {type(module).__name__}; "
-                             "LoRA applies to Linear and Conv2d layers")
+        raise NodeInputError(
+            f"{file}: {layer.name} targets {path}, a {type(module).__name__}; LoRA applies to Linear and Conv2d layers"
+        )
     if (tuple(down.shape), tuple(up.shape)) != want:
-        raise NodeInputError(f"{file}: {layer.name} has down {tuple(layer.down.shape)} and up "
-                             f"{tuple(layer.up.shape)}; {path} needs {want[0]} and {want[1]}")
+        raise NodeInputError(
+            f"{file}: {layer.name} has down {tuple(layer.down.shape)} and up "
+            f"{tuple(layer.up.shape)}; {path} needs {want[0]} and {want[1]}"
+        )
     return replace(layer, down=down, up=up)
 
 
@@ -251,6 +271,7 @@ def _delta_hook(module: nn.Module, layer: LoraLayer, strength: float) -> Callabl
         def delta(x: torch.Tensor) -> torch.Tensor:
             return F.conv2d(F.conv2d(x, down, None, stride, padding, dilation), up)
     else:
+
         def delta(x: torch.Tensor) -> torch.Tensor:
             return F.linear(F.linear(x, down), up)
 
@@ -294,8 +315,9 @@ def _lora_handle(ctx: NodeContext, lora_name: str) -> ModelHandle:
     return file_model(ctx, "loras", lora_name, read_lora)
 
 
-def _with_lora(ctx: NodeContext, value: CheckpointPart, handle: ModelHandle, strength: float,
-               part: str) -> CheckpointPart:
+def _with_lora(
+    ctx: NodeContext, value: CheckpointPart, handle: ModelHandle, strength: float, part: str
+) -> CheckpointPart:
     """`value` carrying the LoRA's layers for `part`; unchanged at strength 0 or when the file
     has none for it. Resolving here makes a mismatched file fail at the loader node."""
     if strength == 0:
@@ -325,14 +347,22 @@ class LoraLoader(Node):
     strength_model = Float(default=1.0, min=-100.0, max=100.0, step=0.01)
     strength_clip = Float(default=1.0, min=-100.0, max=100.0, step=0.01)
 
-
-    def run(self, ctx: NodeContext, model: DiffusionModel, clip: TextEncoder, lora_name: str,
-            strength_model: float, strength_clip: float) -> tuple:
+    def run(
+        self,
+        ctx: NodeContext,
+        model: DiffusionModel,
+        clip: TextEncoder,
+        lora_name: str,
+        strength_model: float,
+        strength_clip: float,
+    ) -> tuple:
         if strength_model == 0 and strength_clip == 0:
             return model, clip
         handle = _lora_handle(ctx, lora_name)
-        return (_with_lora(ctx, model, handle, strength_model, UNET),
-                _with_lora(ctx, clip, handle, strength_clip, TEXT_ENCODER))
+        return (
+            _with_lora(ctx, model, handle, strength_model, UNET),
+            _with_lora(ctx, clip, handle, strength_clip, TEXT_ENCODER),
+        )
 
 
 class LoraLoaderModelOnly(Node):
@@ -345,7 +375,6 @@ class LoraLoaderModelOnly(Node):
     model = Link("MODEL")
     lora_name = Choice(source="loras")
     strength_model = Float(default=1.0, min=-100.0, max=100.0, step=0.01)
-
 
     def run(self, ctx: NodeContext, model: DiffusionModel, lora_name: str, strength_model: float) -> tuple:
         if strength_model == 0:

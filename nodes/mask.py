@@ -23,8 +23,9 @@ from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 CHANNELS = ("red", "green", "blue", "alpha")
 
 
-def grow(mask: torch.Tensor, expand: int, tapered_corners: bool,
-         check_cancelled: Callable[[], None] | None = None) -> torch.Tensor:
+def grow(
+    mask: torch.Tensor, expand: int, tapered_corners: bool, check_cancelled: Callable[[], None] | None = None
+) -> torch.Tensor:
     """Dilate (expand > 0) or erode (expand < 0) a [B,H,W] mask by |expand| pixels.
 
     The result is ComfyUI's GrowMask: |expand| steps of a 3x3 grey dilation/erosion, with a
@@ -83,8 +84,7 @@ def _grow_soft_square(plane: torch.Tensor, expand: int) -> torch.Tensor:
     return torch.from_numpy(values).to(plane.device)
 
 
-def _grow_soft_tapered(plane: torch.Tensor, expand: int,
-                       check_cancelled: Callable[[], None] | None) -> torch.Tensor:
+def _grow_soft_tapered(plane: torch.Tensor, expand: int, check_cancelled: Callable[[], None] | None) -> torch.Tensor:
     sign = 1.0 if expand > 0 else -1.0
     planes = plane.float()[None, None] * sign
     height, width = plane.shape
@@ -183,8 +183,7 @@ class GrowMask(Node):
     expand = Int(default=0, min=-16384, max=16384)
     tapered_corners = Boolean(default=True)
 
-    def run(self, ctx: NodeContext, mask: torch.Tensor, expand: int,
-            tapered_corners: bool) -> tuple[torch.Tensor]:
+    def run(self, ctx: NodeContext, mask: torch.Tensor, expand: int, tapered_corners: bool) -> tuple[torch.Tensor]:
         return (grow(batch_mask(mask), expand, tapered_corners, ctx.check_cancelled),)
 
 
@@ -201,8 +200,9 @@ class FeatherMask(Node):
     right = Int(default=0, min=0, max=16384)
     bottom = Int(default=0, min=0, max=16384)
 
-    def run(self, ctx: NodeContext, mask: torch.Tensor, left: int, top: int, right: int,
-            bottom: int) -> tuple[torch.Tensor]:
+    def run(
+        self, ctx: NodeContext, mask: torch.Tensor, left: int, top: int, right: int, bottom: int
+    ) -> tuple[torch.Tensor]:
         return (feather(batch_mask(mask), left, top, right, bottom),)
 
 

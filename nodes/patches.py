@@ -36,8 +36,9 @@ def patched(ctx: NodeContext, patches: Sequence[ModelPatch], module: torch.nn.Mo
         yield
 
 
-def merged_call_kwargs(ctx: NodeContext, patches: Sequence[ModelPatch],
-                       positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:
+def merged_call_kwargs(
+    ctx: NodeContext, patches: Sequence[ModelPatch], positive_rows: Sequence[bool], progress: float
+) -> dict[str, Any]:
     """The patches' extra UNet keyword arguments, merged (nested dicts merged key by key)."""
     merged: dict[str, Any] = {}
     for patch in patches:

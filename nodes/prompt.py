@@ -48,7 +48,7 @@ def _weights(text: str, weight: float) -> list[tuple[str, float]]:
             colon = inner.rfind(":")
             if colon > 0:
                 try:
-                    inner_weight = float(inner[colon + 1:])
+                    inner_weight = float(inner[colon + 1 :])
                     inner = inner[:colon]
                 except ValueError:
                     pass
@@ -89,7 +89,8 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
             if word.startswith(EMBEDDING) and embedding_name(word):
                 raise NodeInputError(
                     f"the prompt asks for the textual-inversion embedding {embedding_name(word)!r} ({word!r}); "
-                    f"textual-inversion embeddings are not supported: remove it from the prompt")
+                    f"textual-inversion embeddings are not supported: remove it from the prompt"
+                )
             ids = tokenizer(word, add_special_tokens=False, truncation=False).input_ids
             if ids:
                 words.append([(i, weight) for i in ids])
@@ -106,7 +107,7 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
 
 def embedding_name(word: str) -> str:
     """The NAME of an `embedding:NAME` word, without trailing punctuation ("" for none)."""
-    return word[len(EMBEDDING):].rstrip(",.;:")
+    return word[len(EMBEDDING) :].rstrip(",.;:")
 
 
 def encode(tokenizer: Any, encoder: Any, text: str, stop_at_layer: int, device: torch.device) -> torch.Tensor:
@@ -127,7 +128,7 @@ def encode(tokenizer: Any, encoder: Any, text: str, stop_at_layer: int, device: 
         empty, hidden = hidden[-1], hidden[:-1]
         weights = torch.ones(hidden.shape[:2], device=hidden.device)
         for i, window in enumerate(windows):
-            weights[i, 1:1 + len(window)] = torch.tensor([w for _, w in window], device=hidden.device)
+            weights[i, 1 : 1 + len(window)] = torch.tensor([w for _, w in window], device=hidden.device)
         hidden = empty + weights.unsqueeze(-1) * (hidden - empty)
     return hidden.reshape(1, -1, hidden.shape[-1])
 

@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 from plinth.nodes import (
-    color, conditioning, controlnet, cutout, image, inpaint, io, ipadapter, latent, loaders, lora, mask, sampling,
+    color,
+    conditioning,
+    controlnet,
+    cutout,
+    image,
+    inpaint,
+    io,
+    ipadapter,
+    latent,
+    loaders,
+    lora,
+    mask,
+    sampling,
     upscale,
 )
 from plinth.nodes.schema import Node
 
-_MODULES = (loaders, lora, conditioning, controlnet, ipadapter, latent, inpaint, sampling, io, image, mask, upscale, cutout, color)
+_MODULES = (
+    loaders,
+    lora,
+    conditioning,
+    controlnet,
+    ipadapter,
+    latent,
+    inpaint,
+    sampling,
+    io,
+    image,
+    mask,
+    upscale,
+    cutout,
+    color,
+)
 
 
 def _collect() -> dict[str, type[Node]]:

@@ -18,8 +18,9 @@ from PIL import Image
 from plinth.nodes.context import NodeInputError
 
 
-def resize(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled",
-           antialias: bool = False) -> torch.Tensor:
+def resize(
+    samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled", antialias: bool = False
+) -> torch.Tensor:
     """`samples` resized to height x width; methods nearest-exact, bilinear, area, bicubic,
     bislerp (spherical, for latents) and lanczos (for images in 0..1). Nothing is clamped.
 
@@ -38,14 +39,14 @@ def resize(samples: torch.Tensor, width: int, height: int, method: str, crop: st
     if method == "lanczos":
         return lanczos(samples, width, height)
     if antialias:
-        resized = F.interpolate(samples.float(), size=(height, width), mode=method, align_corners=False,
-                                antialias=True)
+        resized = F.interpolate(samples.float(), size=(height, width), mode=method, align_corners=False, antialias=True)
         return resized.to(samples.dtype)
     return F.interpolate(samples, size=(height, width), mode=method)
 
 
-def resize_image(image: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled",
-                 antialias: bool = False) -> torch.Tensor:
+def resize_image(
+    image: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled", antialias: bool = False
+) -> torch.Tensor:
     """IMAGE [B,H,W,C] resized to width x height as `resize` does it, with bicubic and lanczos
     results clamped to 0..1, because their kernels overshoot near edges."""
     resized = resize(image.movedim(-1, 1), width, height, method, crop, antialias=antialias)
@@ -58,7 +59,7 @@ def center_crop(samples: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The height x width middle of `samples` [...,H,W]; where the excess is odd, the extra row
     or column comes off the bottom or right."""
     top, left = (samples.shape[-2] - height) // 2, (samples.shape[-1] - width) // 2
-    return samples[..., top:top + height, left:left + width]
+    return samples[..., top : top + height, left : left + width]
 
 
 def require_vae_size(pixels: torch.Tensor, multiple: int) -> None:
@@ -67,18 +68,23 @@ def require_vae_size(pixels: torch.Tensor, multiple: int) -> None:
     to encode."""
     height, width = pixels.shape[1:3]
     if height < multiple or width < multiple:
-        raise NodeInputError(f"the image is {width}x{height} pixels; the VAE needs at least {multiple}x{multiple} "
-                             f"(it encodes {multiple}x{multiple}-pixel cells)")
+        raise NodeInputError(
+            f"the image is {width}x{height} pixels; the VAE needs at least {multiple}x{multiple} "
+            f"(it encodes {multiple}x{multiple}-pixel cells)"
+        )
 
 
-def crop_to_multiple_with_mask(pixels: torch.Tensor, mask: torch.Tensor,
-                               multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_to_multiple_with_mask(
+    pixels: torch.Tensor, mask: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE pixels [B,H,W,C] and a mask [B,1,H,W] of the same H and W, both centre-cropped to
     sides divisible by `multiple` with the same offsets ((size % multiple) // 2 off the top and
     left, as the VAE nodes and ComfyUI crop), so every mask value stays on its pixel."""
     if mask.shape[-2:] != pixels.shape[1:3]:
-        raise NodeInputError(f"mask of {mask.shape[-1]}x{mask.shape[-2]} pixels for an image of "
-                             f"{pixels.shape[2]}x{pixels.shape[1]}; resize it to the image first")
+        raise NodeInputError(
+            f"mask of {mask.shape[-1]}x{mask.shape[-2]} pixels for an image of "
+            f"{pixels.shape[2]}x{pixels.shape[1]}; resize it to the image first"
+        )
     height, width = pixels.shape[1] // multiple * multiple, pixels.shape[2] // multiple * multiple
     return center_crop(pixels.movedim(-1, 1), height, width).movedim(1, -1), center_crop(mask, height, width)
 
@@ -90,7 +96,7 @@ def crop_to_aspect(samples: torch.Tensor, aspect: float) -> torch.Tensor:
     height, width = samples.shape[-2:]
     x = min(round((width - height * aspect) / 2), (width - 1) // 2) if width / height > aspect else 0
     y = min(round((height - width / aspect) / 2), (height - 1) // 2) if width / height < aspect else 0
-    return samples[..., y:height - y, x:width - x]
+    return samples[..., y : height - y, x : width - x]
 
 
 def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -148,8 +154,13 @@ def batch_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.float()
 
 
-def mask_planes(mask: torch.Tensor, height: int | None = None, width: int | None = None,
-                batch: int | None = None, antialias: bool = False) -> torch.Tensor:
+def mask_planes(
+    mask: torch.Tensor,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int | None = None,
+    antialias: bool = False,
+) -> torch.Tensor:
     """A MASK as float [B,1,H,W] planes (the latents' layout); given a size, bilinearly resized
     to height x width (see `resize` for antialias); given a batch, repeated to that many entries."""
     planes = batch_mask(mask).unsqueeze(1)

@@ -61,12 +61,16 @@ def check_combination(sampler_name: str, scheduler: str, schedule_length: int = 
     or None when it can."""
     if scheduler in SIGMA_SCHEDULES and sampler_name in NO_SIGMA_SCHEDULES:
         usable = ", ".join(s for s in SCHEDULERS if s not in SIGMA_SCHEDULES)
-        return (f"scheduler {scheduler!r} needs a sigma schedule, which sampler {sampler_name!r} "
-                f"({SAMPLERS[sampler_name][0]}) does not take; use one of {usable}")
+        return (
+            f"scheduler {scheduler!r} needs a sigma schedule, which sampler {sampler_name!r} "
+            f"({SAMPLERS[sampler_name][0]}) does not take; use one of {usable}"
+        )
     limit = MAX_SCHEDULE.get(sampler_name, MAX_SCHEDULE_ANY)
     if schedule_length > limit:
-        return (f"a schedule of {schedule_length} steps (steps / denoise) is longer than sampler "
-                f"{sampler_name!r} allows ({limit})")
+        return (
+            f"a schedule of {schedule_length} steps (steps / denoise) is longer than sampler "
+            f"{sampler_name!r} allows ({limit})"
+        )
     return None
 
 

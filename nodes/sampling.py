@@ -19,8 +19,14 @@ def _check_pair(inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [("scheduler", "invalid_combination", reason)] if reason else []
 
 
-def _sample(ctx: NodeContext, model: DiffusionModel, plan: SamplingPlan, latent: Latent,
-            positive: Conditioning, negative: Conditioning) -> tuple[Latent]:
+def _sample(
+    ctx: NodeContext,
+    model: DiffusionModel,
+    plan: SamplingPlan,
+    latent: Latent,
+    positive: Conditioning,
+    negative: Conditioning,
+) -> tuple[Latent]:
     samples = Denoiser(ctx, model.load(ctx), model, plan).run(latent, positive, negative, ctx.progress)
     return (replace(latent, samples=samples),)
 
@@ -50,9 +56,20 @@ class KSampler(Node):
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
         return _check_pair(inputs)
 
-    def run(self, ctx: NodeContext, model: DiffusionModel, seed: int, steps: int, cfg: float,
-            sampler_name: str, scheduler: str, positive: Conditioning, negative: Conditioning,
-            latent_image: Latent, denoise: float) -> tuple[Latent]:
+    def run(
+        self,
+        ctx: NodeContext,
+        model: DiffusionModel,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        positive: Conditioning,
+        negative: Conditioning,
+        latent_image: Latent,
+        denoise: float,
+    ) -> tuple[Latent]:
         if denoise <= 0:
             return (latent_image,)
         plan = SamplingPlan(sampler_name, scheduler, steps, cfg, seed, denoise=denoise)
@@ -84,11 +101,32 @@ class KSamplerAdvanced(Node):
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
         return _check_pair(inputs)
 
-    def run(self, ctx: NodeContext, model: DiffusionModel, add_noise: str, noise_seed: int, steps: int,
-            cfg: float, sampler_name: str, scheduler: str, positive: Conditioning, negative: Conditioning,
-            latent_image: Latent, start_at_step: int, end_at_step: int,
-            return_with_leftover_noise: str) -> tuple[Latent]:
-        plan = SamplingPlan(sampler_name, scheduler, steps, cfg, noise_seed, start_step=start_at_step,
-                            end_step=end_at_step, add_noise=add_noise == "enable",
-                            leftover_noise=return_with_leftover_noise == "enable")
+    def run(
+        self,
+        ctx: NodeContext,
+        model: DiffusionModel,
+        add_noise: str,
+        noise_seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        positive: Conditioning,
+        negative: Conditioning,
+        latent_image: Latent,
+        start_at_step: int,
+        end_at_step: int,
+        return_with_leftover_noise: str,
+    ) -> tuple[Latent]:
+        plan = SamplingPlan(
+            sampler_name,
+            scheduler,
+            steps,
+            cfg,
+            noise_seed,
+            start_step=start_at_step,
+            end_step=end_at_step,
+            add_noise=add_noise == "enable",
+            leftover_noise=return_with_leftover_noise == "enable",
+        )
         return _sample(ctx, model, plan, latent_image, positive, negative)

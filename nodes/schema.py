@@ -160,8 +160,13 @@ class Choice(InputSpec):
         choices = self.choices(env)
         if value not in choices:
             shown = ", ".join(choices[:20]) + (f", ... ({len(choices)} in all)" if len(choices) > 20 else "")
-            what = ("value not in the choice list" if not self.source
-                    else "unknown input image" if self.source == "input_images" else f"unknown model in {self.source}/")
+            what = (
+                "value not in the choice list"
+                if not self.source
+                else "unknown input image"
+                if self.source == "input_images"
+                else f"unknown model in {self.source}/"
+            )
             return "value_not_in_list", f"{what} {value!r}; choices: {shown or '(none)'}"
         return None
 

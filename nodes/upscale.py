@@ -42,8 +42,9 @@ class ImageScale(Node):
     height = Int(default=512, min=0, max=MAX_RESOLUTION, limit="height")
     crop = Choice(options=("disabled", "center"), default="disabled")
 
-    def run(self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, width: int, height: int,
-            crop: str) -> tuple[torch.Tensor]:
+    def run(
+        self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, width: int, height: int, crop: str
+    ) -> tuple[torch.Tensor]:
         if width == 0 and height == 0:
             return (image,)
         old_height, old_width = image.shape[1:3]
@@ -67,8 +68,7 @@ class ImageScaleBy(Node):
 
     def run(self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
         height, width = image.shape[1:3]
-        return (resize_image(image, max(1, round(width * scale_by)), max(1, round(height * scale_by)),
-                             upscale_method),)
+        return (resize_image(image, max(1, round(width * scale_by)), max(1, round(height * scale_by)), upscale_method),)
 
 
 class ImageScaleToTotalPixels(Node):
@@ -85,8 +85,7 @@ class ImageScaleToTotalPixels(Node):
     def run(self, ctx: NodeContext, image: torch.Tensor, upscale_method: str, megapixels: float) -> tuple[torch.Tensor]:
         height, width = image.shape[1:3]
         factor = math.sqrt(megapixels * 1024 * 1024 / (width * height))
-        return (resize_image(image, max(1, round(width * factor)), max(1, round(height * factor)),
-                             upscale_method),)
+        return (resize_image(image, max(1, round(width * factor)), max(1, round(height * factor)), upscale_method),)
 
 
 class Upscaler:
@@ -125,21 +124,27 @@ def load_upscaler(path: Path, device: torch.device, dtype: torch.dtype) -> Upsca
     try:
         descriptor = ModelLoader(device).load_from_file(path)
     except UnsupportedModelError:
-        raise NodeInputError(f"upscale model {path.name!r} is not an architecture spandrel knows; "
-                             "expected a super-resolution model such as ESRGAN or Real-ESRGAN") from None
+        raise NodeInputError(
+            f"upscale model {path.name!r} is not an architecture spandrel knows; "
+            "expected a super-resolution model such as ESRGAN or Real-ESRGAN"
+        ) from None
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:  # a damaged file, or one detected whose tensors do not fit the architecture
         raise NodeInputError(f"upscale model {path.name!r} could not be loaded: {exc}") from exc
     what = f"upscale model {path.name!r} ({descriptor.architecture.name})"
     if not isinstance(descriptor, ImageModelDescriptor) or descriptor.purpose != "SR":
-        raise NodeInputError(f"{what} is {_NOT_SR[descriptor.purpose]} model, not a single-image "
-                             "super-resolution model")
+        raise NodeInputError(
+            f"{what} is {_NOT_SR[descriptor.purpose]} model, not a single-image super-resolution model"
+        )
     if descriptor.input_channels != 3 or descriptor.output_channels != 3:
-        raise NodeInputError(f"{what} takes {descriptor.input_channels} and gives {descriptor.output_channels} "
-                             "channels; only RGB models (3 and 3) are supported")
-    if (dtype == torch.float16 and not descriptor.supports_half) or \
-            (dtype == torch.bfloat16 and not descriptor.supports_bfloat16):
+        raise NodeInputError(
+            f"{what} takes {descriptor.input_channels} and gives {descriptor.output_channels} "
+            "channels; only RGB models (3 and 3) are supported"
+        )
+    if (dtype == torch.float16 and not descriptor.supports_half) or (
+        dtype == torch.bfloat16 and not descriptor.supports_bfloat16
+    ):
         dtype = torch.float32
     descriptor.to(dtype)
     descriptor.eval()
@@ -166,11 +171,13 @@ class UpscaleModelLoader(Node):
 
     model_name = Choice(source="upscale_models")
 
-
     def run(self, ctx: NodeContext, model_name: str) -> tuple[UpscaleModel]:
         device, dtype = ctx.device, ctx.dtype
-        return (UpscaleModel(file_model(ctx, "upscale_models", model_name,
-                                        lambda path: load_upscaler(path, device, dtype))),)
+        return (
+            UpscaleModel(
+                file_model(ctx, "upscale_models", model_name, lambda path: load_upscaler(path, device, dtype))
+            ),
+        )
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -200,8 +207,14 @@ def _tile_weights(size: int, inner_start: bool, inner_end: bool, overlap: int, s
     return weights
 
 
-def upscale_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scale: int,
-                  tile: int = TILE, overlap: int = TILE_OVERLAP, ctx: NodeContext | None = None) -> torch.Tensor:
+def upscale_tiled(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scale: int,
+    tile: int = TILE,
+    overlap: int = TILE_OVERLAP,
+    ctx: NodeContext | None = None,
+) -> torch.Tensor:
     """IMAGE [B,H,W,C] → [B,H*scale,W*scale,C] on the CPU, in 0..1, running `model` on
     overlapping tiles of at most tile x tile input pixels and blending them.
 
@@ -217,24 +230,32 @@ def upscale_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     total_weight = torch.zeros(height * scale, width * scale)
     for y, wy in zip(ys, weight_y):
         for x, wx in zip(xs, weight_x):
-            total_weight[y * scale:(y + tile_h) * scale, x * scale:(x + tile_w) * scale] += wy[:, None] * wx
+            total_weight[y * scale : (y + tile_h) * scale, x * scale : (x + tile_w) * scale] += wy[:, None] * wx
     total, done = batch * len(ys) * len(xs), 0
     for b in range(batch):
         for y, wy in zip(ys, weight_y):
             for x, wx in zip(xs, weight_x):
                 if ctx is not None:
                     ctx.check_cancelled()
-                piece = image[b:b + 1, y:y + tile_h, x:x + tile_w].movedim(-1, 1)
+                piece = image[b : b + 1, y : y + tile_h, x : x + tile_w].movedim(-1, 1)
                 result = model(piece)[0]
-                out[b, :, y * scale:(y + tile_h) * scale, x * scale:(x + tile_w) * scale] += result * (wy[:, None] * wx)
+                out[b, :, y * scale : (y + tile_h) * scale, x * scale : (x + tile_w) * scale] += result * (
+                    wy[:, None] * wx
+                )
                 done += 1
                 if ctx is not None:
                     ctx.progress(done, total)
     return (out / total_weight).clamp_(0, 1).movedim(1, -1)
 
 
-def upscale_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scale: int,
-                  ctx: NodeContext | None = None, tile: int = TILE, min_tile: int = MIN_TILE) -> torch.Tensor:
+def upscale_image(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scale: int,
+    ctx: NodeContext | None = None,
+    tile: int = TILE,
+    min_tile: int = MIN_TILE,
+) -> torch.Tensor:
     """upscale_tiled, halving the tile size each time the device runs out of memory, down to
     `min_tile`; then a RuntimeError that says so."""
     while True:
@@ -242,8 +263,10 @@ def upscale_image(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
             return upscale_tiled(model, image, scale, tile, TILE_OVERLAP, ctx)
         except torch.OutOfMemoryError as exc:
             if tile // 2 < min_tile:
-                raise RuntimeError(f"out of device memory upscaling a {image.shape[2]}x{image.shape[1]} image, "
-                                   f"even with tiles of {tile} px; free memory or use a smaller image") from exc
+                raise RuntimeError(
+                    f"out of device memory upscaling a {image.shape[2]}x{image.shape[1]} image, "
+                    f"even with tiles of {tile} px; free memory or use a smaller image"
+                ) from exc
             log.warning("out of memory upscaling with %d-px tiles; trying %d", tile, tile // 2)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the failed attempt's blocks back before the retry

@@ -31,8 +31,15 @@ def generate() -> dict[str, str]:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as out:
         code = protoc.main(
-            ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}",
-             f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
+            [
+                "protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{well_known}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--grpc_python_out={out}",
+                *protos,
+            ]
         )
         if code != 0:
             raise SystemExit(f"protoc failed with exit code {code}")
@@ -50,8 +57,9 @@ def main() -> int:
     files = generate()
     if args.check:
         present = {p.name for p in STUB_DIR.glob("*.py*")} if STUB_DIR.exists() else set()
-        stale = sorted(n for n, text in files.items()
-                       if not (STUB_DIR / n).exists() or (STUB_DIR / n).read_text() != text)
+        stale = sorted(
+            n for n, text in files.items() if not (STUB_DIR / n).exists() or (STUB_DIR / n).read_text() != text
+        )
         extra = sorted(present - set(files))
         if stale or extra:
             print(f"stubs out of date: differ {stale}, not generated {extra}; run python protos/generate.py")

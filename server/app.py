@@ -14,8 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from plinth.clients.v1 import (
-    asset_service_pb2, asset_service_pb2_grpc, graph_service_pb2, graph_service_pb2_grpc, model_service_pb2,
-    model_service_pb2_grpc, node_service_pb2, node_service_pb2_grpc,
+    asset_service_pb2,
+    asset_service_pb2_grpc,
+    graph_service_pb2,
+    graph_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    node_service_pb2,
+    node_service_pb2_grpc,
 )
 from plinth.server.api.asset_service import AssetServicer
 from plinth.server.api.auth import BearerTokenInterceptor
@@ -61,7 +67,8 @@ def _accepted_tokens(config: Config) -> frozenset[str]:
     if not accepted and not is_loopback(config.host):
         raise ConfigError(
             f"host {config.host!r} is not loopback, so bearer tokens are required: set auth.token_file "
-            "or auth.tokens (PLINTH_AUTH_TOKEN_FILE or PLINTH_AUTH_TOKENS), or bind 127.0.0.1")
+            "or auth.tokens (PLINTH_AUTH_TOKEN_FILE or PLINTH_AUTH_TOKENS), or bind 127.0.0.1"
+        )
     if accepted and config.auth.tls_cert is None and not is_loopback(config.host):
         log.warning("bearer tokens will cross the network in clear text: set auth.tls_cert and auth.tls_key")
     return accepted
@@ -88,8 +95,11 @@ def _server_credentials(auth: Auth) -> grpc.ServerCredentials | None:
     if auth.tls_cert is None or auth.tls_key is None:
         raise ConfigError("auth.tls_cert and auth.tls_key go together: set both or neither")
     client_ca = _read_setting(auth, "tls_client_ca")
-    return grpc.ssl_server_credentials([(_read_setting(auth, "tls_key"), _read_setting(auth, "tls_cert"))],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(_read_setting(auth, "tls_key"), _read_setting(auth, "tls_cert"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class PlinthServer:
@@ -113,13 +123,15 @@ class PlinthServer:
         self._stop_metrics: Callable[[], None] = lambda: None
         self.host = config.host
         self.health = health.HealthServicer()
-        options = [("grpc.max_send_message_length", config.limits.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.limits.max_message_bytes)]
+        options = [
+            ("grpc.max_send_message_length", config.limits.max_message_bytes),
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ]
         interceptors = [BearerTokenInterceptor(accepted, exempt=OPEN_SERVICES)] if accepted else []
-        workers = futures.ThreadPoolExecutor(max_workers=config.limits.max_queue + STREAM_HEADROOM,
-                                             thread_name_prefix="plinth-rpc")
-        self.grpc = grpc.server(workers,
-                                options=options, interceptors=interceptors)
+        workers = futures.ThreadPoolExecutor(
+            max_workers=config.limits.max_queue + STREAM_HEADROOM, thread_name_prefix="plinth-rpc"
+        )
+        self.grpc = grpc.server(workers, options=options, interceptors=interceptors)
         graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.service), self.grpc)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.service), self.grpc)
         asset_service_pb2_grpc.add_AssetServiceServicer_to_server(AssetServicer(self.service), self.grpc)
@@ -127,8 +139,9 @@ class PlinthServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, *OPEN_SERVICES), self.grpc)
         target = f"{config.host}:{config.port}"
-        self.port = (self.grpc.add_secure_port(target, credentials) if credentials
-                     else self.grpc.add_insecure_port(target))
+        self.port = (
+            self.grpc.add_secure_port(target, credentials) if credentials else self.grpc.add_insecure_port(target)
+        )
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
 

@@ -19,7 +19,6 @@ from plinth.server.config import DEFAULT_HOME
 from typing import Any, Iterator
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -38,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--models", type=Path, help=f"models directory (default: {DEFAULT_HOME / 'models'})")
         p.add_argument("--data", type=Path, help=f"data directory: images, inputs (default: {DEFAULT_HOME / 'data'})")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
-        p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"),
-                       help="dtype models run in (default: auto = float16 on CUDA, float32 on the CPU)")
+        p.add_argument(
+            "--precision",
+            choices=("auto", "float32", "bfloat16", "float16"),
+            help="dtype models run in (default: auto = float16 on CUDA, float32 on the CPU)",
+        )
 
     def remote(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", help="HOST:PORT of a running server (default: an in-process server)")
@@ -56,8 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must be signed by (mutual TLS)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
-    p.add_argument("--batch-jobs", type=int, metavar="N",
-                   help="run up to N jobs side by side, their sampler steps batched (default: 0 = 8 on CUDA, 1 on the CPU)")
+    p.add_argument(
+        "--batch-jobs",
+        type=int,
+        metavar="N",
+        help="run up to N jobs side by side, their sampler steps batched (default: 0 = 8 on CUDA, 1 on the CPU)",
+    )
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile each UNet as it loads")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line, with the job id")
     p.add_argument("--log-level", default="info", help="debug, info, warning, error (default: info)")
@@ -67,10 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a graph file and write its images")
     p.add_argument("graph", type=Path, help="graph in ComfyUI API format (.json)")
     remote(p)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
-                   help="override an input; VALUE is read as JSON when it parses, else as text")
-    p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=FILE",
-                   help="upload FILE as NAME, for LoadImage")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="NODE_ID.INPUT=VALUE",
+        help="override an input; VALUE is read as JSON when it parses, else as text",
+    )
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="upload FILE as NAME, for LoadImage",
+    )
     p.add_argument("-o", "--output", type=Path, default=Path("out"), help="directory for the PNGs (default: out)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     dirs(p)
@@ -92,23 +110,33 @@ def _parser() -> argparse.ArgumentParser:
     remote(p)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("models", help="list the models (of --server: which are loaded), load or unload one "
-                                      "on a server, or make the embedded tiny-sd")
+    p = sub.add_parser(
+        "models",
+        help="list the models (of --server: which are loaded), load or unload one "
+        "on a server, or make the embedded tiny-sd",
+    )
     p.add_argument("action", choices=["list", "init", "load", "unload"])
-    p.add_argument("model", nargs="?", metavar="FOLDER/NAME",
-                   help="for load and unload, e.g. checkpoints/tiny-sd or loras/style.safetensors")
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="FOLDER/NAME",
+        help="for load and unload, e.g. checkpoints/tiny-sd or loras/style.safetensors",
+    )
     p.add_argument("--folder", default="", help="list: only this folder (checkpoints, vae, loras, ...)")
     p.add_argument("--json", action="store_true", help="print JSON")
     remote(p)
     dirs(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("upload", help="upload an image to a server in chunks and print its asset id, the name "
-                                      "a graph's LoadImage uses for it")
+    p = sub.add_parser(
+        "upload",
+        help="upload an image to a server in chunks and print its asset id, the name a graph's LoadImage uses for it",
+    )
     p.add_argument("file", type=Path, help="PNG, JPEG or WebP")
     p.add_argument("--name", help="file name sent with it (default: FILE's name)")
-    p.add_argument("--json", action="store_true", help="print the asset as JSON (id, name, size, width, height, "
-                                                      "format)")
+    p.add_argument(
+        "--json", action="store_true", help="print the asset as JSON (id, name, size, width, height, format)"
+    )
     remote(p)
     dirs(p)
     p.set_defaults(func=cmd_upload)
@@ -121,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # server side
+
 
 def _quiet_libraries() -> None:
     """diffusers and transformers print progress bars and advice on every load; a server logs instead."""
@@ -136,8 +165,16 @@ def _config(args: argparse.Namespace, **flags: object):
     """Settings: the --config file, then PLINTH_* variables, then this command's flags."""
     from plinth.server.config import load
 
-    return load(args.config, flags={"models_dir": args.models, "data_dir": args.data, "device": args.device,
-                                    "precision": args.precision, **flags})
+    return load(
+        args.config,
+        flags={
+            "models_dir": args.models,
+            "data_dir": args.data,
+            "device": args.device,
+            "precision": args.precision,
+            **flags,
+        },
+    )
 
 
 def _server(args: argparse.Namespace, **flags: object):
@@ -168,10 +205,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logs.configure(json=args.log_json, level=args.log_level)
     try:
-        server = _server(args, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                         batch_jobs=args.batch_jobs, compile=args.compile, **{
-            "auth.token_file": args.token_file, "auth.tls_cert": args.tls_cert, "auth.tls_key": args.tls_key,
-            "auth.tls_client_ca": args.tls_client_ca}).start()
+        server = _server(
+            args,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            batch_jobs=args.batch_jobs,
+            compile=args.compile,
+            **{
+                "auth.token_file": args.token_file,
+                "auth.tls_cert": args.tls_cert,
+                "auth.tls_key": args.tls_key,
+                "auth.tls_client_ca": args.tls_client_ca,
+            },
+        ).start()
     except (ConfigError, StoreError) as exc:
         print(f"plinth serve: {exc}", file=sys.stderr)
         return 2
@@ -212,6 +259,7 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
 
 # client side
 
+
 def cmd_models(args: argparse.Namespace) -> int:
     """`list` reads the local models directory (no torch), or with --server asks the server,
     which also says what is loaded; `load` and `unload` act on --server; `init` makes tiny-sd."""
@@ -239,8 +287,17 @@ def cmd_models(args: argparse.Namespace) -> int:
                 models = [getattr(client, f"{args.action}_model")(folder, name)]
     except PlinthError as exc:
         return _refused(exc)
-    rows = [{"folder": m.folder, "name": m.name, "size_bytes": m.size_bytes, "loaded": m.loaded,
-             "loaded_bytes": m.loaded_bytes, "load_seconds": round(m.load_seconds, 3)} for m in models]
+    rows = [
+        {
+            "folder": m.folder,
+            "name": m.name,
+            "size_bytes": m.size_bytes,
+            "loaded": m.loaded,
+            "loaded_bytes": m.loaded_bytes,
+            "load_seconds": round(m.load_seconds, 3),
+        }
+        for m in models
+    ]
     if args.json:
         print(json.dumps(rows if args.action == "list" else rows[0]))
         return 0
@@ -257,9 +314,11 @@ def _list_local_models(args: argparse.Namespace) -> int:
     if args.folder and args.folder not in MODEL_FOLDERS:
         return _usage(f"models list: unknown folder {args.folder!r}; the folders are {', '.join(MODEL_FOLDERS)}")
     workspace = Workspace(config.models_dir, config.data_dir, allow_pickle=config.allow_pickle)
-    rows = [{"folder": folder, "name": name, "size_bytes": size}
-            for folder in ([args.folder] if args.folder else MODEL_FOLDERS)
-            for name, size, _ in workspace.describe_models(folder)]
+    rows = [
+        {"folder": folder, "name": name, "size_bytes": size}
+        for folder in ([args.folder] if args.folder else MODEL_FOLDERS)
+        for name, size, _ in workspace.describe_models(folder)
+    ]
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -291,8 +350,18 @@ def cmd_upload(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _usage(f"upload: {exc}")
     if args.json:
-        print(json.dumps({"id": asset.id, "name": asset.name, "size": asset.size, "width": asset.width,
-                          "height": asset.height, "format": asset.format}))
+        print(
+            json.dumps(
+                {
+                    "id": asset.id,
+                    "name": asset.name,
+                    "size": asset.size,
+                    "width": asset.width,
+                    "height": asset.height,
+                    "format": asset.format,
+                }
+            )
+        )
     else:
         print(asset.id)
     return 0
@@ -397,8 +466,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.close()
         code = _refused(exc)
         if args.json:
-            print(json.dumps({"job_id": "", "status": "refused", "code": exc.code, "error": exc.message,
-                              "errors": [_error_json(e) for e in exc.errors], "outputs": [], "nodes": {}}))
+            print(
+                json.dumps(
+                    {
+                        "job_id": "",
+                        "status": "refused",
+                        "code": exc.code,
+                        "error": exc.message,
+                        "errors": [_error_json(e) for e in exc.errors],
+                        "outputs": [],
+                        "nodes": {},
+                    }
+                )
+            )
         return code
     if bar:
         bar.close()
@@ -411,12 +491,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.status != "completed":
         print(f"plinth run: job {result.job_id} {result.status}: {result.error}", file=sys.stderr)
     if args.json:
-        print(json.dumps({
-            "job_id": result.job_id, "status": result.status, "outputs": [str(p) for p in paths],
-            "nodes": {k: {"class_type": v.class_type, "status": v.status, "seconds": round(v.seconds, 6)}
-                      for k, v in result.nodes.items()},
-            **({"error": result.error} if result.error else {}),
-        }))
+        print(
+            json.dumps(
+                {
+                    "job_id": result.job_id,
+                    "status": result.status,
+                    "outputs": [str(p) for p in paths],
+                    "nodes": {
+                        k: {"class_type": v.class_type, "status": v.status, "seconds": round(v.seconds, 6)}
+                        for k, v in result.nodes.items()
+                    },
+                    **({"error": result.error} if result.error else {}),
+                }
+            )
+        )
     return 0 if result.status == "completed" else 1
 
 
@@ -471,8 +559,13 @@ def _write_images(result: Any, outdir: Path) -> list[Path]:
 
 
 def _error_json(error: Any) -> dict[str, str]:
-    return {"node_id": error.node_id, "class_type": error.class_type, "input": error.input,
-            "code": error.code, "message": error.message}
+    return {
+        "node_id": error.node_id,
+        "class_type": error.class_type,
+        "input": error.input,
+        "code": error.code,
+        "message": error.message,
+    }
 
 
 def _refused(exc: Any) -> int:

@@ -89,8 +89,9 @@ class Config:
     auth: Auth = field(default_factory=Auth)
 
 
-def load(path: Path | None = None, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> Config:
+def load(
+    path: Path | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> Config:
     """The config from `path` (TOML), then `env` (default os.environ), then `flags` (dotted
     names such as "limits.max_steps"; None values are ignored)."""
     config = Config()

@@ -31,14 +31,21 @@ def _input(spec) -> str:
 
 
 def nodes_markdown(registry: Mapping[str, type[Node]]) -> str:
-    schemas = sorted((cls.schema for cls in registry.values()), key=lambda s: (s.origin != "ComfyUI", s.origin,
-                                                                              s.category, s.class_type))
+    schemas = sorted(
+        (cls.schema for cls in registry.values()),
+        key=lambda s: (s.origin != "ComfyUI", s.origin, s.category, s.class_type),
+    )
     origins = {}
     for schema in schemas:
         origins[schema.origin] = origins.get(schema.origin, 0) + 1
     counts = ", ".join(f"{n} from {o}" for o, n in origins.items())
-    lines = [HEADER, f"{len(schemas)} nodes: {counts}.", "",
-             "| class_type | origin | category | inputs ([optional]) | outputs |", "|---|---|---|---|---|"]
+    lines = [
+        HEADER,
+        f"{len(schemas)} nodes: {counts}.",
+        "",
+        "| class_type | origin | category | inputs ([optional]) | outputs |",
+        "|---|---|---|---|---|",
+    ]
     for s in schemas:
         inputs = ", ".join(_input(i) for i in s.inputs)
         outputs = ", ".join(o.type for o in s.outputs) or "(output node)"

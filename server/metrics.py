@@ -44,7 +44,15 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    make_wsgi_app,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -54,8 +62,29 @@ log = logging.getLogger("plinth.metrics")
 
 # Seconds: the tiny model's nodes take milliseconds, real models' samplers and whole jobs tens
 # of seconds to minutes (with time spent queued).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    float("inf"),
+)
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 _FINAL = {ev.Completed: "completed", ev.Failed: "failed", ev.Cancelled: "cancelled"}
@@ -72,8 +101,15 @@ class Metrics:
     (the hook), so events arrive without further wiring.
     """
 
-    def __init__(self, service: Any = None, *, namespace: str = "plinth", process: bool = True,
-                 subscribe: bool = True, buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
+    def __init__(
+        self,
+        service: Any = None,
+        *,
+        namespace: str = "plinth",
+        process: bool = True,
+        subscribe: bool = True,
+        buckets: Iterable[float] = LATENCY_BUCKETS,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.namespace = namespace
         self.service: Any = None
@@ -81,18 +117,40 @@ class Metrics:
         r, ns = self.registry, namespace
         self.jobs_queued = Counter("jobs_queued", "Jobs accepted into the queue.", namespace=ns, registry=r)
         self.jobs = Counter("jobs", "Jobs finished, by final status.", ["status"], namespace=ns, registry=r)
-        self.job_duration = Histogram("job_duration_seconds", "Time from queued to finished, by final status.",
-                                      ["status"], namespace=ns, buckets=buckets, registry=r)
-        self.job_run = Histogram("job_run_seconds", "Time from starting to run to finished, by final status "
-                                 "(jobs cancelled while queued never ran).", ["status"], namespace=ns,
-                                 buckets=buckets, registry=r)
-        self.queue_wait = Histogram("job_queue_wait_seconds", "Time from queued to starting to run.",
-                                    namespace=ns, buckets=buckets, registry=r)
-        self.node_duration = Histogram("node_duration_seconds", "Time a node took to run (cache misses), by class_type.",
-                                       ["class_type"], namespace=ns, buckets=buckets, registry=r)
-        self.node_executions = Counter("node_executions", "Nodes gone through, by class_type and outcome: "
-                                       "executed, cached (output cache hit) or failed.",
-                                       ["class_type", "outcome"], namespace=ns, registry=r)
+        self.job_duration = Histogram(
+            "job_duration_seconds",
+            "Time from queued to finished, by final status.",
+            ["status"],
+            namespace=ns,
+            buckets=buckets,
+            registry=r,
+        )
+        self.job_run = Histogram(
+            "job_run_seconds",
+            "Time from starting to run to finished, by final status (jobs cancelled while queued never ran).",
+            ["status"],
+            namespace=ns,
+            buckets=buckets,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "job_queue_wait_seconds", "Time from queued to starting to run.", namespace=ns, buckets=buckets, registry=r
+        )
+        self.node_duration = Histogram(
+            "node_duration_seconds",
+            "Time a node took to run (cache misses), by class_type.",
+            ["class_type"],
+            namespace=ns,
+            buckets=buckets,
+            registry=r,
+        )
+        self.node_executions = Counter(
+            "node_executions",
+            "Nodes gone through, by class_type and outcome: executed, cached (output cache hit) or failed.",
+            ["class_type", "outcome"],
+            namespace=ns,
+            registry=r,
+        )
         self._running: set[str] = set()  # ids of jobs between Started and their terminal event
         self._running_lock = threading.Lock()
         running = Gauge("jobs_running", "Jobs running now.", namespace=ns, registry=r)
@@ -212,27 +270,46 @@ class _ServiceCollector(Collector):
             yield from gauge("cache_entries", "Node outputs in the output cache.", lambda: len(cache))
         models = getattr(service, "models", None)
         if models is not None:
-            yield from counter("model_loads", "Models loaded (cache misses of the model manager).",
-                               lambda: models.loads)
-            yield from gauge("model_memory_bytes", "Bytes of loaded models (model manager).",
-                             lambda: _retry(lambda: models.bytes_used))
+            yield from counter(
+                "model_loads", "Models loaded (cache misses of the model manager).", lambda: models.loads
+            )
+            yield from gauge(
+                "model_memory_bytes",
+                "Bytes of loaded models (model manager).",
+                lambda: _retry(lambda: models.bytes_used),
+            )
             yield from gauge("model_budget_bytes", "The model manager's byte budget.", lambda: models.budget_bytes)
-            yield from gauge("model_offloaded_bytes", "Bytes of models moved off the device to RAM.",
-                             lambda: _retry(lambda: models.offloaded_bytes))
+            yield from gauge(
+                "model_offloaded_bytes",
+                "Bytes of models moved off the device to RAM.",
+                lambda: _retry(lambda: models.offloaded_bytes),
+            )
         lockstep = getattr(service, "lockstep", None)
         if lockstep is not None:
-            yield from counter("batched_forwards", "UNet forwards run for jobs side by side (batch_jobs > 1).",
-                               lambda: lockstep.stats.forwards)
-            yield from counter("batched_calls", "Sampler UNet calls those forwards served; calls / forwards is "
-                               "the mean batch.", lambda: lockstep.stats.calls)
+            yield from counter(
+                "batched_forwards",
+                "UNet forwards run for jobs side by side (batch_jobs > 1).",
+                lambda: lockstep.stats.forwards,
+            )
+            yield from counter(
+                "batched_calls",
+                "Sampler UNet calls those forwards served; calls / forwards is the mean batch.",
+                lambda: lockstep.stats.calls,
+            )
         device = getattr(service, "device", None)
         if getattr(device, "type", "") == "cuda":
             import torch
 
-            yield from gauge("device_memory_allocated_bytes", "Bytes of device memory torch has allocated.",
-                             lambda: torch.cuda.memory_allocated(device))
-            yield from gauge("device_memory_reserved_bytes", "Bytes of device memory torch's allocator holds.",
-                             lambda: torch.cuda.memory_reserved(device))
+            yield from gauge(
+                "device_memory_allocated_bytes",
+                "Bytes of device memory torch has allocated.",
+                lambda: torch.cuda.memory_allocated(device),
+            )
+            yield from gauge(
+                "device_memory_reserved_bytes",
+                "Bytes of device memory torch's allocator holds.",
+                lambda: torch.cuda.memory_reserved(device),
+            )
 
 
 def _retry(read: Callable[[], float], tries: int = 3) -> float:
@@ -248,6 +325,7 @@ def _retry(read: Callable[[], float], tries: int = 3) -> float:
 
 
 # HTTP
+
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True

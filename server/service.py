@@ -153,8 +153,11 @@ def check_image(data: bytes | Path, name: str, limits: Limits) -> ImageInfo:
     if kind not in ACCEPTED_FORMATS:
         raise ImageRefused("invalid_image", f"image {name!r} is {kind}; only PNG, JPEG and WebP are accepted")
     if width * height > limits.max_pixels * 4:
-        raise ImageRefused("limit_exceeded", f"image {name!r} is {width}x{height} pixels; the limit is "
-                                             f"{limits.max_pixels * 4} (a decompression bomb or simply too large)")
+        raise ImageRefused(
+            "limit_exceeded",
+            f"image {name!r} is {width}x{height} pixels; the limit is "
+            f"{limits.max_pixels * 4} (a decompression bomb or simply too large)",
+        )
     return ImageInfo(kind, width, height)
 
 
@@ -164,14 +167,18 @@ def check_request(graph: str | bytes | dict[str, Any], inputs: dict[str, bytes],
     GraphValidationError with every problem found."""
     too_big, bad = [], []
     if isinstance(graph, (str, bytes)) and len(graph) > limits.max_graph_bytes:
-        too_big.append(GraphError("", "", "", "limit_exceeded",
-                                  f"graph JSON is {len(graph)} bytes; the limit is {limits.max_graph_bytes}"))
+        too_big.append(
+            GraphError(
+                "", "", "", "limit_exceeded", f"graph JSON is {len(graph)} bytes; the limit is {limits.max_graph_bytes}"
+            )
+        )
     for name, data in inputs.items():
         try:
             check_image(data, name, limits)
         except ImageRefused as exc:
             (too_big if exc.code == "limit_exceeded" else bad).append(
-                GraphError("", "", f"inputs.{name}", exc.code, str(exc)))
+                GraphError("", "", f"inputs.{name}", exc.code, str(exc))
+            )
     if bad:
         raise GraphValidationError(bad + too_big)
     if too_big:
@@ -185,11 +192,18 @@ class PlinthService:
         self.device, self.dtype = pick_device(config.device, config.precision)
         self.batch_jobs = batch_jobs(config, self.device)
         offload = (config.offload_budget_bytes or _default_offload_budget()) if self.device.type != "cpu" else 0
-        self.models = ModelManager(config.model_budget_bytes or _default_model_budget(self.device),
-                                   device=self.device, offload_budget_bytes=offload)
+        self.models = ModelManager(
+            config.model_budget_bytes or _default_model_budget(self.device),
+            device=self.device,
+            offload_budget_bytes=offload,
+        )
         self.cache = OutputCache(config.cache_bytes)
-        options = ModelOptions(attention=config.attention, channels_last=config.channels_last,
-                               compile=config.compile, warm_up=config.warm_up)
+        options = ModelOptions(
+            attention=config.attention,
+            channels_last=config.channels_last,
+            compile=config.compile,
+            warm_up=config.warm_up,
+        )
         self.executor = Executor(self.cache, self.device, self.dtype, options)
         self.registry = NODES
         self.queue = JobQueue()
@@ -237,8 +251,11 @@ class PlinthService:
                 self._join(time.monotonic() + CANCEL_WAIT)
                 for job in self._running_now():
                     if not job.status.terminal:
-                        log.warning("job %s did not stop within %.0f s of being cancelled; recorded as cancelled",
-                                    job.id, CANCEL_WAIT)
+                        log.warning(
+                            "job %s did not stop within %.0f s of being cancelled; recorded as cancelled",
+                            job.id,
+                            CANCEL_WAIT,
+                        )
                         job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_RUNNING), STOPPED_RUNNING)
         self.store.flush()
 
@@ -249,8 +266,14 @@ class PlinthService:
 
     # requests
 
-    def submit(self, graph: str | dict[str, Any], inputs: dict[str, bytes] | None = None,
-               priority: int = 0, omit_image_bytes: bool = False, deadline_seconds: float = 0.0) -> Job:
+    def submit(
+        self,
+        graph: str | dict[str, Any],
+        inputs: dict[str, bytes] | None = None,
+        priority: int = 0,
+        omit_image_bytes: bool = False,
+        deadline_seconds: float = 0.0,
+    ) -> Job:
         """Validate, store and queue; raises GraphValidationError with every error found, or
         ServiceStopping once stop() has begun. With deadline_seconds the job is cancelled once
         that long has passed since now, whether it is still queued or running."""
@@ -258,8 +281,9 @@ class PlinthService:
         check_request(graph, inputs, self.config.limits)
         resources = JobResources(self.workspace, self.models, inputs)
         plan = validate(self.parse(graph), self.registry, resources, self.config.limits)
-        job = Job(plan, resources, priority, omit_image_bytes=omit_image_bytes, journal=self.store,
-                  observers=self.observers)
+        job = Job(
+            plan, resources, priority, omit_image_bytes=omit_image_bytes, journal=self.store, observers=self.observers
+        )
         if deadline_seconds > 0:
             job.deadline = job.created_at + deadline_seconds
             timer = threading.Timer(deadline_seconds, self._expire, args=(job,))
@@ -318,8 +342,9 @@ class PlinthService:
         else:
             job.request_cancel(reason)
 
-    def jobs(self, statuses: Iterable[JobStatus] = (), limit: int = 100,
-             before: int | None = None) -> tuple[list[Job], int | None]:
+    def jobs(
+        self, statuses: Iterable[JobStatus] = (), limit: int = 100, before: int | None = None
+    ) -> tuple[list[Job], int | None]:
         """A page of jobs newest first, optionally only those in `statuses`, and the cursor for
         the next page (see JobStore.list); summaries without events."""
         return self.store.list(statuses, limit, before)
@@ -346,8 +371,9 @@ class PlinthService:
             if self.lockstep is None:
                 self._run_and_release(job)
                 continue
-            member = threading.Thread(target=self._run_and_release, args=(job,), name=f"plinth-job-{job.id[:8]}",
-                                      daemon=True)
+            member = threading.Thread(
+                target=self._run_and_release, args=(job,), name=f"plinth-job-{job.id[:8]}", daemon=True
+            )
             with self._running_lock:
                 self._members = {t for t in self._members if t.is_alive()} | {member}
             member.start()

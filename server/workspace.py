@@ -104,9 +104,11 @@ class Workspace:
                 subfolders.clear()  # its weight files belong to the folder model
                 continue
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            names.update((here / f).relative_to(root).as_posix() for f in files
-                         if not f.startswith(".") and Path(f).suffix in suffixes
-                         and (here / f).resolve().is_relative_to(root))
+            names.update(
+                (here / f).relative_to(root).as_posix()
+                for f in files
+                if not f.startswith(".") and Path(f).suffix in suffixes and (here / f).resolve().is_relative_to(root)
+            )
         return sorted(names)
 
     def find_model(self, source: str, name: str) -> Path:
@@ -117,29 +119,46 @@ class Workspace:
         if source == "checkpoints" and name == TINY_SD:
             return self.models_dir / "checkpoints" / TINY_SD
         parts = name.replace("\\", "/").split("/")
-        if not name or "\0" in name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") \
-                or any(p in ("", ".", "..") for p in parts):
-            raise UnsafeModelName(f"model name {name!r} is not a path inside models/{source}: names are relative "
-                                  "to the folder, without '..', '.', empty parts or a leading '/'")
+        if (
+            not name
+            or "\0" in name
+            or name.startswith(("/", "\\"))
+            or (len(name) > 1 and name[1] == ":")
+            or any(p in ("", ".", "..") for p in parts)
+        ):
+            raise UnsafeModelName(
+                f"model name {name!r} is not a path inside models/{source}: names are relative "
+                "to the folder, without '..', '.', empty parts or a leading '/'"
+            )
         root = (self.models_dir / source).resolve()
         path = (root / name).resolve()
         if not path.is_relative_to(root):
-            raise UnsafeModelName(f"model {name!r} in {source} leads outside models/{source} (a symlink to "
-                                  f"{path}?); only files inside the models directory load")
+            raise UnsafeModelName(
+                f"model {name!r} in {source} leads outside models/{source} (a symlink to "
+                f"{path}?); only files inside the models directory load"
+            )
         if not path.exists():
             raise UnknownModel(f"unknown model {name!r} in {source}")
         pickled = self._pickled(path)
         if pickled and source not in PICKLE_FOLDERS:
-            raise PickleRefused(f"model {name!r} in {source} is a pickled file; {source} models load from "
-                                f"{', '.join(MODEL_FOLDERS[source])} files only, whatever allow_pickle says")
+            raise PickleRefused(
+                f"model {name!r} in {source} is a pickled file; {source} models load from "
+                f"{', '.join(MODEL_FOLDERS[source])} files only, whatever allow_pickle says"
+            )
         if pickled and not self.allow_pickle:
-            where = "" if pickled == [path] else f" (its {', '.join(p.relative_to(path).as_posix() for p in pickled[:3])})"
-            raise PickleRefused(f"model {name!r} in {source} is a pickled file{where}, which can run code when "
-                                "loaded; it is refused unless the server's config sets allow_pickle (allow_pickle = "
-                                "true in plinth.toml, or PLINTH_ALLOW_PICKLE=1); better, convert it to .safetensors")
+            where = (
+                "" if pickled == [path] else f" (its {', '.join(p.relative_to(path).as_posix() for p in pickled[:3])})"
+            )
+            raise PickleRefused(
+                f"model {name!r} in {source} is a pickled file{where}, which can run code when "
+                "loaded; it is refused unless the server's config sets allow_pickle (allow_pickle = "
+                "true in plinth.toml, or PLINTH_ALLOW_PICKLE=1); better, convert it to .safetensors"
+            )
         if name not in self.models(source):
-            raise UnknownModel(f"unknown model {name!r} in {source}: not a model file of this folder "
-                               f"({', '.join(self.suffixes(source))}, or a diffusers folder)")
+            raise UnknownModel(
+                f"unknown model {name!r} in {source}: not a model file of this folder "
+                f"({', '.join(self.suffixes(source))}, or a diffusers folder)"
+            )
         return path
 
     @staticmethod
@@ -294,8 +313,10 @@ def _files(path: Path) -> list[Path]:
 
 def _fingerprint(path: Path) -> str:
     """Changes when a model file, or any file of a folder model, is replaced (size, mtime)."""
-    stats = [(p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns)
-             for p in _files(path)]
+    stats = [
+        (p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns)
+        for p in _files(path)
+    ]
     return hashlib.sha256(repr(stats).encode()).hexdigest()
 
 
@@ -320,16 +341,20 @@ def convert_pickle(path: Path, target: Path) -> None:
             loaded = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
     except Exception as exc:  # refused by the weights-only unpickler, or not a torch file at all
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NodeInputError(f"{path.name}: torch.load(weights_only=True) could not read it, so it is not "
-                             f"loaded ({reason})") from None
+        raise NodeInputError(
+            f"{path.name}: torch.load(weights_only=True) could not read it, so it is not loaded ({reason})"
+        ) from None
     state = loaded
     while isinstance(state, dict):
         inner = next((state[k] for k in ("state_dict", "params_ema", "params") if isinstance(state.get(k), dict)), None)
         if inner is None:
             break
         state = inner
-    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
-        if isinstance(state, dict) else {}
+    tensors = (
+        {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if isinstance(state, dict)
+        else {}
+    )
     if not tensors:
         raise NodeInputError(f"{path.name}: no tensors by name in it (found {type(state).__name__})")
     out: dict[str, torch.Tensor] = {}

@@ -39,8 +39,13 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from plinth.server.config import Config, Limits
 
     # long-running jobs for the cancel tests sample 400 steps
-    config = Config(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("data"), device="cpu", port=0,
-                    limits=Limits(max_steps=1000))
+    config = Config(
+        models_dir=models_dir,
+        data_dir=tmp_path_factory.mktemp("data"),
+        device="cpu",
+        port=0,
+        limits=Limits(max_steps=1000),
+    )
     with PlinthServer(config) as running:
         yield running
 

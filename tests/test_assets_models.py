@@ -28,8 +28,10 @@ from support import files, lora_files
 from support.sd_original_layout import build_random_sd, small_sd15_configs, to_original_state_dict
 
 MiB = 1 << 20
-LOAD_AND_SAVE = {"1": {"class_type": "LoadImage", "inputs": {"image": ""}},
-                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "assets"}}}
+LOAD_AND_SAVE = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": ""}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "assets"}},
+}
 
 
 def load_and_save(image: str) -> dict:
@@ -47,14 +49,19 @@ def encoded(pixels: np.ndarray, kind: str = "PNG", **options) -> bytes:
 def bomb_png(width: int, height: int) -> bytes:
     """A real 1-bit PNG of `width` x `height` black pixels: kilobytes on disk, width * height
     pixels once decoded (written row by row, so making it costs no such memory)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     packer = zlib.compressobj(9)
     row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def rpc_code(call) -> str:
@@ -75,8 +82,14 @@ def noise() -> tuple[np.ndarray, bytes]:
 @pytest.fixture(scope="module")
 def small_server(models_dir, tmp_path_factory):
     """gRPC's default 4 MiB messages, 16 MiB uploads and a 1 MiB model budget."""
-    config = Config(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("assets-data"), device="cpu", port=0,
-                    model_budget_bytes=MiB, limits=Limits(max_message_bytes=4 * MiB, max_upload_bytes=16 * MiB))
+    config = Config(
+        models_dir=models_dir,
+        data_dir=tmp_path_factory.mktemp("assets-data"),
+        device="cpu",
+        port=0,
+        model_budget_bytes=MiB,
+        limits=Limits(max_message_bytes=4 * MiB, max_upload_bytes=16 * MiB),
+    )
     with PlinthServer(config) as running:
         yield running
 
@@ -90,8 +103,9 @@ def small_client(small_server):
 # assets
 
 
-def test_a_12_mb_upload_in_chunks_reaches_load_image_exactly_and_the_output_downloads(small_server, small_client,
-                                                                                     noise):
+def test_a_12_mb_upload_in_chunks_reaches_load_image_exactly_and_the_output_downloads(
+    small_server, small_client, noise
+):
     pixels, data = noise
     with pytest.raises(PlinthError) as info:  # the same image inline does not fit one 4 MiB message
         small_client.submit(load_and_save("big.png"), inputs={"big.png": data})
@@ -99,8 +113,14 @@ def test_a_12_mb_upload_in_chunks_reaches_load_image_exactly_and_the_output_down
 
     asset = small_client.upload_asset(data, name="big.png")
     assert asset.id == hashlib.sha256(data).hexdigest()
-    assert (asset.name, asset.size, asset.width, asset.height, asset.format, asset.kind) == \
-        ("big.png", len(data), 2048, 2048, "PNG", "input")
+    assert (asset.name, asset.size, asset.width, asset.height, asset.format, asset.kind) == (
+        "big.png",
+        len(data),
+        2048,
+        2048,
+        "PNG",
+        "input",
+    )
     stored = small_server.service.workspace.inputs_dir / f"{asset.id}.png"
     assert stored.read_bytes() == data
     assert not list(small_server.service.workspace.inputs_dir.glob(".upload-*"))
@@ -149,7 +169,11 @@ def test_gif_and_decompression_bombs_are_refused(server, client):
     gif = encoded(np.zeros((8, 8, 3), np.uint8), "GIF")
     with pytest.raises(PlinthError) as info:
         client.upload(gif, name="anim.gif")
-    assert info.value.code == "INVALID_ARGUMENT" and "GIF" in info.value.message and "PNG, JPEG and WebP" in info.value.message
+    assert (
+        info.value.code == "INVALID_ARGUMENT"
+        and "GIF" in info.value.message
+        and "PNG, JPEG and WebP" in info.value.message
+    )
     with pytest.raises(PlinthError) as info:
         client.upload(b"not an image at all")
     assert info.value.code == "INVALID_ARGUMENT"
@@ -219,8 +243,16 @@ def test_list_load_use_and_unload_tiny_sd(server, client, txt2img):
     listed = {(m.folder, m.name): m for m in client.list_models()}
     tiny = listed[("checkpoints", "tiny-sd")]
     assert tiny.size_bytes > 1_000_000
-    assert {m.folder for m in client.list_models()} <= {"checkpoints", "vae", "loras", "upscale_models", "controlnet",
-                                                        "ipadapter", "clip_vision", "rembg"}
+    assert {m.folder for m in client.list_models()} <= {
+        "checkpoints",
+        "vae",
+        "loras",
+        "upscale_models",
+        "controlnet",
+        "ipadapter",
+        "clip_vision",
+        "rembg",
+    }
 
     client.unload_model("checkpoints", "tiny-sd")
     assert not any(k.startswith("checkpoints/tiny-sd@") for k in _loaded_keys(server))
@@ -251,8 +283,10 @@ def test_a_lora_loads_through_its_loader_node_and_graphs_use_that_copy(server, c
     model = client.load_model("loras", name)
     assert model.loaded and model.size_bytes == (models_dir / "loras" / name).stat().st_size
     before = server.service.models.loads
-    txt2img["20"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": name,
-                                                            "strength_model": 0.8, "strength_clip": 0.8}}
+    txt2img["20"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": name, "strength_model": 0.8, "strength_clip": 0.8},
+    }
     txt2img["3"]["inputs"].update(model=["20", 0], seed=880_003)
     txt2img["6"]["inputs"]["clip"] = txt2img["7"]["inputs"]["clip"] = ["20", 1]
     assert client.run(txt2img).status == "completed"
@@ -288,8 +322,13 @@ def test_pickle_conversion_keeps_every_tensor_exactly(tmp_path):
     from plinth.server.workspace import convert_pickle
 
     weight = torch.randn(6, 4)
-    state = {"tied": weight, "tied_again": weight, "rows": weight[2:], "transposed": weight.t(),
-             "steps": torch.arange(3)}
+    state = {
+        "tied": weight,
+        "tied_again": weight,
+        "rows": weight[2:],
+        "transposed": weight.t(),
+        "steps": torch.arange(3),
+    }
     torch.save({"state_dict": state, "global_step": 5}, tmp_path / "zip.ckpt")
     torch.save({"params_ema": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     for name in ("zip.ckpt", "legacy.pth"):
@@ -334,8 +373,13 @@ def guarded(own_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def permissive(own_models, tmp_path_factory):
-    config = Config(models_dir=own_models[0], data_dir=tmp_path_factory.mktemp("pickle-data"), device="cpu", port=0,
-                    allow_pickle=True)
+    config = Config(
+        models_dir=own_models[0],
+        data_dir=tmp_path_factory.mktemp("pickle-data"),
+        device="cpu",
+        port=0,
+        allow_pickle=True,
+    )
     with PlinthServer(config) as running, Client(running.address, timeout=120) as c:
         yield running, c
 
@@ -403,15 +447,19 @@ def test_both_services_are_in_health_and_reflection(server, client):
 def test_uploads_and_model_calls_need_the_token_when_the_server_wants_one(models_dir, tmp_path):
     from plinth.server.config import Auth
 
-    config = Config(models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0,
-                    auth=Auth(tokens=("assets-token",)))
+    config = Config(
+        models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0, auth=Auth(tokens=("assets-token",))
+    )
     png = encoded(np.zeros((8, 8, 3), np.uint8))
     with PlinthServer(config) as secured:
         with Client(secured.address, timeout=30, token="wrong") as stranger:
-            for call in (lambda: stranger.upload(png),  # client streaming: refused before any chunk is read
-                         lambda: stranger.download("0" * 64), stranger.list_models,
-                         lambda: stranger.load_model("checkpoints", "tiny-sd"),
-                         lambda: stranger.unload_model("checkpoints", "tiny-sd")):
+            for call in (
+                lambda: stranger.upload(png),  # client streaming: refused before any chunk is read
+                lambda: stranger.download("0" * 64),
+                stranger.list_models,
+                lambda: stranger.load_model("checkpoints", "tiny-sd"),
+                lambda: stranger.unload_model("checkpoints", "tiny-sd"),
+            ):
                 with pytest.raises(PlinthError) as info:
                     call()
                 assert info.value.code == "UNAUTHENTICATED"
@@ -432,8 +480,14 @@ def test_cli_upload_and_models_commands(server, client, tmp_path, capsys):
     assert asset_id == hashlib.sha256(photo.read_bytes()).hexdigest()
     assert cli.main(["upload", str(photo), "--server", server.address, "--json"]) == 0
     described = json.loads(capsys.readouterr().out)
-    assert described == {"id": asset_id, "name": "photo.png", "size": photo.stat().st_size, "width": 24,
-                         "height": 32, "format": "PNG"}
+    assert described == {
+        "id": asset_id,
+        "name": "photo.png",
+        "size": photo.stat().st_size,
+        "width": 24,
+        "height": 32,
+        "format": "PNG",
+    }
     gif = tmp_path / "anim.gif"
     gif.write_bytes(encoded(np.zeros((4, 4, 3), np.uint8), "GIF"))
     assert cli.main(["upload", str(gif), "--server", server.address]) == 1
@@ -468,10 +522,12 @@ def test_cli_upload_and_models_commands(server, client, tmp_path, capsys):
 def test_cli_upload_and_models_list_do_not_import_torch(server, tmp_path):
     photo = tmp_path / "p.png"
     photo.write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
-    code = ("import sys; from plinth.server import cli; "
-            f"assert cli.main(['upload', {str(photo)!r}, '--server', '{server.address}']) == 0; "
-            f"assert cli.main(['models', 'list', '--server', '{server.address}']) == 0; "
-            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'")
+    code = (
+        "import sys; from plinth.server import cli; "
+        f"assert cli.main(['upload', {str(photo)!r}, '--server', '{server.address}']) == 0; "
+        f"assert cli.main(['models', 'list', '--server', '{server.address}']) == 0; "
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert hashlib.sha256(photo.read_bytes()).hexdigest() in proc.stdout

@@ -76,6 +76,7 @@ def mtls_server(models_dir: Path, certs: Certs, tmp_path_factory: pytest.TempPat
 
 # tokens
 
+
 def test_right_token_lists_nodes_and_runs_txt2img(token_server, txt2img):
     txt2img["5"]["inputs"]["batch_size"] = 1
     with Client(token_server.address, timeout=120, token=TOKEN) as client:
@@ -110,8 +111,9 @@ def test_wrong_or_missing_token_is_refused_on_every_call_but_health(token_server
 def test_malformed_authorization_and_token_file_comments_are_refused(token_server, value):
     with grpc.insecure_channel(token_server.address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            ns_grpc.NodeServiceStub(channel).ListNodes(ns.ListNodesRequest(), metadata=[("authorization", value)],
-                                                       timeout=10)
+            ns_grpc.NodeServiceStub(channel).ListNodes(
+                ns.ListNodesRequest(), metadata=[("authorization", value)], timeout=10
+            )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert TOKEN not in caught.value.details() and "retired" not in caught.value.details()
 
@@ -155,6 +157,7 @@ def test_clients_read_plinth_token(token_server, txt2img, monkeypatch):
 
 # binding beyond loopback
 
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "LocalHost"])
 def test_loopback_hosts(host):
     assert is_loopback(host)
@@ -179,6 +182,7 @@ def test_all_interfaces_with_tokens_starts_and_warns_about_clear_text(models_dir
 
 
 # TLS
+
 
 def test_tls_client_is_served_and_plain_text_gets_unavailable(tls_server, certs):
     with Client(tls_server.address, timeout=10, tls=TLS(root_cert=certs.ca)) as client:
@@ -211,12 +215,15 @@ def test_mutual_tls_serves_only_clients_with_a_certificate(mtls_server, certs):
         refused(client.list_nodes)
 
 
-@pytest.mark.parametrize("auth, setting", [
-    (dict(tls_cert="server.pem"), "auth.tls_cert and auth.tls_key"),
-    (dict(tls_key="server.key"), "auth.tls_cert and auth.tls_key"),
-    (dict(tls_client_ca="ca.pem"), "auth.tls_client_ca"),
-    (dict(tls_cert="absent.pem", tls_key="server.key"), "auth.tls_cert"),
-])
+@pytest.mark.parametrize(
+    "auth, setting",
+    [
+        (dict(tls_cert="server.pem"), "auth.tls_cert and auth.tls_key"),
+        (dict(tls_key="server.key"), "auth.tls_cert and auth.tls_key"),
+        (dict(tls_client_ca="ca.pem"), "auth.tls_client_ca"),
+        (dict(tls_cert="absent.pem", tls_key="server.key"), "auth.tls_cert"),
+    ],
+)
 def test_incomplete_tls_settings_are_named(models_dir, tmp_path, auth, setting):
     for name in ("server.pem", "server.key", "ca.pem"):
         (tmp_path / name).write_bytes(b"")

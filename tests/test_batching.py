@@ -50,8 +50,10 @@ def variant(base: dict, seed: int, **changes) -> dict:
         if key == "prompt":
             graph["6"]["inputs"]["text"] = value
         elif key == "lora":
-            graph["20"] = {"class_type": "LoraLoaderModelOnly",
-                           "inputs": {"model": ["4", 0], "lora_name": "style.safetensors", "strength_model": value}}
+            graph["20"] = {
+                "class_type": "LoraLoaderModelOnly",
+                "inputs": {"model": ["4", 0], "lora_name": "style.safetensors", "strength_model": value},
+            }
             graph["3"]["inputs"]["model"] = ["20", 0]
         else:
             graph["3"]["inputs"][key] = value
@@ -72,8 +74,11 @@ def run_jobs(models: Path, data: Path, graphs: list[dict], batch_jobs: int):
         images = [[np.asarray(Image.open(io.BytesIO(ref.png))).astype(int) for ref in job.outputs] for job in jobs]
         if service.lockstep is None:
             return images, None
-        exported = {s.name: s.value for family in text_string_to_metric_families(
-            Metrics(service, subscribe=False).render().decode()) for s in family.samples}
+        exported = {
+            s.name: s.value
+            for family in text_string_to_metric_families(Metrics(service, subscribe=False).render().decode())
+            for s in family.samples
+        }
         stats = service.lockstep.stats
         assert exported["plinth_batched_forwards_total"] == stats.forwards
         assert exported["plinth_batched_calls_total"] == stats.calls

@@ -35,6 +35,7 @@ def product_photo(h=64, w=64, alpha=False) -> np.ndarray:
 
 # prompts
 
+
 def test_emphasis_is_read_as_comfyui_reads_it():
     assert parse_emphasis("a (red:1.3) shoe") == [("a ", 1.0), ("red", 1.3), (" shoe", 1.0)]
     assert parse_emphasis("((glossy))")[0][1] == pytest.approx(1.21)
@@ -86,8 +87,10 @@ def test_an_area_conditions_only_its_part_of_the_image(server, client, txt2img):
     g["3"]["inputs"].update(seed=21, steps=1, sampler_name="euler")
     plain = client.run(g)
     g["11"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "marble plinth", "clip": ["4", 1]}}
-    g["12"] = {"class_type": "ConditioningSetArea",
-               "inputs": {"conditioning": ["11", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}}
+    g["12"] = {
+        "class_type": "ConditioningSetArea",
+        "inputs": {"conditioning": ["11", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0},
+    }
     g["13"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["12", 0]}}
     g["3"]["inputs"]["positive"] = ["13", 0]
     half = client.run(g)
@@ -111,6 +114,7 @@ def test_clip_skip_deeper_than_the_model_fails_clearly(client, txt2img):
 
 # latents
 
+
 def img2img_graph(txt2img, denoise=0.6):
     g = txt2img
     g["20"] = {"class_type": "LoadImage", "inputs": {"image": "product.png"}}
@@ -125,8 +129,7 @@ def test_noise_mask_keeps_the_unmasked_latent_exactly(server, client, txt2img):
     g["22"] = {"class_type": "LoadImage", "inputs": {"image": "mask.png"}}
     g["23"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["21", 0], "mask": ["22", 1]}}
     g["3"]["inputs"]["latent_image"] = ["23", 0]
-    result = client.run(g, inputs={"product.png": png(product_photo()),
-                                   "mask.png": png(product_photo(alpha=True))})
+    result = client.run(g, inputs={"product.png": png(product_photo()), "mask.png": png(product_photo(alpha=True))})
     before = node_output(server, result.job_id, "21")[0].samples
     after = node_output(server, result.job_id, "3")[0].samples
     # mask = 1 - alpha: 1 (sample) on the left half, 0 (keep) on the right; latent cells are 8 px
@@ -148,15 +151,24 @@ def test_img2img_denoise_controls_how_much_changes(server, client, txt2img):
 def test_latent_resize_and_batch_nodes(server, client, txt2img):
     g = txt2img
     g["5"]["inputs"].update(width=64, height=48, batch_size=2)
-    g["30"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bislerp", "scale_by": 1.5}}
-    g["31"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["30", 0], "upscale_method": "bilinear",
-                                                        "width": 0, "height": 96, "crop": "disabled"}}
+    g["30"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "bislerp", "scale_by": 1.5},
+    }
+    g["31"] = {
+        "class_type": "LatentUpscale",
+        "inputs": {"samples": ["30", 0], "upscale_method": "bilinear", "width": 0, "height": 96, "crop": "disabled"},
+    }
     g["32"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["31", 0], "amount": 3}}
     g["33"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["32", 0], "batch_index": 1, "length": 4}}
     g["8"]["inputs"]["samples"] = ["33", 0]
     result = client.run(g)
     assert [n.shape for n in (node_output(server, result.job_id, i)[0].samples for i in ("30", "31", "32", "33"))] == [
-        (2, 4, 9, 12), (2, 4, 12, 16), (6, 4, 12, 16), (4, 4, 12, 16)]
+        (2, 4, 9, 12),
+        (2, 4, 12, 16),
+        (6, 4, 12, 16),
+        (4, 4, 12, 16),
+    ]
     assert len(result.images) == 4 and result.images[0].size == (128, 96)
 
 
@@ -168,15 +180,39 @@ def test_ksampler_advanced_in_two_halves_equals_one_run(server, client, txt2img)
         g["5"]["inputs"]["batch_size"] = 1
         common = {k: g["3"]["inputs"][k] for k in ("model", "cfg", "positive", "negative")}
         common.update(noise_seed=9, steps=4, sampler_name=sampler, scheduler="normal")
-        g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
-            **common, "add_noise": "enable", "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000,
-            "return_with_leftover_noise": "disable"}}
-        g["40"] = {"class_type": "KSamplerAdvanced", "inputs": {
-            **common, "add_noise": "enable", "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 2,
-            "return_with_leftover_noise": "enable"}}
-        g["41"] = {"class_type": "KSamplerAdvanced", "inputs": {
-            **common, "add_noise": "disable", "latent_image": ["40", 0], "start_at_step": 2, "end_at_step": 10000,
-            "return_with_leftover_noise": "disable"}}
+        g["3"] = {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                **common,
+                "add_noise": "enable",
+                "latent_image": ["5", 0],
+                "start_at_step": 0,
+                "end_at_step": 10000,
+                "return_with_leftover_noise": "disable",
+            },
+        }
+        g["40"] = {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                **common,
+                "add_noise": "enable",
+                "latent_image": ["5", 0],
+                "start_at_step": 0,
+                "end_at_step": 2,
+                "return_with_leftover_noise": "enable",
+            },
+        }
+        g["41"] = {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                **common,
+                "add_noise": "disable",
+                "latent_image": ["40", 0],
+                "start_at_step": 2,
+                "end_at_step": 10000,
+                "return_with_leftover_noise": "disable",
+            },
+        }
         g["42"] = {"class_type": "VAEDecode", "inputs": {"samples": ["41", 0], "vae": ["4", 2]}}
         g["43"] = {"class_type": "PreviewImage", "inputs": {"images": ["42", 0]}}
         result = client.run(g)
@@ -191,19 +227,34 @@ def test_ksampler_advanced_full_range_equals_ksampler(server, client, txt2img):
     g = txt2img
     g["5"]["inputs"]["batch_size"] = 1
     k = g["3"]["inputs"]
-    g["50"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        "model": k["model"], "add_noise": "enable", "noise_seed": k["seed"], "steps": k["steps"], "cfg": k["cfg"],
-        "sampler_name": k["sampler_name"], "scheduler": k["scheduler"], "positive": k["positive"],
-        "negative": k["negative"], "latent_image": k["latent_image"], "start_at_step": 0, "end_at_step": 10000,
-        "return_with_leftover_noise": "disable"}}
+    g["50"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            "model": k["model"],
+            "add_noise": "enable",
+            "noise_seed": k["seed"],
+            "steps": k["steps"],
+            "cfg": k["cfg"],
+            "sampler_name": k["sampler_name"],
+            "scheduler": k["scheduler"],
+            "positive": k["positive"],
+            "negative": k["negative"],
+            "latent_image": k["latent_image"],
+            "start_at_step": 0,
+            "end_at_step": 10000,
+            "return_with_leftover_noise": "disable",
+        },
+    }
     g["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["4", 2]}}
     g["52"] = {"class_type": "PreviewImage", "inputs": {"images": ["51", 0]}}
     result = client.run(g)
-    assert torch.equal(node_output(server, result.job_id, "3")[0].samples,
-                       node_output(server, result.job_id, "50")[0].samples)
+    assert torch.equal(
+        node_output(server, result.job_id, "3")[0].samples, node_output(server, result.job_id, "50")[0].samples
+    )
 
 
 # inpainting
+
 
 @pytest.fixture(scope="module")
 def inpaint_checkpoint(models_dir):
@@ -228,9 +279,17 @@ def test_inpaint_model_conditioning_keeps_the_unmasked_area(server, client, txt2
     g = txt2img
     g["4"]["inputs"]["ckpt_name"] = inpaint_checkpoint if checkpoint == "inpaint" else "tiny-sd"
     g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
-    g["21"] = {"class_type": "InpaintModelConditioning", "inputs": {
-        "positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2], "pixels": ["20", 0], "mask": ["20", 1],
-        "noise_mask": True}}
+    g["21"] = {
+        "class_type": "InpaintModelConditioning",
+        "inputs": {
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "vae": ["4", 2],
+            "pixels": ["20", 0],
+            "mask": ["20", 1],
+            "noise_mask": True,
+        },
+    }
     g["3"]["inputs"].update(positive=["21", 0], negative=["21", 1], latent_image=["21", 2], steps=2)
     del g["5"]
     result = client.run(g, inputs={"photo.png": png(product_photo(alpha=True))})
@@ -243,8 +302,10 @@ def test_inpaint_model_conditioning_keeps_the_unmasked_area(server, client, txt2
 def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2img, tiny):
     g = txt2img
     g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
-    g["21"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["20", 0], "vae": ["4", 2],
-                                                              "mask": ["20", 1], "grow_mask_by": 6}}
+    g["21"] = {
+        "class_type": "VAEEncodeForInpaint",
+        "inputs": {"pixels": ["20", 0], "vae": ["4", 2], "mask": ["20", 1], "grow_mask_by": 6},
+    }
     g["3"]["inputs"].update(latent_image=["21", 0], steps=2)
     del g["5"]
     result = client.run(g, inputs={"photo.png": png(product_photo(alpha=True))})
@@ -273,7 +334,9 @@ def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny
     state = tiny.vae.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(models_dir / "vae" / "tiny-diffusers.safetensors"))
     prefixes = _vae_prefixes(tiny.vae.config)
-    original = {_rename(k, prefixes): (v[:, :, None, None] if v.ndim == 2 else v).contiguous() for k, v in state.items()}
+    original = {
+        _rename(k, prefixes): (v[:, :, None, None] if v.ndim == 2 else v).contiguous() for k, v in state.items()
+    }
     save_file(original, str(models_dir / "vae" / "tiny-original.safetensors"))
     images = {}
     for name in ("checkpoint", "tiny-diffusers.safetensors", "tiny-original.safetensors"):

@@ -12,19 +12,23 @@ from plinth.server.config import ConfigError, load, tokens
 def test_each_source_overrides_the_one_before(tmp_path):
     toml = tmp_path / "plinth.toml"
     toml.write_text('port = 7000\nhost = "0.0.0.0"\n[limits]\nmax_steps = 40\nmax_batch = 8\n')
-    config = load(toml, env={"PLINTH_PORT": "7100", "PLINTH_LIMITS_MAX_BATCH": "4"},
-                  flags={"port": 7200, "device": None})
+    config = load(
+        toml, env={"PLINTH_PORT": "7100", "PLINTH_LIMITS_MAX_BATCH": "4"}, flags={"port": 7200, "device": None}
+    )
     assert (config.host, config.port, config.device) == ("0.0.0.0", 7200, "auto")
     assert (config.limits.max_steps, config.limits.max_batch) == (40, 4)
 
 
-@pytest.mark.parametrize("toml,env,where", [
-    ("prot = 1\n", {}, "config file"),
-    ("[limits]\nmax_steps = 'many'\n", {}, "config file"),
-    ("", {"PLINTH_LIMITS_MAX_STEP": "5"}, "PLINTH_LIMITS_MAX_STEP"),
-    ("", {"PLINTH_AUTH_TOKEN": "x"}, "PLINTH_AUTH_TOKEN"),  # the setting is PLINTH_AUTH_TOKENS
-    ("", {"PLINTH_ALLOW_PICKLE": "perhaps"}, "allow_pickle"),
-])
+@pytest.mark.parametrize(
+    "toml,env,where",
+    [
+        ("prot = 1\n", {}, "config file"),
+        ("[limits]\nmax_steps = 'many'\n", {}, "config file"),
+        ("", {"PLINTH_LIMITS_MAX_STEP": "5"}, "PLINTH_LIMITS_MAX_STEP"),
+        ("", {"PLINTH_AUTH_TOKEN": "x"}, "PLINTH_AUTH_TOKEN"),  # the setting is PLINTH_AUTH_TOKENS
+        ("", {"PLINTH_ALLOW_PICKLE": "perhaps"}, "allow_pickle"),
+    ],
+)
 def test_mistakes_are_errors_that_say_where(tmp_path, toml, env, where):
     path = tmp_path / "plinth.toml"
     path.write_text(toml)

@@ -17,8 +17,9 @@ COMFY = json.loads((Path(__file__).parent / "data" / "comfyui-core-nodes.json").
 
 
 def test_committed_stubs_match_the_protos():
-    proc = subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "protos" / "generate.py"), "--check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -59,15 +60,19 @@ def test_schema_matches_comfyui(client, class_type):
             assert json.loads(item.default_json) == options["default"], name
         for bound in ("min", "max", "step"):
             if bound in options:
-                assert item.HasField(bound) and getattr(item, bound) == pytest.approx(float(options[bound])), (name, bound)
+                assert item.HasField(bound) and getattr(item, bound) == pytest.approx(float(options[bound])), (
+                    name,
+                    bound,
+                )
         assert item.control_after_generate == bool(options.get("control_after_generate")), name
 
 
 def test_sampler_choices_cover_the_common_ones(client):
     ksampler = next(n for n in client.list_nodes() if n.class_type == "KSampler")
     inputs = {i.name: i for i in ksampler.inputs}
-    assert {"euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "ddim",
-            "uni_pc"} <= set(inputs["sampler_name"].choices)
+    assert {"euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc"} <= set(
+        inputs["sampler_name"].choices
+    )
     assert {"normal", "karras", "exponential", "simple", "sgm_uniform"} <= set(inputs["scheduler"].choices)
     ckpt = next(n for n in client.list_nodes() if n.class_type == "CheckpointLoaderSimple").inputs[0]
     assert "tiny-sd" in ckpt.choices
@@ -76,8 +81,9 @@ def test_sampler_choices_cover_the_common_ones(client):
 def test_docs_node_table_is_current():
     from plinth.server.docs import nodes_markdown
 
-    assert (REPO / "docs" / "nodes.md").read_text() == nodes_markdown(NODES), \
+    assert (REPO / "docs" / "nodes.md").read_text() == nodes_markdown(NODES), (
         "docs/nodes.md is stale: plinth nodes --markdown > docs/nodes.md"
+    )
 
 
 def test_every_comfyui_node_of_the_registry_is_a_core_node():

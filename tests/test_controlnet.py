@@ -56,20 +56,34 @@ def hint_png(width: int, height: int, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def with_controlnet(graph: dict, name: str, strength: float = 1.0, start: float = 0.0, end: float = 1.0,
-                    canny: bool = False) -> dict:
+def with_controlnet(
+    graph: dict, name: str, strength: float = 1.0, start: float = 0.0, end: float = 1.0, canny: bool = False
+) -> dict:
     """txt2img with LoadImage -> [Canny] -> ControlNetApplyAdvanced between the prompts and KSampler."""
     hint = ["canny", 0] if canny else ["hint", 0]
-    graph.update({
-        "hint": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
-        "cn_load": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": name}},
-        "cn_apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {
-            "positive": ["6", 0], "negative": ["7", 0], "control_net": ["cn_load", 0], "image": hint,
-            "strength": strength, "start_percent": start, "end_percent": end}},
-    })
+    graph.update(
+        {
+            "hint": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
+            "cn_load": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": name}},
+            "cn_apply": {
+                "class_type": "ControlNetApplyAdvanced",
+                "inputs": {
+                    "positive": ["6", 0],
+                    "negative": ["7", 0],
+                    "control_net": ["cn_load", 0],
+                    "image": hint,
+                    "strength": strength,
+                    "start_percent": start,
+                    "end_percent": end,
+                },
+            },
+        }
+    )
     if canny:
-        graph["canny"] = {"class_type": "Canny", "inputs": {"image": ["hint", 0], "low_threshold": 0.2,
-                                                             "high_threshold": 0.5}}
+        graph["canny"] = {
+            "class_type": "Canny",
+            "inputs": {"image": ["hint", 0], "low_threshold": 0.2, "high_threshold": 0.5},
+        }
     graph["3"]["inputs"].update(positive=["cn_apply", 0], negative=["cn_apply", 1])
     return graph
 
@@ -110,8 +124,9 @@ def test_the_window_limits_the_steps_the_controlnet_acts_in(client, txt2img, nam
 
 def test_every_file_layout_gives_the_same_image(client, txt2img, names, baseline):
     hint = hint_png(64, 64)
-    results = {layout: images(client, with_controlnet(copy.deepcopy(txt2img), name), hint)
-               for layout, name in names.items()}
+    results = {
+        layout: images(client, with_controlnet(copy.deepcopy(txt2img), name), hint) for layout, name in names.items()
+    }
     first = results["diffusers"]
     assert not same(first, baseline)
     for layout, result in results.items():
@@ -125,8 +140,11 @@ def test_a_hint_of_another_size_is_resized_to_the_image(client, txt2img, names, 
 
 
 def test_bad_files_fail_the_job_clearly_and_the_server_keeps_serving(client, txt2img, names):
-    expected = {BROKEN: "not a readable .safetensors file", FOREIGN: "not a ControlNet",
-                TRUNCATED: "missing ['controlnet_down_blocks.2.weight']"}
+    expected = {
+        BROKEN: "not a readable .safetensors file",
+        FOREIGN: "not a ControlNet",
+        TRUNCATED: "missing ['controlnet_down_blocks.2.weight']",
+    }
     hint = hint_png(64, 64)
     for name, message in expected.items():
         graph = with_controlnet(copy.deepcopy(txt2img), name)
@@ -159,11 +177,13 @@ def test_an_sd15_sized_original_file_maps_onto_the_sd15_config():
     original = controlnet_files.to_original_state_dict(sd15)
     assert "input_hint_block.14.weight" in original and "zero_convs.11.0.weight" in original
     loaded = build_controlnet(original, "sd15", "original")
-    assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in sd15.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in sd15.state_dict().items()
+    }
     inferred = infer_config({k: tuple(v.shape) for k, v in sd15.state_dict().items()})
-    assert {k: list(v) if isinstance(v, tuple) else v for k, v in inferred.items()} == \
-        _template() | {"conditioning_channels": 3}
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in inferred.items()} == _template() | {
+        "conditioning_channels": 3
+    }
 
 
 def test_a_misshapen_weight_is_refused_by_name(controlnet):

@@ -82,8 +82,10 @@ def test_plain_background_cutout_separates_product_from_backdrop(server, client)
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "shot.png"}},
         "2": {"class_type": "PlainBackgroundCutout", "inputs": {"image": ["1", 0], "tolerance": 0.1}},
-        "3": {"class_type": "PlainBackgroundCutout", "inputs": {
-            "image": ["1", 0], "tolerance": 0.1, "min_area": 64, "keep_enclosed": False, "soft_edge": 0.0}},
+        "3": {
+            "class_type": "PlainBackgroundCutout",
+            "inputs": {"image": ["1", 0], "tolerance": 0.1, "min_area": 64, "keep_enclosed": False, "soft_edge": 0.0},
+        },
         "4": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
         "5": {"class_type": "MaskToImage", "inputs": {"mask": ["3", 0]}},
         "6": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["5", 0]}},
@@ -125,19 +127,26 @@ def test_color_transfer_moves_the_image_toward_the_reference(server, client):
         "1": {"class_type": "LoadImage", "inputs": {"image": "image.png"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "reference.png"}},
         "3": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
-        "4": {"class_type": "ColorTransfer", "inputs": {"image": ["1", 0], "reference": ["2", 0],
-                                                        "strength": 1.0, "method": "lab"}},
-        "5": {"class_type": "ColorTransfer", "inputs": {"image": ["1", 0], "reference": ["2", 0],
-                                                        "strength": 1.0, "method": "rgb"}},
-        "6": {"class_type": "ColorTransfer", "inputs": {"image": ["1", 0], "reference": ["2", 0],
-                                                        "strength": 0.0, "method": "lab"}},
-        "7": {"class_type": "ColorTransfer", "inputs": {"image": ["1", 0], "reference": ["2", 0],
-                                                        "strength": 1.0, "method": "lab", "mask": ["3", 0]}},
+        "4": {
+            "class_type": "ColorTransfer",
+            "inputs": {"image": ["1", 0], "reference": ["2", 0], "strength": 1.0, "method": "lab"},
+        },
+        "5": {
+            "class_type": "ColorTransfer",
+            "inputs": {"image": ["1", 0], "reference": ["2", 0], "strength": 1.0, "method": "rgb"},
+        },
+        "6": {
+            "class_type": "ColorTransfer",
+            "inputs": {"image": ["1", 0], "reference": ["2", 0], "strength": 0.0, "method": "lab"},
+        },
+        "7": {
+            "class_type": "ColorTransfer",
+            "inputs": {"image": ["1", 0], "reference": ["2", 0], "strength": 1.0, "method": "lab", "mask": ["3", 0]},
+        },
     }
     for node in ("4", "5", "6", "7"):
         graph[f"out{node}"] = {"class_type": "PreviewImage", "inputs": {"images": [node, 0]}}
-    result = client.run(graph, inputs={"image.png": png(image), "reference.png": png(reference),
-                                       "mask.png": png(mask)})
+    result = client.run(graph, inputs={"image.png": png(image), "reference.png": png(reference), "mask.png": png(mask)})
     source = node_output(server, result, "1")[0]
     target = node_output(server, result, "2")[0]
     lab, rgb, unchanged, masked = (node_output(server, result, n)[0] for n in ("4", "5", "6", "7"))
@@ -171,5 +180,4 @@ def test_lab_conversion():
     colours = torch.rand(50, 3)
     assert torch.allclose(lab_to_srgb(srgb_to_lab(colours)), colours, atol=1e-4)
     with pytest.raises(ValueError, match="reference_mask"):
-        transfer_colors(torch.rand(1, 4, 4, 3), torch.rand(1, 4, 4, 3), 1.0, "lab",
-                        reference_mask=torch.zeros(4, 4))
+        transfer_colors(torch.rand(1, 4, 4, 3), torch.rand(1, 4, 4, 3), 1.0, "lab", reference_mask=torch.zeros(4, 4))

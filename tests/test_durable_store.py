@@ -56,9 +56,26 @@ class Served:
     def __init__(self, models_dir: Path, data_dir: Path) -> None:
         env = dict(os.environ, HF_HUB_OFFLINE="1", PLINTH_LIMITS_MAX_STEPS="1000")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "plinth.server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--models", str(models_dir), "--data", str(data_dir), "--device", "cpu"],
-            stderr=subprocess.PIPE, text=True, env=env)
+            [
+                sys.executable,
+                "-m",
+                "plinth.server.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--models",
+                str(models_dir),
+                "--data",
+                str(data_dir),
+                "--device",
+                "cpu",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.lines: list[str] = []
         self.address = ""
         ready = threading.Event()
@@ -139,8 +156,9 @@ def local_server(models_dir, tmp_path):
     from plinth.server.app import PlinthServer
     from plinth.server.config import Config, Limits
 
-    config = Config(models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0,
-                    limits=Limits(max_steps=1000))
+    config = Config(
+        models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0, limits=Limits(max_steps=1000)
+    )
     server = PlinthServer(config).start()
     yield server
     server.stop(grace=0)

@@ -78,9 +78,26 @@ def test_same_graph_and_seed_give_identical_pixels_from_a_fresh_process(client, 
     graph_file.write_text(json.dumps(txt2img))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "plinth.server.cli", "run", str(graph_file), "--json", "-o", str(out),
-         "--models", str(models_dir), "--data", str(tmp_path / "data"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "plinth.server.cli",
+            "run",
+            str(graph_file),
+            "--json",
+            "-o",
+            str(out),
+            "--models",
+            str(models_dir),
+            "--data",
+            str(tmp_path / "data"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["status"] == "completed"

@@ -82,7 +82,10 @@ def test_limits_name_every_input_past_them(txt2img):
     with pytest.raises(LimitExceeded) as info:
         validate(parse_graph(txt2img), NODES, Env(), limits)
     assert {(e.node_id, e.input, e.code) for e in info.value.errors} == {
-        ("5", "width", "limit_exceeded"), ("5", "batch_size", "limit_exceeded"), ("3", "steps", "limit_exceeded")}
+        ("5", "width", "limit_exceeded"),
+        ("5", "batch_size", "limit_exceeded"),
+        ("3", "steps", "limit_exceeded"),
+    }
     with pytest.raises(LimitExceeded, match="7 nodes; the limit is 6"):
         validate(parse_graph(txt2img), NODES, Env(), Limits(max_nodes=6))
 

@@ -34,13 +34,20 @@ def test_composite_is_exact_where_the_mask_is_one_and_untouched_where_zero(serve
         "1": {"class_type": "LoadImage", "inputs": {"image": "dest.png"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "src.png"}},
         "3": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
-        "4": {"class_type": "ImageCompositeMasked", "inputs": {
-            "destination": ["1", 0], "source": ["2", 0], "x": 20, "y": 12, "resize_source": False,
-            "mask": ["3", 0]}},
+        "4": {
+            "class_type": "ImageCompositeMasked",
+            "inputs": {
+                "destination": ["1", 0],
+                "source": ["2", 0],
+                "x": 20,
+                "y": 12,
+                "resize_source": False,
+                "mask": ["3", 0],
+            },
+        },
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "comp"}},
     }
-    result = client.run(graph, inputs={"dest.png": png(destination), "src.png": png(source),
-                                       "mask.png": png(mask)})
+    result = client.run(graph, inputs={"dest.png": png(destination), "src.png": png(source), "mask.png": png(mask)})
     assert result.images[0].size == (32, 24)  # the source's overhang is cut off, not grown into
     out = node_output(server, result, "4")[0][0]
     dest = torch.from_numpy(destination).float() / 255
@@ -68,8 +75,10 @@ def test_resize_source_fills_the_destination(server, client):
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "dest.png"}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "src.png"}},
-        "3": {"class_type": "ImageCompositeMasked", "inputs": {
-            "destination": ["1", 0], "source": ["2", 0], "x": 0, "y": 0, "resize_source": True}},
+        "3": {
+            "class_type": "ImageCompositeMasked",
+            "inputs": {"destination": ["1", 0], "source": ["2", 0], "x": 0, "y": 0, "resize_source": True},
+        },
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
     source = np.full((5, 7, 3), (0, 0, 255), dtype=np.uint8)
@@ -104,8 +113,10 @@ def test_pad_for_outpaint_gives_grey_border_and_mask_of_the_new_area(server, cli
     image = gradient(24, 32)
     graph = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "shot.png"}},
-        "2": {"class_type": "ImagePadForOutpaint", "inputs": {
-            "image": ["1", 0], "left": 8, "top": 0, "right": 16, "bottom": 8, "feathering": 4}},
+        "2": {
+            "class_type": "ImagePadForOutpaint",
+            "inputs": {"image": ["1", 0], "left": 8, "top": 0, "right": 16, "bottom": 8, "feathering": 4},
+        },
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "pad"}},
         "4": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 1]}},
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
@@ -294,7 +305,11 @@ def test_grow_equals_the_step_by_step_loop(kind):
         for expand in (1, -1, 2, -3, 5, -8, 13, -21, 40, -40, 1000, -1000):
             for tapered in (True, False):
                 assert torch.equal(grow(mask, expand, tapered), comfyui_grow(mask, expand, tapered)), (
-                    height, width, expand, tapered)
+                    height,
+                    width,
+                    expand,
+                    tapered,
+                )
 
 
 def test_grow_of_a_binary_mask_costs_the_same_at_any_expand():

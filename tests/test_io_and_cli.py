@@ -34,7 +34,8 @@ def test_load_image_round_trips_pixels_and_reads_mask_from_alpha(server, client)
     assert out.shape == (24, 40, 3)
     assert (out[6:18, 10:30] == (200, 30, 30)).all()
     image, mask = server.service.cache.get(
-        next(n.key for n in server.service.get(result.job_id).plan.nodes if n.id == "1"))
+        next(n.key for n in server.service.get(result.job_id).plan.nodes if n.id == "1")
+    )
     assert tuple(image.shape) == (1, 24, 40, 3) and tuple(mask.shape) == (1, 24, 40)
     assert mask[0, 0, 0] == 1.0 and mask[0, 10, 20] == 0.0  # 1 where transparent, as in ComfyUI
 
@@ -49,8 +50,9 @@ def test_changed_upload_under_the_same_name_is_not_served_from_cache(client):
 
 
 def plinth(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "plinth.server.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "plinth.server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_run_with_set_input_and_json(server, tmp_path):
@@ -58,8 +60,21 @@ def test_cli_run_with_set_input_and_json(server, tmp_path):
     photo.write_bytes(rgba_product())
     graph = tmp_path / "g.json"
     graph.write_text(json.dumps(LOAD_AND_SAVE))
-    proc = plinth("run", str(graph), "--server", server.address, "--input", f"shot={photo}",
-                  "--set", "1.image=shot", "--set", "2.filename_prefix=cli", "-o", str(tmp_path / "o"), "--json")
+    proc = plinth(
+        "run",
+        str(graph),
+        "--server",
+        server.address,
+        "--input",
+        f"shot={photo}",
+        "--set",
+        "1.image=shot",
+        "--set",
+        "2.filename_prefix=cli",
+        "-o",
+        str(tmp_path / "o"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["status"] == "completed" and report["job_id"]
@@ -70,8 +85,17 @@ def test_cli_run_with_set_input_and_json(server, tmp_path):
 
 
 def test_cli_run_refused_graph_exits_non_zero_and_prints_errors(server):
-    proc = plinth("run", str(GRAPHS / "txt2img.json"), "--server", server.address, "--set", "3.steps=0",
-                  "--set", "3.sampler_name=nope", "--json")
+    proc = plinth(
+        "run",
+        str(GRAPHS / "txt2img.json"),
+        "--server",
+        server.address,
+        "--set",
+        "3.steps=0",
+        "--set",
+        "3.sampler_name=nope",
+        "--json",
+    )
     assert proc.returncode != 0
     assert "INVALID_ARGUMENT" in proc.stderr and "node 3 (KSampler) input 'steps'" in proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,8 +103,21 @@ def test_cli_run_refused_graph_exits_non_zero_and_prints_errors(server):
 
 
 def test_cli_set_reads_json_then_text(server, tmp_path):
-    proc = plinth("run", str(GRAPHS / "txt2img.json"), "--server", server.address, "--set", "6.text=[1, 2",
-                  "--set", "3.seed=123", "--set", "5.batch_size=1", "-o", str(tmp_path), "--json")
+    proc = plinth(
+        "run",
+        str(GRAPHS / "txt2img.json"),
+        "--server",
+        server.address,
+        "--set",
+        "6.text=[1, 2",
+        "--set",
+        "3.seed=123",
+        "--set",
+        "5.batch_size=1",
+        "-o",
+        str(tmp_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr  # "[1, 2" is not JSON, so it is taken as text
     assert len(json.loads(proc.stdout.strip().splitlines()[-1])["outputs"]) == 1
 
@@ -100,9 +137,11 @@ def test_cli_nodes_json_is_keyed_by_class_type(server):
 
 
 def test_client_commands_do_not_import_torch(server):
-    code = ("import sys; from plinth.server import cli; from plinth.clients import Client; "
-            f"cli.main(['nodes', '--server', '{server.address}']); "
-            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'")
+    code = (
+        "import sys; from plinth.server import cli; from plinth.clients import Client; "
+        f"cli.main(['nodes', '--server', '{server.address}']); "
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -122,8 +161,14 @@ def test_plinth_demo_writes_pngs_and_says_where(tmp_path):
     import os
 
     env = {**os.environ, "PLINTH_HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-m", "plinth.server.cli", "demo"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "plinth.server.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     pngs = sorted((tmp_path / "out").glob("*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (64, 64) for p in pngs)
@@ -134,8 +179,9 @@ def test_cli_sends_the_token_and_a_refusal_names_the_status(models_dir, tmp_path
     from plinth.server.app import PlinthServer
     from plinth.server.config import Auth, Config
 
-    config = Config(models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0,
-                    auth=Auth(tokens=("s3cret",)))
+    config = Config(
+        models_dir=models_dir, data_dir=tmp_path / "data", device="cpu", port=0, auth=Auth(tokens=("s3cret",))
+    )
     with PlinthServer(config) as secured:
         refused = plinth("nodes", "--server", secured.address)
         assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
@@ -158,9 +204,27 @@ def test_serve_exposes_metrics_and_stops_gracefully_on_sigterm(models_dir, tmp_p
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         metrics_port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "plinth.server.cli", "serve", "--port", "0", "--models",
-                             str(models_dir), "--data", str(tmp_path / "data"), "--device", "cpu", "--metrics-port",
-                             str(metrics_port), "--log-json"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "plinth.server.cli",
+            "serve",
+            "--port",
+            "0",
+            "--models",
+            str(models_dir),
+            "--data",
+            str(tmp_path / "data"),
+            "--device",
+            "cpu",
+            "--metrics-port",
+            str(metrics_port),
+            "--log-json",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         address = None
         for line in proc.stderr:

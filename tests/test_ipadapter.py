@@ -41,9 +41,16 @@ def ip_dir(models_dir):
     files.write(ipadapter_files.plus(), ip, PLUS)
     files.write(ipadapter_files.plain(cross=96), ip, "sdxl-like.safetensors")  # wider text tokens
     files.write(ipadapter_files.plain(layers={1: 32, 3: 32}), ip, "too-few-layers.safetensors")
-    files.write({"image_proj.proj.0.weight": torch.zeros(4, 4), "image_proj.proj.2.weight": torch.zeros(4, 4),
-                           "image_proj.norm.weight": torch.zeros(4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4)},
-                          ip, "faceid-like.safetensors")
+    files.write(
+        {
+            "image_proj.proj.0.weight": torch.zeros(4, 4),
+            "image_proj.proj.2.weight": torch.zeros(4, 4),
+            "image_proj.norm.weight": torch.zeros(4),
+            "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4),
+        },
+        ip,
+        "faceid-like.safetensors",
+    )
     (ip / "damaged.safetensors").write_bytes(b"not a safetensors file")
     return models_dir
 
@@ -61,8 +68,10 @@ def with_ipadapter(graph: dict, adapter: str = PLAIN, clip: str | None = CLIP, *
     graph = copy.deepcopy(graph)
     graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "ref.png"}}
     graph["22"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": adapter}}
-    graph["23"] = {"class_type": "IPAdapterAdvanced",
-                   "inputs": {"model": ["4", 0], "ipadapter": ["22", 0], "image": ["20", 0], **inputs}}
+    graph["23"] = {
+        "class_type": "IPAdapterAdvanced",
+        "inputs": {"model": ["4", 0], "ipadapter": ["22", 0], "image": ["20", 0], **inputs},
+    }
     if clip is not None:
         graph["21"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": clip}}
         graph["23"]["inputs"]["clip_vision"] = ["21", 0]
@@ -141,26 +150,30 @@ def test_plus_adapter_reads_hidden_states(client, ip_dir, txt2img):
 
 
 def test_exported_graph_inputs_with_other_behaviour_are_refused(client, ip_dir, txt2img):
-    for inputs, refusal in ((dict(weight_type="style transfer"), ("weight_type", "value_not_in_list")),
-                            (dict(start_at=0.8, end_at=0.2), ("end_at", "custom_validation_failed"))):
+    for inputs, refusal in (
+        (dict(weight_type="style transfer"), ("weight_type", "value_not_in_list")),
+        (dict(start_at=0.8, end_at=0.2), ("end_at", "custom_validation_failed")),
+    ):
         with pytest.raises(PlinthError) as refused:
             client.run(with_ipadapter(txt2img, **inputs), inputs={"ref.png": png(1)})
         assert refusal in {(e.input, e.code) for e in refused.value.errors if e.node_id == "23"}
     # cubiq's defaults are what Plinth does, so a graph exported with them runs
-    graph = with_ipadapter(txt2img, weight=0.5, weight_type="linear", combine_embeds="concat",
-                           embeds_scaling="V only")
+    graph = with_ipadapter(txt2img, weight=0.5, weight_type="linear", combine_embeds="concat", embeds_scaling="V only")
     assert pixels(client, graph).shape == (2, 64, 64, 3)
 
 
-@pytest.mark.parametrize("change, node, message", [
-    (dict(clip=None), "23", "clip_vision input linked to a CLIPVisionLoader"),
-    (dict(clip="not-clip.safetensors"), "21", "not a CLIP vision model"),
-    (dict(clip="clip-vision-proj48.safetensors"), "23", "reads CLIP vision image embeddings 32 wide"),
-    (dict(adapter="damaged.safetensors"), "22", "not a readable .safetensors file"),
-    (dict(adapter="faceid-like.safetensors"), "22", "unsupported IP-Adapter variant"),
-    (dict(adapter="sdxl-like.safetensors"), "23", "made for another base model"),
-    (dict(adapter="too-few-layers.safetensors"), "23", "made for another base model"),
-])
+@pytest.mark.parametrize(
+    "change, node, message",
+    [
+        (dict(clip=None), "23", "clip_vision input linked to a CLIPVisionLoader"),
+        (dict(clip="not-clip.safetensors"), "21", "not a CLIP vision model"),
+        (dict(clip="clip-vision-proj48.safetensors"), "23", "reads CLIP vision image embeddings 32 wide"),
+        (dict(adapter="damaged.safetensors"), "22", "not a readable .safetensors file"),
+        (dict(adapter="faceid-like.safetensors"), "22", "unsupported IP-Adapter variant"),
+        (dict(adapter="sdxl-like.safetensors"), "23", "made for another base model"),
+        (dict(adapter="too-few-layers.safetensors"), "23", "made for another base model"),
+    ],
+)
 def test_wrong_files_fail_clearly_and_the_server_keeps_serving(client, ip_dir, txt2img, change, node, message):
     with pytest.raises(JobFailed) as failed:
         client.run(with_ipadapter(txt2img, weight=1.0, **change), inputs={"ref.png": png(1)})
@@ -171,8 +184,10 @@ def test_wrong_files_fail_clearly_and_the_server_keeps_serving(client, ip_dir, t
 
 def test_one_ip_adapter_per_model(client, ip_dir, txt2img):
     graph = with_ipadapter(txt2img, weight=1.0)
-    graph["25"] = {"class_type": "IPAdapterAdvanced", "inputs": {
-        "model": ["23", 0], "ipadapter": ["22", 0], "image": ["20", 0], "clip_vision": ["21", 0]}}
+    graph["25"] = {
+        "class_type": "IPAdapterAdvanced",
+        "inputs": {"model": ["23", 0], "ipadapter": ["22", 0], "image": ["20", 0], "clip_vision": ["21", 0]},
+    }
     graph["3"]["inputs"]["model"] = ["25", 0]
     with pytest.raises(JobFailed) as failed:
         client.run(graph, inputs={"ref.png": png(1)})
@@ -187,13 +202,15 @@ def test_clip_vision_file_loads_as_the_model_it_was_saved_from(tmp_path):
 
     original = CLIPVisionModelWithProjection(ipadapter_files.clip_vision_config())
     original.load_state_dict(ipadapter_files.clip_vision(seed=3))
-    bare = load_clip_vision(files.write(ipadapter_files.clip_vision(seed=3, prefixed=False), tmp_path,
-                                                  "b.safetensors"), CPU, torch.float32)
+    bare = load_clip_vision(
+        files.write(ipadapter_files.clip_vision(seed=3, prefixed=False), tmp_path, "b.safetensors"), CPU, torch.float32
+    )
     image = torch.rand(1, 40, 64, 3)
     encoded = encode_image(bare, image, crop=True)
-    pixel_values = (F.interpolate(image.movedim(-1, 1), size=(32, 51), mode="bicubic", antialias=True)
-                    .clamp(0, 1)[:, :, :, 9:41] - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) \
-        / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    pixel_values = (
+        F.interpolate(image.movedim(-1, 1), size=(32, 51), mode="bicubic", antialias=True).clamp(0, 1)[:, :, :, 9:41]
+        - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    ) / torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     expected = original(pixel_values=pixel_values, output_hidden_states=True)
     assert torch.allclose(encoded.image_embeds, expected.image_embeds, atol=1e-5)
     assert torch.allclose(encoded.penultimate_hidden_states, expected.hidden_states[-2], atol=1e-5)
@@ -213,14 +230,21 @@ def test_clip_vision_folder_loads_and_needs_the_projection(tmp_path):
 
 @pytest.mark.parametrize("hidden, layers, act", [(1280, 32, "gelu"), (1024, 24, "quick_gelu")])
 def test_clip_vision_architecture_is_read_off_the_shapes(hidden, layers, act):
-    shapes = {"vision_model.embeddings.patch_embedding.weight": (hidden, 3, 14, 14),
-              "vision_model.embeddings.position_embedding.weight": (257, hidden),
-              "vision_model.encoder.layers.0.mlp.fc1.weight": (4 * hidden, hidden),
-              "visual_projection.weight": (1024 if hidden == 1280 else 768, hidden),
-              **{f"vision_model.encoder.layers.{n}.layer_norm1.weight": (hidden,) for n in range(layers)}}
+    shapes = {
+        "vision_model.embeddings.patch_embedding.weight": (hidden, 3, 14, 14),
+        "vision_model.embeddings.position_embedding.weight": (257, hidden),
+        "vision_model.encoder.layers.0.mlp.fc1.weight": (4 * hidden, hidden),
+        "visual_projection.weight": (1024 if hidden == 1280 else 768, hidden),
+        **{f"vision_model.encoder.layers.{n}.layer_norm1.weight": (hidden,) for n in range(layers)},
+    }
     config = clip_vision_config(shapes, "x.safetensors")
-    assert (config.image_size, config.patch_size, config.num_attention_heads, config.num_hidden_layers,
-            config.hidden_act) == (224, 14, hidden // 64, layers, act)
+    assert (
+        config.image_size,
+        config.patch_size,
+        config.num_attention_heads,
+        config.num_hidden_layers,
+        config.hidden_act,
+    ) == (224, 14, hidden // 64, layers, act)
 
 
 def _reference_resampler(state: dict[str, torch.Tensor], x: torch.Tensor, heads: int = 1) -> torch.Tensor:
@@ -247,18 +271,24 @@ def _reference_resampler(state: dict[str, torch.Tensor], x: torch.Tensor, heads:
 @pytest.mark.parametrize("layout", ["flattened", "nested"])
 def test_adapter_layouts_convert_to_the_same_projection(tmp_path, layout):
     path = tmp_path / "adapter.safetensors"
-    for kind, state, features in (("plain", ipadapter_files.plain(seed=5), torch.randn(3, 32)),
-                                  ("plus", ipadapter_files.plus(seed=5), torch.randn(3, 17, 64))):
-        adapter = load_ipadapter(path, CPU, torch.float32,
-                                 state=ipadapter_files.nested(state) if layout == "nested" else state)
+    for kind, state, features in (
+        ("plain", ipadapter_files.plain(seed=5), torch.randn(3, 32)),
+        ("plus", ipadapter_files.plus(seed=5), torch.randn(3, 17, 64)),
+    ):
+        adapter = load_ipadapter(
+            path, CPU, torch.float32, state=ipadapter_files.nested(state) if layout == "nested" else state
+        )
         assert adapter.kind == kind and sorted(adapter.layers) == [1, 3, 5, 7]
         assert torch.equal(adapter.layers[7][1], state["ip_adapter.7.to_v_ip.weight"])
         with torch.no_grad():
             tokens = adapter.image_proj(features)
         if kind == "plain":
-            expected = F.layer_norm(F.linear(features, state["image_proj.proj.weight"], state["image_proj.proj.bias"])
-                                    .reshape(3, 4, 64), (64,), state["image_proj.norm.weight"],
-                                    state["image_proj.norm.bias"])
+            expected = F.layer_norm(
+                F.linear(features, state["image_proj.proj.weight"], state["image_proj.proj.bias"]).reshape(3, 4, 64),
+                (64,),
+                state["image_proj.norm.weight"],
+                state["image_proj.norm.bias"],
+            )
         else:
             expected = _reference_resampler(state, features)
         assert torch.allclose(tokens, expected, atol=1e-5)

@@ -113,8 +113,10 @@ def test_cancel_a_queued_job_and_priorities(server, client, txt2img):
     assert 0 < client.get_job(high).started_at <= client.get_job(low).started_at
 
 
-LOAD_AND_PREVIEW = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
-                    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+LOAD_AND_PREVIEW = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+    "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+}
 
 
 def truncated_png() -> bytes:
@@ -134,7 +136,9 @@ def test_run_raises_job_failed_with_the_result(client):
     assert "photo.png" in info.value.result.error and "node 1 (LoadImage)" in info.value.result.error
 
 
-@pytest.mark.parametrize("data,code", [(b"not an image at all", "invalid_image"), (b"GIF89a" + bytes(100), "invalid_image")])
+@pytest.mark.parametrize(
+    "data,code", [(b"not an image at all", "invalid_image"), (b"GIF89a" + bytes(100), "invalid_image")]
+)
 def test_uploads_that_are_not_png_jpeg_or_webp_are_refused(client, data, code):
     with pytest.raises(PlinthError) as info:
         client.submit(LOAD_AND_PREVIEW, inputs={"photo.png": data})
@@ -320,8 +324,9 @@ def test_an_output_too_big_for_one_message_comes_without_its_bytes(models_dir, t
     from plinth.server.app import PlinthServer
     from plinth.server.config import Config, Limits
 
-    config = Config(models_dir=models_dir, data_dir=tmp_path, device="cpu", port=0,
-                    limits=Limits(max_message_bytes=150_000))
+    config = Config(
+        models_dir=models_dir, data_dir=tmp_path, device="cpu", port=0, limits=Limits(max_message_bytes=150_000)
+    )
     txt2img["5"]["inputs"].update(width=256, height=256, batch_size=2)
     with PlinthServer(config) as small, Client(small.address, timeout=120) as client:
         result = client.run(txt2img)  # each ~150 KB PNG alone would not fit
@@ -336,8 +341,9 @@ def test_run_without_a_listener_streams_only_the_results_and_still_says_how_each
     lean = client.run(txt2img)  # no on_event: results_only
     assert kinds(lean.events) == ["output", "completed"]  # both images in one Output event
     assert [r.node_id for r in lean.events[0].output.images] == ["9", "9"]
-    assert {k: (v.class_type, v.status) for k, v in lean.nodes.items()} == \
-        {k: (v.class_type, v.status) for k, v in full.nodes.items()}
+    assert {k: (v.class_type, v.status) for k, v in lean.nodes.items()} == {
+        k: (v.class_type, v.status) for k, v in full.nodes.items()
+    }
     assert lean.nodes["3"].status == "executed" and lean.nodes["3"].seconds > 0
     assert len(lean.images) == 2
     # a listener gets every event, and the terminal one carries the same summary
@@ -359,4 +365,8 @@ def test_packed_outputs_split_where_the_bytes_would_not_fit_a_message():
     events = [out(3, "9", 40), out(4, "9", 50), out(5, "9", 30), out(6, "12", 10), out(7, "9", 200)]
     packed = list(packed_outputs(events, True, None, max_inline=100))
     assert [(m.seq, m.output.node_id, [len(r.png) for r in m.output.images]) for m in packed] == [
-        (3, "9", [40, 50]), (5, "9", [30]), (6, "12", [10]), (7, "9", [0])]  # too big: fetched by id
+        (3, "9", [40, 50]),
+        (5, "9", [30]),
+        (6, "12", [10]),
+        (7, "9", [0]),
+    ]  # too big: fetched by id

@@ -41,8 +41,11 @@ def real_path(part: str, written: str) -> str:
 @pytest.mark.parametrize("layout", ["kohya", "peft", "old_diffusers"])
 def test_every_layout_resolves_to_the_models_module_paths(layout):
     weights = random_lora(seed=1, rank=4, alpha=2.0)
-    state, metadata = {"kohya": (kohya(weights), None), "peft": peft(weights),
-                       "old_diffusers": (old_diffusers(weights), None)}[layout]
+    state, metadata = {
+        "kohya": (kohya(weights), None),
+        "peft": peft(weights),
+        "old_diffusers": (old_diffusers(weights), None),
+    }[layout]
     lora = parse_lora(state, metadata, "test.safetensors")
     assert lora.nbytes() == sum(4 * (l.down.numel() + l.up.numel()) for ls in weights.values() for l in ls.values())
     modules = tiny_modules()
@@ -67,8 +70,11 @@ def test_text_encoder_paths_resolve_with_or_without_text_model():
 def test_alpha_from_peft_metadata_pattern_and_defaults():
     layer = {"down": torch.randn(4, 32), "up": torch.randn(32, 4)}
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-    state = {f"unet.{path}.{proj}.lora_{ab}.weight": layer["down" if ab == "A" else "up"]
-             for proj in ("to_q", "to_k") for ab in "AB"}
+    state = {
+        f"unet.{path}.{proj}.lora_{ab}.weight": layer["down" if ab == "A" else "up"]
+        for proj in ("to_q", "to_k")
+        for ab in "AB"
+    }
     config = {"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_k": 2}}
     lora = parse_lora(state, {"lora_adapter_metadata": json.dumps(config)})
     scales = {p.rsplit(".", 1)[1]: l.scale for p, l in lora.layers["unet"].items()}
@@ -80,18 +86,33 @@ def _one_layer(name: str = "lora_unet_conv_in") -> dict[str, torch.Tensor]:
     return {f"{name}.lora_down.weight": torch.randn(2, 4, 3, 3), f"{name}.lora_up.weight": torch.randn(32, 2, 1, 1)}
 
 
-@pytest.mark.parametrize("state, expected", [
-    ({**_one_layer(), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
-     ["1 keys are not LoRA weights", "model.diffusion_model.input_blocks.0.0.weight"]),
-    ({**_one_layer(), "lora_unet_conv_in.dora_scale": torch.ones(32)}, ["lora_unet_conv_in.dora_scale"]),
-    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 64)},
-     ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]),
-    ({}, ["no LoRA weights"]),
-    ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, ["lora_unet_conv_in has no up weight"]),
-    ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4), "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 3)},
-     ["lora_unet_conv_in", "not a low-rank pair"]),
-    ({**_one_layer(), "unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3)}, ["unet.conv_in has its down weight twice"]),
-])
+@pytest.mark.parametrize(
+    "state, expected",
+    [
+        (
+            {**_one_layer(), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
+            ["1 keys are not LoRA weights", "model.diffusion_model.input_blocks.0.0.weight"],
+        ),
+        ({**_one_layer(), "lora_unet_conv_in.dora_scale": torch.ones(32)}, ["lora_unet_conv_in.dora_scale"]),
+        (
+            {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 64)},
+            ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"],
+        ),
+        ({}, ["no LoRA weights"]),
+        ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, ["lora_unet_conv_in has no up weight"]),
+        (
+            {
+                "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4),
+                "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 3),
+            },
+            ["lora_unet_conv_in", "not a low-rank pair"],
+        ),
+        (
+            {**_one_layer(), "unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3)},
+            ["unet.conv_in has its down weight twice"],
+        ),
+    ],
+)
 def test_parse_refuses_what_it_cannot_read(state, expected):
     with pytest.raises(NodeInputError) as info:
         parse_lora(state, None, "bad.safetensors")
@@ -101,21 +122,33 @@ def test_parse_refuses_what_it_cannot_read(state, expected):
 
 
 def test_layers_matching_no_module_are_named():
-    state = {**_one_layer(), **_one_layer("lora_unet_input_blocks_1_1_proj_in"),
-             **_one_layer("lora_unet_down_blocks_7_resnets_0_conv1")}
+    state = {
+        **_one_layer(),
+        **_one_layer("lora_unet_input_blocks_1_1_proj_in"),
+        **_one_layer("lora_unet_down_blocks_7_resnets_0_conv1"),
+    }
     lora = parse_lora(state, None, "sdxl.safetensors")
-    with pytest.raises(NodeInputError, match="2 layers match no module of this checkpoint's UNet: "
-                                             "lora_unet_input_blocks_1_1_proj_in, lora_unet_down_blocks_7"):
+    with pytest.raises(
+        NodeInputError,
+        match="2 layers match no module of this checkpoint's UNet: "
+        "lora_unet_input_blocks_1_1_proj_in, lora_unet_down_blocks_7",
+    ):
         lora.resolve("unet", tiny_modules()["unet"])
 
 
 def test_shapes_that_do_not_fit_the_layer_are_refused():
-    state = {"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 1, 1),
-             "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}
-    with pytest.raises(NodeInputError, match=r"lora_unet_conv_in has down \(2, 4, 1, 1\).*conv_in needs \(2, 4, 3, 3\)"):
+    state = {
+        "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 1, 1),
+        "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2, 1, 1),
+    }
+    with pytest.raises(
+        NodeInputError, match=r"lora_unet_conv_in has down \(2, 4, 1, 1\).*conv_in needs \(2, 4, 3, 3\)"
+    ):
         parse_lora(state).resolve("unet", tiny_modules()["unet"])
-    norm = {"lora_unet_conv_norm_out.lora_down.weight": torch.zeros(2, 32),
-            "lora_unet_conv_norm_out.lora_up.weight": torch.zeros(32, 2)}
+    norm = {
+        "lora_unet_conv_norm_out.lora_down.weight": torch.zeros(2, 32),
+        "lora_unet_conv_norm_out.lora_up.weight": torch.zeros(32, 2),
+    }
     with pytest.raises(NodeInputError, match="a GroupNorm; LoRA applies to Linear and Conv2d"):
         parse_lora(norm).resolve("unet", tiny_modules()["unet"])
 
@@ -141,8 +174,9 @@ def _forward(part: str, module: nn.Module) -> torch.Tensor:
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         if part == "unet":
-            return module(torch.randn(2, 4, 8, 8, generator=gen), 500,
-                          encoder_hidden_states=torch.randn(2, 77, 64, generator=gen)).sample
+            return module(
+                torch.randn(2, 4, 8, 8, generator=gen), 500, encoder_hidden_states=torch.randn(2, 77, 64, generator=gen)
+            ).sample
         return module(torch.randint(0, 49408, (2, 77), generator=gen)).last_hidden_state
 
 
@@ -219,9 +253,16 @@ def with_loras(graph: dict, *loras: tuple[str, float, float]) -> dict:
     model, clip = ["4", 0], ["4", 1]
     for index, (name, strength_model, strength_clip) in enumerate(loras):
         node = str(20 + index)
-        graph[node] = {"class_type": "LoraLoader", "inputs": {
-            "model": model, "clip": clip, "lora_name": name,
-            "strength_model": strength_model, "strength_clip": strength_clip}}
+        graph[node] = {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": model,
+                "clip": clip,
+                "lora_name": name,
+                "strength_model": strength_model,
+                "strength_clip": strength_clip,
+            },
+        }
         model, clip = [node, 0], [node, 1]
     graph["3"]["inputs"]["model"] = model
     graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = clip
@@ -269,24 +310,30 @@ def test_model_strength_alone_changes_the_image(client, loras, txt2img):
 
 
 def test_kohya_and_diffusers_layouts_of_the_same_weights_give_the_same_image(client, loras, txt2img):
-    images = [pixels(client, with_loras(copy.deepcopy(txt2img), (name, 1.0, 1.0)))
-              for name in ("style_kohya.safetensors", "style_peft.safetensors", "style_old.safetensors")]
+    images = [
+        pixels(client, with_loras(copy.deepcopy(txt2img), (name, 1.0, 1.0)))
+        for name in ("style_kohya.safetensors", "style_peft.safetensors", "style_old.safetensors")
+    ]
     assert same(images[0], images[1]) and same(images[0], images[2])
 
 
 def test_stacked_loras_differ_from_either_alone(client, loras, txt2img):
     style = pixels(client, with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0)))
     detail = pixels(client, with_loras(copy.deepcopy(txt2img), ("detail.safetensors", 1.0, 1.0)))
-    both = pixels(client, with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0),
-                                     ("detail.safetensors", 1.0, 1.0)))
+    both = pixels(
+        client,
+        with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0), ("detail.safetensors", 1.0, 1.0)),
+    )
     assert not same(both, style) and not same(both, detail) and not same(style, detail)
 
 
 def test_a_plain_run_after_a_lora_run_is_the_base_image(server, client, loras, txt2img):
     base = pixels(client, with_loras(copy.deepcopy(txt2img)))
     checksum = unet_checksum(server)
-    pixels(client, with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0),
-                              ("detail.safetensors", -2.0, 0.5)))
+    pixels(
+        client,
+        with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0), ("detail.safetensors", -2.0, 0.5)),
+    )
     server.service.cache.clear()  # make the plain graph run again instead of coming from the cache
     again = client.run(with_loras(copy.deepcopy(txt2img)))
     assert {"KSampler", "CLIPTextEncode"} <= {n.class_type for n in again.nodes.values() if n.status == "executed"}
@@ -297,8 +344,10 @@ def test_a_plain_run_after_a_lora_run_is_the_base_image(server, client, loras, t
 def test_model_only_lora_changes_the_image_and_keeps_prompts_cached(client, loras, txt2img):
     graph = with_loras(copy.deepcopy(txt2img))
     base = pixels(client, graph)
-    graph["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["4", 0], "lora_name": "style_kohya.safetensors", "strength_model": 1.0}}
+    graph["20"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["4", 0], "lora_name": "style_kohya.safetensors", "strength_model": 1.0},
+    }
     graph["3"]["inputs"]["model"] = ["20", 0]
     result = client.run(graph)
     status = {nid: n.status for nid, n in result.nodes.items()}

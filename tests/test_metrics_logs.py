@@ -34,8 +34,11 @@ def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple], float]:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples, name: str, **labels) -> float:
@@ -84,8 +87,13 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
         assert sample(samples, "plinth_node_executions_total", class_type=class_type, outcome="cached") == 1
     # every node of every job, as the jobs themselves recorded them
     recorded = Counter((n.class_type, n.status) for j in jobs for n in j.nodes.values())
-    exported = Counter({(dict(labels)["class_type"], dict(labels)["outcome"]): value
-                        for (name, labels), value in samples.items() if name == "plinth_node_executions_total"})
+    exported = Counter(
+        {
+            (dict(labels)["class_type"], dict(labels)["outcome"]): value
+            for (name, labels), value in samples.items()
+            if name == "plinth_node_executions_total"
+        }
+    )
     assert exported == recorded
     executed = Counter(c for (c, status), n in recorded.items() if status == "executed" for _ in range(n))
     for class_type, count in executed.items():
@@ -109,8 +117,10 @@ def test_failed_job_counts_as_failed(server, client, tmp_path, metrics_http):
     metrics, port = metrics_http
     bad = tmp_path / "bad.png"
     bad.write_bytes(truncated_png())  # Submit accepts its header; LoadImage fails on its pixels
-    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
-             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
     result = client.run(graph, inputs={"photo.png": bad}, check=False)
     assert result.status == "failed"
     job = server.service.get(result.job_id)
@@ -169,9 +179,9 @@ def test_live_hook_when_the_service_has_observers(server, client, txt2img):
 
 # logs
 
+
 def record(message: str = "hello", exc_info=None) -> logging.LogRecord:
-    rec = logging.getLogger("plinth.test").makeRecord("plinth.test", logging.INFO, __file__, 1, message, (),
-                                                       exc_info)
+    rec = logging.getLogger("plinth.test").makeRecord("plinth.test", logging.INFO, __file__, 1, message, (), exc_info)
     logs.JobIdFilter().filter(rec)
     return rec
 

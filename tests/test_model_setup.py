@@ -78,8 +78,11 @@ def test_bfloat16_load_puts_every_part_in_bfloat16(tiny, models_dir):
 def test_warm_up_runs_each_part_once_at_load(tiny, models_dir):
     def count(model: StableDiffusion) -> dict[str, int]:
         calls = {"unet": 0, "vae_decoder": 0, "text_encoder": 0}
-        for name, module in (("unet", model.unet), ("vae_decoder", model.vae.decoder),
-                             ("text_encoder", model.text_encoder)):
+        for name, module in (
+            ("unet", model.unet),
+            ("vae_decoder", model.vae.decoder),
+            ("text_encoder", model.text_encoder),
+        ):
             module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         return calls
 
@@ -136,8 +139,9 @@ def bf16_client(models_dir, tmp_path_factory):
     from plinth.server.app import PlinthServer
     from plinth.server.config import Config
 
-    config = Config(models_dir=models_dir, data_dir=tmp_path_factory.mktemp("bf16-data"), device="cpu", port=0,
-                    precision="bfloat16")
+    config = Config(
+        models_dir=models_dir, data_dir=tmp_path_factory.mktemp("bf16-data"), device="cpu", port=0, precision="bfloat16"
+    )
     with PlinthServer(config) as running, Client(running.address, timeout=120) as c:
         yield running, c
 
@@ -181,12 +185,16 @@ def test_a_lora_job_uses_the_base_weights_and_leaves_them_unchanged(server, clie
     target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     layer = base.unet.get_submodule(target)
     gen = torch.Generator().manual_seed(0)
-    lora = {f"unet.{target}.lora.down.weight": torch.randn(4, layer.in_features, generator=gen),
-            f"unet.{target}.lora.up.weight": torch.randn(layer.out_features, 4, generator=gen)}
+    lora = {
+        f"unet.{target}.lora.down.weight": torch.randn(4, layer.in_features, generator=gen),
+        f"unet.{target}.lora.up.weight": torch.randn(layer.out_features, 4, generator=gen),
+    }
     save_file(lora, str(models_dir / "loras" / "setup-test.safetensors"))
     graph = dict(txt2img)
-    graph["10"] = {"class_type": "LoraLoaderModelOnly",
-                   "inputs": {"model": ["4", 0], "lora_name": "setup-test.safetensors", "strength_model": 1.0}}
+    graph["10"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["4", 0], "lora_name": "setup-test.safetensors", "strength_model": 1.0},
+    }
     graph["3"] = {**txt2img["3"], "inputs": {**txt2img["3"]["inputs"], "model": ["10", 0]}}
     with_lora = client.run(graph)
     plain = client.run(txt2img)

@@ -53,8 +53,9 @@ def inpaint(node: str, vae: Vae, pixels: torch.Tensor, mask: torch.Tensor):
     """The latent (with its noise mask) of VAEEncodeForInpaint (grow 0) or InpaintModelConditioning."""
     if node == "VAEEncodeForInpaint":
         return VAEEncodeForInpaint().run(Ctx(), pixels=pixels, vae=vae, mask=mask, grow_mask_by=0)[0]
-    return InpaintModelConditioning().run(Ctx(), positive=[], negative=[], vae=vae, pixels=pixels, mask=mask,
-                                          noise_mask=True)[2]
+    return InpaintModelConditioning().run(
+        Ctx(), positive=[], negative=[], vae=vae, pixels=pixels, mask=mask, noise_mask=True
+    )[2]
 
 
 # inpainting on pixels that are not a multiple of 8: mask and pixels cropped together
@@ -83,14 +84,16 @@ def test_inpaint_resizes_the_mask_to_the_uncropped_pixels_first(vae):
     mask[:, :, 30:] = 1.0
     comfyui = F.interpolate(mask[:, None], size=(70, 70), mode="bilinear")[:, :, 3:67, 3:67]
     for node in NODES:
-        assert torch.equal(inpaint(node, vae, pixels, mask).noise_mask, comfyui.round() if node == NODES[0] else comfyui)
+        assert torch.equal(
+            inpaint(node, vae, pixels, mask).noise_mask, comfyui.round() if node == NODES[0] else comfyui
+        )
 
 
 @pytest.mark.parametrize("node", NODES)
 def test_inpaint_pairs_a_mask_batch_with_the_pixel_batch(vae, node):
     masks = torch.zeros(3, 64, 64)
     for i in range(3):
-        masks[i, :, i * 16:(i + 1) * 16] = 1.0
+        masks[i, :, i * 16 : (i + 1) * 16] = 1.0
     latent = inpaint(node, vae, torch.rand(2, 64, 64, 3), masks)  # more masks than images: cut
     assert latent.samples.shape[0] == 2 and torch.equal(latent.noise_mask[:, 0], masks[:2])
     latent = inpaint(node, vae, torch.rand(3, 64, 64, 3), masks[:2])  # fewer: repeated in turn
@@ -111,6 +114,7 @@ def test_vae_encode_refuses_images_smaller_than_the_vae_cell(vae):
 
 # ConditioningSetArea outside the latent
 
+
 def test_an_area_reaching_past_the_latent_is_clipped_to_it():
     assert area_in_latent((8, 8, 0, 0), 8, 8) == (8, 8, 0, 0)
     assert area_in_latent((8, 8, 4, 7), 8, 8) == (4, 1, 4, 7)  # as ComfyUI narrows it
@@ -126,10 +130,14 @@ def test_an_area_wholly_outside_the_latent_is_an_error(area):
 def test_sampling_with_an_area_outside_the_image_fails_clearly(client, txt2img):
     from plinth.clients import JobFailed
 
-    txt2img["11"] = {"class_type": "ConditioningSetArea", "inputs": {
-        "conditioning": ["6", 0], "width": 64, "height": 64, "x": 64, "y": 0, "strength": 1.0}}
-    txt2img["12"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
-                                                                   "conditioning_2": ["11", 0]}}
+    txt2img["11"] = {
+        "class_type": "ConditioningSetArea",
+        "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64, "x": 64, "y": 0, "strength": 1.0},
+    }
+    txt2img["12"] = {
+        "class_type": "ConditioningCombine",
+        "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["11", 0]},
+    }
     txt2img["3"]["inputs"]["positive"] = ["12", 0]
     with pytest.raises(JobFailed, match=r"area \(x=64, y=0, 64x64 pixels\) lies outside the 64x64-pixel image"):
         client.run(txt2img)
@@ -137,11 +145,19 @@ def test_sampling_with_an_area_outside_the_image_fails_clearly(client, txt2img):
 
 # textual-inversion embeddings
 
-@pytest.mark.parametrize("text", ["a red box, embedding:EasyNegative, studio light",
-                                  "a red box (embedding:EasyNegative:1.2)",
-                                  "embedding:EasyNegative"])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red box, embedding:EasyNegative, studio light",
+        "a red box (embedding:EasyNegative:1.2)",
+        "embedding:EasyNegative",
+    ],
+)
 def test_a_prompt_naming_an_embedding_is_refused(tiny, text):
-    with pytest.raises(NodeInputError, match=r"embedding 'EasyNegative'.*textual-inversion embeddings are not supported"):
+    with pytest.raises(
+        NodeInputError, match=r"embedding 'EasyNegative'.*textual-inversion embeddings are not supported"
+    ):
         encode(tiny.tokenizer, tiny.text_encoder, text, -1, CPU)
 
 
@@ -158,6 +174,7 @@ def test_a_job_whose_prompt_names_an_embedding_fails_with_the_name(client, txt2i
 
 
 # image files
+
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
@@ -176,8 +193,11 @@ def test_an_mpo_photo_loads_as_its_first_frame():
 
 
 def test_frames_of_another_size_are_skipped_not_the_end_of_the_batch():
-    frames = [Image.new("RGB", (8, 6), (10, 10, 10)), Image.new("RGB", (4, 4), (99, 99, 99)),
-              Image.new("RGB", (8, 6), (250, 250, 250))]
+    frames = [
+        Image.new("RGB", (8, 6), (10, 10, 10)),
+        Image.new("RGB", (4, 4), (99, 99, 99)),
+        Image.new("RGB", (8, 6), (250, 250, 250)),
+    ]
     data = encoded(frames[0], "TIFF", save_all=True, append_images=frames[1:])
     pixels, mask = decode_image(data, "pages.tiff")
     assert pixels.shape == (2, 6, 8, 3) and mask.shape == (2, 6, 8)

@@ -9,10 +9,14 @@ import pytest
 from plinth.nodes.samplers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 from plinth.nodes.models.checkpoint import SD15_CONFIG
 
-BASE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-        "steps_offset": 1}
-COMBOS = [(s, k) for s in SAMPLERS for k in SCHEDULERS
-          if not (k in SIGMA_SCHEDULES and s in NO_SIGMA_SCHEDULES)]
+BASE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+}
+COMBOS = [(s, k) for s in SAMPLERS for k in SCHEDULERS if not (k in SIGMA_SCHEDULES and s in NO_SIGMA_SCHEDULES)]
 
 
 def run(service, graph):
@@ -48,7 +52,7 @@ def test_samplers_differ(server, txt2img):
         txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler="normal", steps=4, seed=5)
         outs[sampler] = images(run(server.service, txt2img))[0]
     values = list(outs.values())
-    assert all(not np.array_equal(a, b) for i, a in enumerate(values) for b in values[i + 1:])
+    assert all(not np.array_equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
 
 
 def test_sigma_schedule_with_a_timestep_sampler_is_a_validation_error(client, txt2img):
@@ -65,8 +69,10 @@ def hires_graph(txt2img, denoise, seed=77):
     g = txt2img
     g["5"]["inputs"]["batch_size"] = 1
     g["3"]["inputs"].update(seed=seed, steps=4)
-    g["20"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "seed": seed + 1, "denoise": denoise,
-                                                     "latent_image": ["3", 0]}}
+    g["20"] = {
+        "class_type": "KSampler",
+        "inputs": {**g["3"]["inputs"], "seed": seed + 1, "denoise": denoise, "latent_image": ["3", 0]},
+    }
     g["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
     g["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "second"}}
     return g

@@ -69,14 +69,15 @@ def test_outpaint_keeps_the_original_region_and_fills_the_new_area(client, graph
         image = out[prefix][0]
         assert image.size == size
         canvas = pixels(image)
-        assert np.array_equal(canvas[y:y + 64, x:x + 64], original)
+        assert np.array_equal(canvas[y : y + 64, x : x + 64], original)
         new_area = np.ones(canvas.shape[:2], bool)
-        new_area[y:y + 64, x:x + 64] = False
+        new_area[y : y + 64, x : x + 64] = False
         assert np.abs(canvas[new_area] - 128).mean() > 3  # sampled, not left as the grey padding
 
 
 # A photo whose sides are not multiples of 8: the graphs' ImageScale (set for 64x64, which is
 # 70x70 rounded down to a multiple of 8) gives every node the same 64x64 pixels.
+
 
 def odd_sized_photo() -> np.ndarray:
     """A 70x70 packshot whose product has texture, so a paste one pixel off cannot match."""
@@ -114,8 +115,10 @@ def test_background_replacement_of_a_photo_not_a_multiple_of_8(server, client, g
     assert product.shape == (64, 64) and (product == 1).sum() > 300
     composite = node_output(server, result.job_id, "14")[0][0]
     assert torch.equal(composite[product == 1], expected[product == 1])  # exact, and in place
-    assert np.array_equal(np.asarray(out["background"][0])[product.numpy() == 1],
-                          (expected.numpy() * 255).clip(0, 255).astype(np.uint8)[product.numpy() == 1])
+    assert np.array_equal(
+        np.asarray(out["background"][0])[product.numpy() == 1],
+        (expected.numpy() * 255).clip(0, 255).astype(np.uint8)[product.numpy() == 1],
+    )
     # the sampler's latent and noise mask come from the very same pixels
     conditioned = node_output(server, result.job_id, "13")[2]
     assert torch.equal(conditioned.noise_mask[0, 0], 1 - product)
@@ -131,12 +134,14 @@ def test_outpaint_of_a_photo_not_a_multiple_of_8(server, client, graph_models, f
     result = client.run(graph, inputs={"product.png": files.png(photo)})
     out = outputs_by_prefix(result)
     expected = scaled(photo)
-    for prefix, node, pad, size, (x, y) in (("ad_4x5", "24", "20", (64, 80), (0, 8)),
-                                            ("ad_16x9", "34", "30", (112, 64), (24, 0))):
+    for prefix, node, pad, size, (x, y) in (
+        ("ad_4x5", "24", "20", (64, 80), (0, 8)),
+        ("ad_16x9", "34", "30", (112, 64), (24, 0)),
+    ):
         assert out[prefix][0].size == size
         canvas = node_output(server, result.job_id, node)[0][0]
-        region = canvas[y:y + 64, x:x + 64]
-        pad_mask = node_output(server, result.job_id, pad)[1][0][y:y + 64, x:x + 64]
+        region = canvas[y : y + 64, x : x + 64]
+        pad_mask = node_output(server, result.job_id, pad)[1][0][y : y + 64, x : x + 64]
         if feathering == 0:  # as saved: the whole original region exact, at its place
             assert (pad_mask == 0).all()
             assert torch.equal(region, expected)
@@ -146,7 +151,7 @@ def test_outpaint_of_a_photo_not_a_multiple_of_8(server, client, graph_models, f
             assert torch.equal(region[inside], expected[inside])
             assert not torch.equal(region[~inside], expected[~inside])
         new_area = torch.ones(canvas.shape[:2], dtype=torch.bool)
-        new_area[y:y + 64, x:x + 64] = False
+        new_area[y : y + 64, x : x + 64] = False
         assert (canvas[new_area] - 0.5).abs().mean() > 3 / 255  # sampled, not the grey padding
 
 
@@ -170,8 +175,10 @@ def test_style_graph_moves_the_tone_toward_the_reference(client, graph_models):
     out = outputs_by_prefix(result)
     styled, matched = pixels(out["styled"][0]), pixels(out["styled_tone_matched"][0])
     reference_mean = reference_photo().reshape(-1, 3).mean(0)
-    assert np.abs(matched.reshape(-1, 3).mean(0) - reference_mean).sum() < np.abs(
-        styled.reshape(-1, 3).mean(0) - reference_mean).sum()
+    assert (
+        np.abs(matched.reshape(-1, 3).mean(0) - reference_mean).sum()
+        < np.abs(styled.reshape(-1, 3).mean(0) - reference_mean).sum()
+    )
 
 
 def test_lora_graph_differs_from_plain_txt2img(client, graph_models, txt2img):

@@ -67,8 +67,10 @@ def scale(class_type: str, **inputs) -> dict:
 def model_upscale(name: str, image: list | None = None) -> dict:
     return {
         "loader": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": name}},
-        "up": {"class_type": "ImageUpscaleWithModel",
-               "inputs": {"upscale_model": ["loader", 0], "image": image or ["in", 0]}},
+        "up": {
+            "class_type": "ImageUpscaleWithModel",
+            "inputs": {"upscale_model": ["loader", 0], "image": image or ["in", 0]},
+        },
         "save_up": save("up"),
     }
 
@@ -80,9 +82,15 @@ def levels(a: np.ndarray, b: np.ndarray) -> int:
 
 def test_model_upscale_is_4x_matches_spandrel_and_differs_from_lanczos(client, upscale_dir):
     pixels = picture(32, 24)
-    out = run_graph(client, {**model_upscale(ESRGAN),
-                             "lanczos": scale("ImageScaleBy", upscale_method="lanczos", scale_by=4.0),
-                             "save_lanczos": save("lanczos")}, pixels)
+    out = run_graph(
+        client,
+        {
+            **model_upscale(ESRGAN),
+            "lanczos": scale("ImageScaleBy", upscale_method="lanczos", scale_by=4.0),
+            "save_lanczos": save("lanczos"),
+        },
+        pixels,
+    )
     assert out["save_up"].shape == out["save_lanczos"].shape == (96, 128, 3)
     assert np.abs(out["save_up"].astype(int) - out["save_lanczos"].astype(int)).mean() > 10
 
@@ -114,8 +122,9 @@ def test_tiled_output_equals_untiled_on_an_image_larger_than_a_tile(upscale_dir)
             tiled = upscale_tiled(model, image, 4, tile=32, overlap=16)
         assert whole.shape == tiled.shape == (1, 280, 360, 3)
         assert (whole - tiled).abs().max() < tolerance, name
-        assert (whole - upscale_tiled(model, image, 4, tile=32, overlap=0)).abs().max() > 10 * tolerance, \
+        assert (whole - upscale_tiled(model, image, 4, tile=32, overlap=0)).abs().max() > 10 * tolerance, (
             "without overlap the seams show, so the test above can tell"
+        )
 
 
 class RecordingContext:
@@ -160,6 +169,7 @@ def test_out_of_memory_halves_the_tile_then_fails_clearly():
             if max(tile.shape[-2:]) > limit:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return nearest_x2(tile)
+
         return model
 
     out = upscale_image(needs_small_tiles(256), image, 2)
@@ -178,8 +188,10 @@ def test_loaded_model_is_in_eval_mode_and_counts_its_weight_bytes(upscale_dir):
 
 def test_files_that_are_not_super_resolution_models_fail_and_the_server_keeps_serving(client, upscale_dir):
     pixels = picture(16, 12)
-    for name, message in ((NOT_IMAGE, "not an architecture spandrel knows"),
-                          (RESTORE_1X, "1x restoration model, not a single-image super-resolution model")):
+    for name, message in (
+        (NOT_IMAGE, "not an architecture spandrel knows"),
+        (RESTORE_1X, "1x restoration model, not a single-image super-resolution model"),
+    ):
         with pytest.raises(JobFailed) as info:
             run_graph(client, model_upscale(name), pixels)
         assert info.value.result.status == "failed"
@@ -222,8 +234,13 @@ def test_scale_nodes_give_the_sizes_comfyui_gives(client):
     out = run_graph(client, nodes, pixels)
     side = math.sqrt(0.01 * 2**20 / (32 * 24))
     assert {k[5:]: v.shape[1::-1] for k, v in out.items()} == {
-        "fixed": (50, 20), "by_height": (80, 60), "by_width": (16, 12), "unchanged": (32, 24),
-        "by": (48, 36), "total": (round(32 * side), round(24 * side))}
+        "fixed": (50, 20),
+        "by_height": (80, 60),
+        "by_width": (16, 12),
+        "unchanged": (32, 24),
+        "by": (48, 36),
+        "total": (round(32 * side), round(24 * side)),
+    }
     assert np.array_equal(out["save_unchanged"], pixels)
 
 
@@ -243,14 +260,16 @@ def test_center_crop_trims_to_the_target_aspect_before_scaling(client):
 
 def test_each_method_resamples_its_own_way(client):
     pixels = picture(16, 12)
-    up = {m: scale("ImageScaleBy", upscale_method=m, scale_by=2.0)
-          for m in ("nearest-exact", "bilinear", "bicubic", "lanczos")}
+    up = {
+        m: scale("ImageScaleBy", upscale_method=m, scale_by=2.0)
+        for m in ("nearest-exact", "bilinear", "bicubic", "lanczos")
+    }
     down = {f"down-{m}": scale("ImageScaleBy", upscale_method=m, scale_by=0.5) for m in ("nearest-exact", "area")}
     nodes = {**up, **down}
     out = run_graph(client, {**nodes, **{f"save-{k}": save(k) for k in nodes}}, pixels)
     enlarged = [out[f"save-{m}"] for m in up]
     for i, a in enumerate(enlarged):
-        for b in enlarged[i + 1:]:
+        for b in enlarged[i + 1 :]:
             assert np.abs(a.astype(int) - b.astype(int)).mean() > 2
     assert np.array_equal(out["save-nearest-exact"], pixels.repeat(2, axis=0).repeat(2, axis=1))
     means = pixels.reshape(6, 2, 8, 2, 3).astype(float).mean(axis=(1, 3))

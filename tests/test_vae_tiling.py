@@ -127,25 +127,60 @@ def test_vae_decode_falls_back_to_tiles_when_out_of_memory(vae, latent, caplog, 
 
 
 def test_tiled_nodes_have_comfyuis_inputs():
-    decode = [(i.name, getattr(i, "default", None), getattr(i, "min", None), getattr(i, "max", None),
-               getattr(i, "step", None)) for i in VAEDecodeTiled.schema.inputs]
-    assert decode == [("samples", None, None, None, None), ("vae", None, None, None, None),
-                      ("tile_size", 512, 64, 4096, 32), ("overlap", 64, 0, 4096, 32),
-                      ("temporal_size", 64, 8, 4096, 4), ("temporal_overlap", 8, 4, 4096, 4)]
-    assert [i.name for i in VAEEncodeTiled.schema.inputs] == ["pixels", "vae", "tile_size", "overlap",
-                                                              "temporal_size", "temporal_overlap"]
+    decode = [
+        (
+            i.name,
+            getattr(i, "default", None),
+            getattr(i, "min", None),
+            getattr(i, "max", None),
+            getattr(i, "step", None),
+        )
+        for i in VAEDecodeTiled.schema.inputs
+    ]
+    assert decode == [
+        ("samples", None, None, None, None),
+        ("vae", None, None, None, None),
+        ("tile_size", 512, 64, 4096, 32),
+        ("overlap", 64, 0, 4096, 32),
+        ("temporal_size", 64, 8, 4096, 4),
+        ("temporal_overlap", 8, 4, 4096, 4),
+    ]
+    assert [i.name for i in VAEEncodeTiled.schema.inputs] == [
+        "pixels",
+        "vae",
+        "tile_size",
+        "overlap",
+        "temporal_size",
+        "temporal_overlap",
+    ]
     assert VAEEncodeTiled.schema.input("tile_size").step == 64
 
 
 def test_tiled_nodes_run_in_a_graph(client, txt2img):
     graph = dict(txt2img)
     graph["5"] = {**txt2img["5"], "inputs": {"width": 192, "height": 128, "batch_size": 1}}
-    graph["8"] = {"class_type": "VAEDecodeTiled",
-                  "inputs": {"samples": ["3", 0], "vae": ["4", 2], "tile_size": 64, "overlap": 32,
-                             "temporal_size": 64, "temporal_overlap": 8}}
-    graph["11"] = {"class_type": "VAEEncodeTiled",
-                   "inputs": {"pixels": ["8", 0], "vae": ["4", 2], "tile_size": 64, "overlap": 32,
-                              "temporal_size": 64, "temporal_overlap": 8}}
+    graph["8"] = {
+        "class_type": "VAEDecodeTiled",
+        "inputs": {
+            "samples": ["3", 0],
+            "vae": ["4", 2],
+            "tile_size": 64,
+            "overlap": 32,
+            "temporal_size": 64,
+            "temporal_overlap": 8,
+        },
+    }
+    graph["11"] = {
+        "class_type": "VAEEncodeTiled",
+        "inputs": {
+            "pixels": ["8", 0],
+            "vae": ["4", 2],
+            "tile_size": 64,
+            "overlap": 32,
+            "temporal_size": 64,
+            "temporal_overlap": 8,
+        },
+    }
     graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}}
     graph["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}}
     result = client.run(graph)

@@ -15,28 +15,40 @@ from plinth.clients.v1 import graph_service_pb2 as gs
 def _mutations():
     def unknown_class(g):
         g["9"]["class_type"] = "SaveImageToTheMoon"
+
     def missing_required(g):
         del g["3"]["inputs"]["model"]
+
     def link_to_missing_node(g):
         g["3"]["inputs"]["model"] = ["404", 0]
+
     def link_to_missing_output(g):
         g["3"]["inputs"]["model"] = ["4", 7]
+
     def link_type_mismatch(g):
         g["3"]["inputs"]["model"] = ["4", 1]  # CLIP into MODEL
+
     def wrong_value_type(g):
         g["3"]["inputs"]["steps"] = "many"
+
     def out_of_range(g):
         g["3"]["inputs"]["cfg"] = 1000.0
+
     def below_range(g):
         g["5"]["inputs"]["width"] = 8
+
     def not_in_choices(g):
         g["3"]["inputs"]["sampler_name"] = "euler_magic"
+
     def unknown_model(g):
         g["4"]["inputs"]["ckpt_name"] = "no-such-model.safetensors"
+
     def literal_for_link(g):
         g["8"]["inputs"]["vae"] = "my-vae"
+
     def unknown_input(g):
         g["5"]["inputs"]["depth"] = 3
+
     return [
         (unknown_class, "9", "", "unknown_class_type"),
         (missing_required, "3", "model", "required_input_missing"),
@@ -72,8 +84,12 @@ def test_all_errors_come_back_at_once(client, txt2img):
     with pytest.raises(PlinthError) as info:
         client.submit(txt2img)
     found = {(e.node_id, e.input, e.code) for e in info.value.errors}
-    assert found == {("3", "steps", "value_smaller_than_min"), ("3", "scheduler", "value_not_in_list"),
-                     ("5", "height", "value_bigger_than_max"), ("8", "samples", "bad_link")}
+    assert found == {
+        ("3", "steps", "value_smaller_than_min"),
+        ("3", "scheduler", "value_not_in_list"),
+        ("5", "height", "value_bigger_than_max"),
+        ("8", "samples", "bad_link"),
+    }
 
 
 def test_cycle_is_reported_on_its_nodes(client, txt2img):

@@ -31,8 +31,9 @@ def node(workflow: dict[str, Any], node_id: int) -> dict[str, Any]:
     return next(n for n in workflow["nodes"] if n["id"] == node_id)
 
 
-def add_link(workflow: dict[str, Any], origin: int, origin_slot: int, target: int, target_slot: int,
-             link_type: str) -> int:
+def add_link(
+    workflow: dict[str, Any], origin: int, origin_slot: int, target: int, target_slot: int, link_type: str
+) -> int:
     """Add a 0.4-style link and return its id; the caller points the target's input at it."""
     link_id = max(link[0] for link in workflow["links"]) + 1
     workflow["links"].append([link_id, origin, origin_slot, target, target_slot, link_type])
@@ -84,8 +85,10 @@ def test_converted_workflow_runs(server):
 def test_object_links_of_schema_version_1_convert_like_arrays(expected):
     workflow = load("txt2img.json")
     workflow["version"] = 1
-    workflow["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
-                         for link in workflow["links"]]
+    workflow["links"] = [
+        dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
+        for link in workflow["links"]
+    ]
     assert to_api_format(workflow, NODES) == expected
 
 
@@ -101,9 +104,16 @@ def test_newer_editor_file_with_reroute_primitive_notes_bypass_and_mute(expected
 def test_reroutes_are_followed_to_the_real_source():
     workflow = load("txt2img.json")
     for reroute_id in (20, 21):
-        workflow["nodes"].append({"id": reroute_id, "type": "Reroute", "mode": 0,
-                                  "inputs": [{"name": "", "type": "*", "link": None}],
-                                  "outputs": [{"name": "", "type": "VAE", "links": []}], "properties": {}})
+        workflow["nodes"].append(
+            {
+                "id": reroute_id,
+                "type": "Reroute",
+                "mode": 0,
+                "inputs": [{"name": "", "type": "*", "link": None}],
+                "outputs": [{"name": "", "type": "VAE", "links": []}],
+                "properties": {},
+            }
+        )
     node(workflow, 20)["inputs"][0]["link"] = add_link(workflow, 4, 2, 20, 0, "VAE")
     node(workflow, 21)["inputs"][0]["link"] = add_link(workflow, 20, 0, 21, 0, "VAE")
     relink(workflow, 8, 21, 0)  # VAEDecode's vae now arrives through two reroutes
@@ -114,13 +124,18 @@ def test_reroutes_are_followed_to_the_real_source():
 
 def test_primitive_node_feeds_a_converted_widget_as_a_literal():
     workflow = load("txt2img.json")
-    workflow["nodes"].append({"id": 20, "type": "PrimitiveNode", "mode": 0, "inputs": [],
-                              "outputs": [{"name": "INT", "type": "INT", "widget": {"name": "steps"},
-                                           "links": []}],
-                              "widgets_values": [3, "fixed"]})
+    workflow["nodes"].append(
+        {
+            "id": 20,
+            "type": "PrimitiveNode",
+            "mode": 0,
+            "inputs": [],
+            "outputs": [{"name": "INT", "type": "INT", "widget": {"name": "steps"}, "links": []}],
+            "widgets_values": [3, "fixed"],
+        }
+    )
     link_id = add_link(workflow, 20, 0, 3, 4, "INT")
-    node(workflow, 3)["inputs"].append(
-        {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": link_id})
+    node(workflow, 3)["inputs"].append({"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": link_id})
     graph = to_api_format(workflow, NODES)
     assert graph["3"]["inputs"]["steps"] == 3  # not the stored 2
     assert "20" not in graph
@@ -135,11 +150,17 @@ class SeedSource(Node):
 
 def test_converted_widget_linked_to_a_node_takes_the_link_over_the_stored_value():
     workflow = load("txt2img.json")
-    workflow["nodes"].append({"id": 20, "type": "SeedSource", "mode": 0, "widgets_values": [7],
-                              "outputs": [{"name": "INT", "type": "INT", "links": []}]})
+    workflow["nodes"].append(
+        {
+            "id": 20,
+            "type": "SeedSource",
+            "mode": 0,
+            "widgets_values": [7],
+            "outputs": [{"name": "INT", "type": "INT", "links": []}],
+        }
+    )
     link_id = add_link(workflow, 20, 0, 3, 4, "INT")
-    node(workflow, 3)["inputs"].append(
-        {"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": link_id})
+    node(workflow, 3)["inputs"].append({"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": link_id})
     graph = to_api_format(workflow, {**NODES, "SeedSource": SeedSource})
     assert graph["3"]["inputs"]["seed"] == ["20", 0]
     assert graph["20"] == {"class_type": "SeedSource", "inputs": {"value": 7}, "_meta": {"title": "SeedSource"}}
@@ -170,13 +191,22 @@ def test_muted_node_is_left_out_with_the_links_into_it():
 def test_bypassed_node_passes_through_its_input_of_the_consumed_type():
     """A bypassed LoraLoader hands on model and clip: each consumer gets the input of its type."""
     workflow = load("txt2img.json")
-    workflow["nodes"].append({
-        "id": 20, "type": "LoraLoader", "mode": 4,
-        "inputs": [{"name": "model", "type": "MODEL", "link": None},
-                   {"name": "clip", "type": "CLIP", "link": None}],
-        "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]},
-                    {"name": "CLIP", "type": "CLIP", "links": [3, 5]}],
-        "widgets_values": ["style.safetensors", 1.0, 1.0]})
+    workflow["nodes"].append(
+        {
+            "id": 20,
+            "type": "LoraLoader",
+            "mode": 4,
+            "inputs": [
+                {"name": "model", "type": "MODEL", "link": None},
+                {"name": "clip", "type": "CLIP", "link": None},
+            ],
+            "outputs": [
+                {"name": "MODEL", "type": "MODEL", "links": [1]},
+                {"name": "CLIP", "type": "CLIP", "links": [3, 5]},
+            ],
+            "widgets_values": ["style.safetensors", 1.0, 1.0],
+        }
+    )
     node(workflow, 20)["inputs"][0]["link"] = add_link(workflow, 4, 0, 20, 0, "MODEL")
     node(workflow, 20)["inputs"][1]["link"] = add_link(workflow, 4, 1, 20, 1, "CLIP")
     for link_id, slot in ((1, 0), (3, 1), (5, 1)):
@@ -192,12 +222,23 @@ def test_bypassed_node_finds_the_matching_type_in_another_slot():
     (slot 1), and an unconnected bypassed loader upstream contributes nothing."""
     workflow = load("txt2img.json")
     workflow["nodes"] += [
-        {"id": 20, "type": "UpscaleModelLoader", "mode": 4, "widgets_values": ["4x-UltraSharp.pth"],
-         "outputs": [{"name": "UPSCALE_MODEL", "type": "UPSCALE_MODEL", "links": []}]},
-        {"id": 21, "type": "ImageUpscaleWithModel", "mode": 4,
-         "inputs": [{"name": "upscale_model", "type": "UPSCALE_MODEL", "link": None},
-                    {"name": "image", "type": "IMAGE", "link": None}],
-         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [9]}]},
+        {
+            "id": 20,
+            "type": "UpscaleModelLoader",
+            "mode": 4,
+            "widgets_values": ["4x-UltraSharp.pth"],
+            "outputs": [{"name": "UPSCALE_MODEL", "type": "UPSCALE_MODEL", "links": []}],
+        },
+        {
+            "id": 21,
+            "type": "ImageUpscaleWithModel",
+            "mode": 4,
+            "inputs": [
+                {"name": "upscale_model", "type": "UPSCALE_MODEL", "link": None},
+                {"name": "image", "type": "IMAGE", "link": None},
+            ],
+            "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [9]}],
+        },
     ]
     node(workflow, 21)["inputs"][0]["link"] = add_link(workflow, 20, 0, 21, 0, "UPSCALE_MODEL")
     node(workflow, 21)["inputs"][1]["link"] = add_link(workflow, 8, 0, 21, 1, "IMAGE")
@@ -211,8 +252,18 @@ def test_bypassed_node_finds_the_matching_type_in_another_slot():
 
 
 def test_image_upload_value_after_load_image_is_skipped():
-    workflow = {"nodes": [{"id": 1, "type": "LoadImage", "mode": 0, "widgets_values": ["photo.png", "image"],
-                           "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}]}], "links": []}
+    workflow = {
+        "nodes": [
+            {
+                "id": 1,
+                "type": "LoadImage",
+                "mode": 0,
+                "widgets_values": ["photo.png", "image"],
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}],
+            }
+        ],
+        "links": [],
+    }
     assert to_api_format(workflow, NODES)["1"]["inputs"] == {"image": "photo.png"}
 
 
@@ -227,8 +278,18 @@ class MaskFile(Node):
 
 
 def test_upload_value_sits_after_the_last_required_widget():
-    workflow = {"nodes": [{"id": 1, "type": "MaskFile", "mode": 0, "widgets_values": ["mask.png", "red", "image", 6],
-                           "outputs": [{"name": "MASK", "type": "MASK", "links": []}]}], "links": []}
+    workflow = {
+        "nodes": [
+            {
+                "id": 1,
+                "type": "MaskFile",
+                "mode": 0,
+                "widgets_values": ["mask.png", "red", "image", 6],
+                "outputs": [{"name": "MASK", "type": "MASK", "links": []}],
+            }
+        ],
+        "links": [],
+    }
     graph = to_api_format(workflow, {"MaskFile": MaskFile})
     assert graph["1"]["inputs"] == {"image": "mask.png", "channel": "red", "feather": 6}
 
@@ -260,7 +321,10 @@ def test_structural_problems_are_graph_errors_reported_together():
     node(workflow, 9)["inputs"][0]["link"] = 77  # a link id the links list lacks
     errors = conversion_errors(workflow)
     assert [(e.node_id, e.input, e.code) for e in errors] == [
-        ("3", "", "missing_widget_values"), ("8", "vae", "bad_link"), ("9", "images", "bad_link")]
+        ("3", "", "missing_widget_values"),
+        ("8", "vae", "bad_link"),
+        ("9", "images", "bad_link"),
+    ]
     assert "no value for sampler_name, scheduler, denoise" in errors[0].message
     assert "stores 7 (seed, control_after_generate, steps, cfg" in errors[0].message
     assert "node 99, which is not in the workflow" in errors[1].message
@@ -269,10 +333,16 @@ def test_structural_problems_are_graph_errors_reported_together():
 
 def test_a_loop_of_reroutes_is_an_error_not_a_hang():
     workflow = load("txt2img.json")
-    workflow["nodes"] += [{"id": reroute_id, "type": "Reroute", "mode": 0,
-                           "inputs": [{"name": "", "type": "*", "link": link_id}],
-                           "outputs": [{"name": "", "type": "VAE", "links": []}]}
-                          for reroute_id, link_id in ((20, 10), (21, 11))]
+    workflow["nodes"] += [
+        {
+            "id": reroute_id,
+            "type": "Reroute",
+            "mode": 0,
+            "inputs": [{"name": "", "type": "*", "link": link_id}],
+            "outputs": [{"name": "", "type": "VAE", "links": []}],
+        }
+        for reroute_id, link_id in ((20, 10), (21, 11))
+    ]
     workflow["links"] += [[10, 21, 0, 20, 0, "VAE"], [11, 20, 0, 21, 0, "VAE"]]
     relink(workflow, 8, 20, 0)
     errors = conversion_errors(workflow)
@@ -280,13 +350,16 @@ def test_a_loop_of_reroutes_is_an_error_not_a_hang():
     assert "loop" in errors[0].message
 
 
-@pytest.mark.parametrize("broken", [
-    {"nodes": [{"id": 1}], "links": []},
-    {"nodes": [{"id": 1, "type": "SaveImage"}, {"id": 1, "type": "SaveImage"}], "links": []},
-    {"nodes": [], "links": [[1, 2]]},
-    {"nodes": [{"id": 1, "type": "SaveImage", "inputs": "images"}], "links": []},
-    {"nodes": "all of them", "links": []},
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"nodes": [{"id": 1}], "links": []},
+        {"nodes": [{"id": 1, "type": "SaveImage"}, {"id": 1, "type": "SaveImage"}], "links": []},
+        {"nodes": [], "links": [[1, 2]]},
+        {"nodes": [{"id": 1, "type": "SaveImage", "inputs": "images"}], "links": []},
+        {"nodes": "all of them", "links": []},
+    ],
+)
 def test_malformed_files_are_invalid_workflow_errors(broken):
     errors = conversion_errors(copy.deepcopy(broken))
     assert [e.code for e in errors] == ["invalid_workflow"]

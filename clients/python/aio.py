@@ -7,10 +7,23 @@ from typing import AsyncIterator, Iterable, Mapping
 import grpc
 
 from plinth.clients.client import (
-    CHANNEL_OPTIONS, CHUNK_BYTES, TLS, EventHandler, UploadSource, _model_name, auth_metadata, upload_chunks,
+    CHANNEL_OPTIONS,
+    CHUNK_BYTES,
+    TLS,
+    EventHandler,
+    UploadSource,
+    _model_name,
+    auth_metadata,
+    upload_chunks,
 )
 from plinth.clients.results import (
-    STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
+    STATUS_VALUES,
+    GraphLike,
+    ImageLike,
+    RunResult,
+    checked,
+    error_from_rpc,
+    submit_request,
 )
 from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
 from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
@@ -21,21 +34,36 @@ from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as n
 class AsyncClient:
     """As Client: the same token ($PLINTH_TOKEN when None) and TLS options."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
-                 tls: TLS | None = None) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout: float | None = None,
+        token: str | None = None,
+        tls: TLS | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.metadata = auth_metadata(token)
-        self.channel = (grpc.aio.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS) if tls is not None
-                        else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self.channel = (
+            grpc.aio.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS)
+            if tls is not None
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         self.graphs = gs_grpc.GraphServiceStub(self.channel)
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
         self.assets = asp_grpc.AssetServiceStub(self.channel)
         self.models = ms_grpc.ModelServiceStub(self.channel)
 
-    async def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
-                  on_event: EventHandler | None = None, check: bool = True,
-                  omit_image_bytes: bool = False, results_only: bool | None = None) -> RunResult:
+    async def run(
+        self,
+        graph: GraphLike,
+        inputs: Mapping[str, ImageLike] | None = None,
+        priority: int = 0,
+        on_event: EventHandler | None = None,
+        check: bool = True,
+        omit_image_bytes: bool = False,
+        results_only: bool | None = None,
+    ) -> RunResult:
         """As Client.run."""
         result = RunResult()
         try:
@@ -50,16 +78,22 @@ class AsyncClient:
             raise error_from_rpc(exc) from None
         return checked(result, check)
 
-    async def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None,
-                     priority: int = 0, deadline_seconds: float = 0.0) -> str:
+    async def submit(
+        self,
+        graph: GraphLike,
+        inputs: Mapping[str, ImageLike] | None = None,
+        priority: int = 0,
+        deadline_seconds: float = 0.0,
+    ) -> str:
         """As Client.submit."""
         request = submit_request(graph, inputs, priority, deadline_seconds=deadline_seconds)
         return (await self._call(self.graphs.Submit, request)).job_id
 
     async def watch(self, job_id: str) -> AsyncIterator[gs.JobEvent]:
         try:
-            async for event in self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout,
-                                                 metadata=self.metadata):
+            async for event in self.graphs.Watch(
+                gs.WatchRequest(job_id=job_id), timeout=self.timeout, metadata=self.metadata
+            ):
                 yield event
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -70,10 +104,12 @@ class AsyncClient:
     async def cancel(self, job_id: str) -> gs.Job:
         return await self._call(self.graphs.CancelJob, gs.CancelJobRequest(job_id=job_id))
 
-    async def list_jobs(self, statuses: Iterable[str] = (), page_size: int = 100,
-                        page_token: str = "") -> gs.ListJobsResponse:
-        request = gs.ListJobsRequest(statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size,
-                                     page_token=page_token)
+    async def list_jobs(
+        self, statuses: Iterable[str] = (), page_size: int = 100, page_token: str = ""
+    ) -> gs.ListJobsResponse:
+        request = gs.ListJobsRequest(
+            statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size, page_token=page_token
+        )
         return await self._call(self.graphs.ListJobs, request)
 
     async def get_image(self, image_id: str) -> bytes:
@@ -87,8 +123,9 @@ class AsyncClient:
         """As Client.upload."""
         return (await self.upload_asset(source, name, chunk_bytes)).id
 
-    async def upload_asset(self, source: UploadSource, name: str | None = None,
-                           chunk_bytes: int = CHUNK_BYTES) -> asp.Asset:
+    async def upload_asset(
+        self, source: UploadSource, name: str | None = None, chunk_bytes: int = CHUNK_BYTES
+    ) -> asp.Asset:
         """As Client.upload_asset."""
         return await self._call(self.assets.Upload, upload_chunks(source, name, chunk_bytes))
 
@@ -99,8 +136,9 @@ class AsyncClient:
     async def download_chunks(self, asset_id: str) -> AsyncIterator[asp.DownloadChunk]:
         """As Client.download_chunks."""
         try:
-            async for chunk in self.assets.Download(asp.DownloadRequest(id=asset_id), timeout=self.timeout,
-                                                    metadata=self.metadata):
+            async for chunk in self.assets.Download(
+                asp.DownloadRequest(id=asset_id), timeout=self.timeout, metadata=self.metadata
+            ):
                 yield chunk
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None

@@ -30,7 +30,13 @@ from typing import Callable, Iterable, Iterator, Mapping, Union
 import grpc
 
 from plinth.clients.results import (
-    STATUS_VALUES, GraphLike, ImageLike, RunResult, checked, error_from_rpc, submit_request,
+    STATUS_VALUES,
+    GraphLike,
+    ImageLike,
+    RunResult,
+    checked,
+    error_from_rpc,
+    submit_request,
 )
 from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
 from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
@@ -43,8 +49,9 @@ CHUNK_BYTES = 1 << 20
 UploadSource = Union[bytes, str, Path]
 
 
-def upload_chunks(source: UploadSource, name: str | None = None,
-                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[asp.UploadChunk]:
+def upload_chunks(
+    source: UploadSource, name: str | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[asp.UploadChunk]:
     """The Upload request stream for a file (read as it is sent) or bytes: the name in the
     first chunk (default: the file's name, or "upload"), then data only. A missing file
     raises OSError here, before any call is made."""
@@ -57,7 +64,7 @@ def upload_chunks(source: UploadSource, name: str | None = None,
         def chunks() -> Iterator[asp.UploadChunk]:
             yield asp.UploadChunk(name=name, data=data[:chunk_bytes])
             for start in range(chunk_bytes, len(data), chunk_bytes):
-                yield asp.UploadChunk(data=data[start:start + chunk_bytes])
+                yield asp.UploadChunk(data=data[start : start + chunk_bytes])
 
         return chunks()
     path = Path(source)
@@ -78,8 +85,12 @@ def _model_name(folder: str, name: str | None) -> tuple[str, str]:
     if name is None:
         folder, _, name = folder.partition("/")
     return folder, name
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 EventHandler = Callable[[gs.JobEvent], None]
 Metadata = tuple[tuple[str, str], ...]
 TOKEN_VARIABLE = "PLINTH_TOKEN"
@@ -118,21 +129,36 @@ class Client:
     """Calls to one server. `token` goes out as "authorization: Bearer <token>" on every call
     (None: $PLINTH_TOKEN); `tls` switches the channel to TLS (None: plain text)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None, token: str | None = None,
-                 tls: TLS | None = None) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout: float | None = None,
+        token: str | None = None,
+        tls: TLS | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.metadata = auth_metadata(token)
-        self.channel = (grpc.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS) if tls is not None
-                        else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self.channel = (
+            grpc.secure_channel(address, tls.credentials(), options=CHANNEL_OPTIONS)
+            if tls is not None
+            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         self.graphs = gs_grpc.GraphServiceStub(self.channel)
         self.nodes = ns_grpc.NodeServiceStub(self.channel)
         self.assets = asp_grpc.AssetServiceStub(self.channel)
         self.models = ms_grpc.ModelServiceStub(self.channel)
 
-    def run(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
-            on_event: EventHandler | None = None, check: bool = True,
-            omit_image_bytes: bool = False, results_only: bool | None = None) -> RunResult:
+    def run(
+        self,
+        graph: GraphLike,
+        inputs: Mapping[str, ImageLike] | None = None,
+        priority: int = 0,
+        on_event: EventHandler | None = None,
+        check: bool = True,
+        omit_image_bytes: bool = False,
+        results_only: bool | None = None,
+    ) -> RunResult:
         """Submit a graph, follow it to the end and return its images and per-node status.
 
         Raises PlinthError when the server refuses the graph, and JobFailed when the job fails
@@ -152,8 +178,13 @@ class Client:
             raise error_from_rpc(exc) from None
         return checked(result, check)
 
-    def submit(self, graph: GraphLike, inputs: Mapping[str, ImageLike] | None = None, priority: int = 0,
-               deadline_seconds: float = 0.0) -> str:
+    def submit(
+        self,
+        graph: GraphLike,
+        inputs: Mapping[str, ImageLike] | None = None,
+        priority: int = 0,
+        deadline_seconds: float = 0.0,
+    ) -> str:
         """Queue a graph and return its job id; with deadline_seconds the server cancels the job
         if it has not ended by then."""
         request = submit_request(graph, inputs, priority, deadline_seconds=deadline_seconds)
@@ -161,8 +192,7 @@ class Client:
 
     def watch(self, job_id: str) -> Iterator[gs.JobEvent]:
         try:
-            yield from self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout,
-                                          metadata=self.metadata)
+            yield from self.graphs.Watch(gs.WatchRequest(job_id=job_id), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -172,10 +202,12 @@ class Client:
     def cancel(self, job_id: str) -> gs.Job:
         return self._call(self.graphs.CancelJob, gs.CancelJobRequest(job_id=job_id))
 
-    def list_jobs(self, statuses: Iterable[str] = (), page_size: int = 100,
-                  page_token: str = "") -> gs.ListJobsResponse:
-        request = gs.ListJobsRequest(statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size,
-                                     page_token=page_token)
+    def list_jobs(
+        self, statuses: Iterable[str] = (), page_size: int = 100, page_token: str = ""
+    ) -> gs.ListJobsResponse:
+        request = gs.ListJobsRequest(
+            statuses=[STATUS_VALUES[s] for s in statuses], page_size=page_size, page_token=page_token
+        )
         return self._call(self.graphs.ListJobs, request)
 
     def get_image(self, image_id: str) -> bytes:
@@ -192,8 +224,7 @@ class Client:
         id, the sha256 a graph's LoadImage names it by: {"image": asset_id}."""
         return self.upload_asset(source, name, chunk_bytes).id
 
-    def upload_asset(self, source: UploadSource, name: str | None = None,
-                     chunk_bytes: int = CHUNK_BYTES) -> asp.Asset:
+    def upload_asset(self, source: UploadSource, name: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> asp.Asset:
         """As upload, returning the whole Asset (id, name, size, width, height, format)."""
         return self._call(self.assets.Upload, upload_chunks(source, name, chunk_bytes))
 
@@ -204,8 +235,9 @@ class Client:
     def download_chunks(self, asset_id: str) -> Iterator[asp.DownloadChunk]:
         """The Download stream itself: the first chunk's `asset` describes the file."""
         try:
-            yield from self.assets.Download(asp.DownloadRequest(id=asset_id), timeout=self.timeout,
-                                            metadata=self.metadata)
+            yield from self.assets.Download(
+                asp.DownloadRequest(id=asset_id), timeout=self.timeout, metadata=self.metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -230,8 +262,9 @@ class Client:
         """The server's health status name, e.g. "SERVING"."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        reply = self._call(health_pb2_grpc.HealthStub(self.channel).Check,
-                           health_pb2.HealthCheckRequest(service=service))
+        reply = self._call(
+            health_pb2_grpc.HealthStub(self.channel).Check, health_pb2.HealthCheckRequest(service=service)
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def _call(self, method, request):

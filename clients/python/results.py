@@ -81,13 +81,22 @@ def image_bytes(value: ImageLike) -> bytes:
     return Path(value).read_bytes()
 
 
-def submit_request(graph: GraphLike, inputs: Mapping[str, ImageLike] | None, priority: int,
-                   omit_image_bytes: bool = False, deadline_seconds: float = 0.0,
-                   results_only: bool = False) -> gs.SubmitRequest:
+def submit_request(
+    graph: GraphLike,
+    inputs: Mapping[str, ImageLike] | None,
+    priority: int,
+    omit_image_bytes: bool = False,
+    deadline_seconds: float = 0.0,
+    results_only: bool = False,
+) -> gs.SubmitRequest:
     return gs.SubmitRequest(
-        graph_json=graph_json(graph), priority=priority, omit_image_bytes=omit_image_bytes,
-        deadline_seconds=deadline_seconds, results_only=results_only,
-        inputs=[gs.InputImage(name=name, data=image_bytes(v)) for name, v in (inputs or {}).items()])
+        graph_json=graph_json(graph),
+        priority=priority,
+        omit_image_bytes=omit_image_bytes,
+        deadline_seconds=deadline_seconds,
+        results_only=results_only,
+        inputs=[gs.InputImage(name=name, data=image_bytes(v)) for name, v in (inputs or {}).items()],
+    )
 
 
 @dataclass

@@ -29,6 +29,7 @@ class ModelSetupError(RuntimeError):
     """A model loaded but cannot be set up as the server's settings ask (e.g. attention
     "xformers" without CUDA or without the package); the message names the setting."""
 
+
 @dataclass
 class StableDiffusion:
     """The parts of an SD1.x checkpoint the nodes use, on one device and dtype."""
@@ -53,8 +54,9 @@ class StableDiffusion:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size()
-                   for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters())
+        return sum(
+            p.numel() * p.element_size() for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters()
+        )
 
     def to(self, device: torch.device | str) -> "StableDiffusion":
         """Move the weights to `device` in place (the model manager offloads to the CPU and
@@ -69,8 +71,9 @@ def tokenizer_dir(models_dir: Path) -> Path:
     return write_tokenizer_files(models_dir / ".plinth" / "clip-tokenizer")
 
 
-def load_checkpoint(path: Path, models_dir: Path, device: torch.device, dtype: torch.dtype,
-                    options: ModelOptions | None = None) -> StableDiffusion:
+def load_checkpoint(
+    path: Path, models_dir: Path, device: torch.device, dtype: torch.dtype, options: ModelOptions | None = None
+) -> StableDiffusion:
     """Load a diffusers folder or an original-layout .safetensors file, set up for `device`
     as `options` ask (see prepare_model); without options, plain eval-mode modules."""
     if path.is_dir():
@@ -103,6 +106,7 @@ def load_vae(path: Path, device: torch.device, dtype: torch.dtype, options: Mode
 
 # --- setting a loaded model up for its device -------------------------------------------------
 
+
 def xformers_importable() -> bool:
     if importlib.util.find_spec("xformers") is None:
         return False
@@ -123,13 +127,16 @@ def use_xformers(device: torch.device, attention: str) -> bool:
         return False
     if device.type != "cuda":
         if attention == "xformers":
-            raise ModelSetupError(f"attention 'xformers' needs a CUDA device, and models run on {device}; "
-                                  "set attention to auto or sdpa")
+            raise ModelSetupError(
+                f"attention 'xformers' needs a CUDA device, and models run on {device}; set attention to auto or sdpa"
+            )
         return False
     if not xformers_importable():
         if attention == "xformers":
-            raise ModelSetupError("attention 'xformers' needs the xformers package: install the `gpu` extra "
-                                  "(pip install 'plinth[gpu]'), or set attention to auto or sdpa")
+            raise ModelSetupError(
+                "attention 'xformers' needs the xformers package: install the `gpu` extra "
+                "(pip install 'plinth[gpu]'), or set attention to auto or sdpa"
+            )
         return False
     return True
 
@@ -161,9 +168,14 @@ def prepare_model(model: StableDiffusion, device: torch.device, options: ModelOp
     if options.warm_up:
         warm_up_unet_and_text(model)
     prepare_vae(model.vae, device, options, xformers)
-    log.info("model set up on %s: attention %s, channels_last %s, compile %s, warm-up %s", device,
-             "xformers" if xformers else "sdpa", options.channels_last and device.type == "cuda",
-             options.compile, options.warm_up)
+    log.info(
+        "model set up on %s: attention %s, channels_last %s, compile %s, warm-up %s",
+        device,
+        "xformers" if xformers else "sdpa",
+        options.channels_last and device.type == "cuda",
+        options.compile,
+        options.warm_up,
+    )
     return model
 
 
@@ -185,8 +197,9 @@ def warm_up_unet_and_text(model: StableDiffusion) -> None:
     unet, text = model.unet, model.text_encoder
     device = next(unet.parameters()).device
     length = int(getattr(text.config, "max_position_embeddings", 77) or 77)
-    tokens = torch.full((1, min(77, length)), int(getattr(text.config, "eos_token_id", 2) or 2),
-                        dtype=torch.long, device=device)
+    tokens = torch.full(
+        (1, min(77, length)), int(getattr(text.config, "eos_token_id", 2) or 2), dtype=torch.long, device=device
+    )
     text(tokens)
     width = int(unet.config.cross_attention_dim)
     context = torch.zeros(1, min(77, length), width, device=device, dtype=unet.dtype)
@@ -220,8 +233,13 @@ def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:
 
 def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
     unet, vae, text_encoder = load_single_file(path)
-    return StableDiffusion(unet, vae, text_encoder, load_tokenizer(tokenizer_dir(models_dir)),
-                           _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"))
+    return StableDiffusion(
+        unet,
+        vae,
+        text_encoder,
+        load_tokenizer(tokenizer_dir(models_dir)),
+        _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"),
+    )
 
 
 def _scheduler_config(path: Path) -> dict[str, Any]:

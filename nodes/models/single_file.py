@@ -37,6 +37,7 @@ def _shape_of(shapes: dict[str, tuple[int, ...]]):
         if key not in shapes:
             raise NodeInputError(f"not an SD1.x checkpoint: weight {key} is missing")
         return shapes[key]
+
     return shape
 
 
@@ -44,8 +45,9 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]], prefix: str = VAE) -> d
     """An AutoencoderKL config for original-layout VAE weights under `prefix`."""
     shape = _shape_of(shapes)
     vae = _template("vae")
-    vae["block_out_channels"] = [shape(f"{prefix}encoder.down.{i}.block.0.conv1.weight")[0]
-                                 for i in range(len(vae["block_out_channels"]))]
+    vae["block_out_channels"] = [
+        shape(f"{prefix}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(len(vae["block_out_channels"]))
+    ]
     vae["latent_channels"] = shape(f"{prefix}post_quant_conv.weight")[0]
     vae["layers_per_block"] = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
     return vae
@@ -64,18 +66,23 @@ def infer_configs(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any
     per_level = unet["layers_per_block"] + 1  # resnets plus the downsampler
     unet["in_channels"] = shape(f"{UNET}input_blocks.0.0.weight")[1]
     unet["out_channels"] = shape(f"{UNET}out.2.weight")[0]
-    unet["block_out_channels"] = [shape(f"{UNET}input_blocks.{1 + per_level * i}.0.out_layers.3.weight")[0]
-                                  for i in range(levels)]
+    unet["block_out_channels"] = [
+        shape(f"{UNET}input_blocks.{1 + per_level * i}.0.out_layers.3.weight")[0] for i in range(levels)
+    ]
     unet["cross_attention_dim"] = shape(f"{UNET}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")[1]
 
     text = _template("text_encoder")
     prefix = TEXT + ("text_model." if f"{TEXT}text_model.embeddings.token_embedding.weight" in shapes else "")
     vocab, hidden = shape(f"{prefix}embeddings.token_embedding.weight")
-    text.update(vocab_size=vocab, hidden_size=hidden,
-                num_hidden_layers=_count(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
-                intermediate_size=shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
-                num_attention_heads=max(1, hidden // HEAD_DIM), projection_dim=hidden,
-                max_position_embeddings=shape(f"{prefix}embeddings.position_embedding.weight")[0])
+    text.update(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=_count(shapes, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
+        intermediate_size=shape(f"{prefix}encoder.layers.0.mlp.fc1.weight")[0],
+        num_attention_heads=max(1, hidden // HEAD_DIM),
+        projection_dim=hidden,
+        max_position_embeddings=shape(f"{prefix}embeddings.position_embedding.weight")[0],
+    )
     return {"unet": unet, "vae": infer_vae_config(shapes), "text_encoder": text}
 
 
@@ -89,8 +96,10 @@ def load_vae_file(path: Path) -> Any:
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         config = _template("vae")
-        config["block_out_channels"] = [shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]
-                                        for i in range(len(config["block_out_channels"]))]
+        config["block_out_channels"] = [
+            shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]
+            for i in range(len(config["block_out_channels"]))
+        ]
         config["latent_channels"] = shapes["post_quant_conv.weight"][0]
         config["layers_per_block"] = _count(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
         vae = AutoencoderKL(**config)
@@ -131,9 +140,9 @@ def load_single_file(path: Path) -> tuple[Any, Any, Any]:
     text_state = {}
     for key, value in state.items():
         if key.startswith(TEXT):
-            name = key[len(TEXT):]
+            name = key[len(TEXT) :]
             if name not in wanted and name.startswith("text_model."):
-                name = name[len("text_model."):]
+                name = name[len("text_model.") :]
             if not name.endswith("position_ids"):  # a buffer, not a weight, in current transformers
                 text_state[name] = value
     _load_strict(text_encoder, text_state, path, "text encoder")
@@ -143,5 +152,7 @@ def load_single_file(path: Path) -> tuple[Any, Any, Any]:
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise NodeInputError(f"{path.name}: the {what} weights do not match an SD1.x layout "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise NodeInputError(
+            f"{path.name}: the {what} weights do not match an SD1.x layout "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )

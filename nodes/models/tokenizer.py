@@ -31,8 +31,9 @@ def _bpe_file() -> Path:
 
 def _bytes_to_unicode() -> list[str]:
     """CLIP's (and GPT-2's) reversible map of the 256 byte values to printable characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -51,7 +52,7 @@ def write_tokenizer_files(folder: Path) -> Path:
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         return folder
     lines = gzip.open(_bpe_file(), "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:MERGE_LINES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : MERGE_LINES + 1]]
     base = _bytes_to_unicode()
     vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS, EOS]
     assert len(vocab) == VOCAB_SIZE, len(vocab)
@@ -59,11 +60,22 @@ def write_tokenizer_files(folder: Path) -> Path:
     tmp.mkdir(exist_ok=True)
     (tmp / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    (tmp / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
+    (tmp / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
+    )
+    (tmp / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "do_lower_case": True,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": EOS,
+            }
+        )
+    )
     for f in tmp.iterdir():
         os.replace(f, folder / f.name)
     tmp.rmdir()

@@ -40,46 +40,68 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
                 for chunk in request_iterator:
                     if name is None:
                         if not chunk.name:
-                            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                          "the first upload chunk must carry the file name")
+                            context.abort(
+                                grpc.StatusCode.INVALID_ARGUMENT, "the first upload chunk must carry the file name"
+                            )
                         if len(chunk.name) > MAX_NAME_CHARS:
-                            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                          f"file name of {len(chunk.name)} characters; at most {MAX_NAME_CHARS}")
+                            context.abort(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"file name of {len(chunk.name)} characters; at most {MAX_NAME_CHARS}",
+                            )
                         name = chunk.name
                     elif chunk.name:
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                      "only the first upload chunk carries a file name; later ones carry data only")
+                        context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "only the first upload chunk carries a file name; later ones carry data only",
+                        )
                     size += len(chunk.data)
                     if size > limits.max_upload_bytes:
-                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                      f"upload {name!r} passed the limit of {limits.max_upload_bytes} bytes "
-                                      f"(limits.max_upload_bytes) at {size} bytes; refused")
+                        context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"upload {name!r} passed the limit of {limits.max_upload_bytes} bytes "
+                            f"(limits.max_upload_bytes) at {size} bytes; refused",
+                        )
                     digest.update(chunk.data)
                     out.write(chunk.data)
             if name is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload needs at least one chunk, with the file name")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "an upload needs at least one chunk, with the file name"
+                )
             if size == 0:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload {name!r} is empty")
             try:
                 info = check_image(partial, name, limits)
             except ImageRefused as exc:
-                code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.code == "limit_exceeded"
-                        else grpc.StatusCode.INVALID_ARGUMENT)
+                code = (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED
+                    if exc.code == "limit_exceeded"
+                    else grpc.StatusCode.INVALID_ARGUMENT
+                )
                 context.abort(code, str(exc))
                 raise  # abort raises; this line only satisfies type checkers
             asset_id = digest.hexdigest()
             workspace.keep_asset(partial, asset_id, info.format)
         finally:
             partial.unlink(missing_ok=True)
-        log.info("stored upload %r as asset %s (%d bytes, %s %dx%d)", name, asset_id, size, info.format,
-                 info.width, info.height)
-        return asp.Asset(id=asset_id, name=name, size=size, width=info.width, height=info.height,
-                         format=info.format, kind="input")
+        log.info(
+            "stored upload %r as asset %s (%d bytes, %s %dx%d)",
+            name,
+            asset_id,
+            size,
+            info.format,
+            info.width,
+            info.height,
+        )
+        return asp.Asset(
+            id=asset_id, name=name, size=size, width=info.width, height=info.height, format=info.format, kind="input"
+        )
 
     def Download(self, request: asp.DownloadRequest, context: grpc.ServicerContext) -> Iterator[asp.DownloadChunk]:
         if not is_sha256(request.id):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"asset id {request.id[:80]!r} is not a sha256 (64 lower-case hex digits)")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"asset id {request.id[:80]!r} is not a sha256 (64 lower-case hex digits)",
+            )
         found = self.service.workspace.stored_file(request.id)
         if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no stored image or uploaded asset {request.id!r}")
@@ -90,8 +112,15 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
             source.seek(0, 2)
             size = source.tell()
             source.seek(0)
-            asset = asp.Asset(id=request.id, name=path.name, size=size, width=width, height=height,
-                              format=ASSET_FORMATS.get(path.suffix, "PNG"), kind=kind)
+            asset = asp.Asset(
+                id=request.id,
+                name=path.name,
+                size=size,
+                width=width,
+                height=height,
+                format=ASSET_FORMATS.get(path.suffix, "PNG"),
+                kind=kind,
+            )
             first = True
             chunk = max(1 << 12, min(CHUNK_BYTES, self.service.config.limits.max_message_bytes - (1 << 12)))
             while True:

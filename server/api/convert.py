@@ -28,8 +28,9 @@ PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
 ReadImage = Callable[[str], bytes | None]
 
 
-def image_ref(image: ImageRef, node_id: str, with_bytes: bool,
-              read_image: ReadImage | None = None, max_inline: int = 1 << 62) -> common_pb2.ImageRef:
+def image_ref(
+    image: ImageRef, node_id: str, with_bytes: bool, read_image: ReadImage | None = None, max_inline: int = 1 << 62
+) -> common_pb2.ImageRef:
     """A reference; previews always carry their bytes, since they are not stored to fetch. An
     output read back from the job store has no bytes in memory: `read_image` fetches them. An
     output bigger than `max_inline` goes without its bytes (Download streams it), so no event
@@ -41,12 +42,20 @@ def image_ref(image: ImageRef, node_id: str, with_bytes: bool,
             png = read_image(image.id) or b""
         if len(png) > max_inline and image.kind == "output":
             png = b""
-    return common_pb2.ImageRef(id=image.id, node_id=node_id, filename=image.filename, width=image.width,
-                               height=image.height, png=png, kind=image.kind)
+    return common_pb2.ImageRef(
+        id=image.id,
+        node_id=node_id,
+        filename=image.filename,
+        width=image.width,
+        height=image.height,
+        png=png,
+        kind=image.kind,
+    )
 
 
-def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None = None,
-          max_inline: int = 1 << 62) -> gs.JobEvent:
+def event(
+    event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None = None, max_inline: int = 1 << 62
+) -> gs.JobEvent:
     p = event.payload
     msg = gs.JobEvent(job_id=event.job_id, seq=event.seq, time=event.time)
     if isinstance(p, ev.Queued):
@@ -67,15 +76,17 @@ def event(event: ev.Event, with_bytes: bool = True, read_image: ReadImage | None
     elif isinstance(p, ev.Completed):
         msg.completed.seconds = p.seconds
     elif isinstance(p, ev.Failed):
-        msg.failed.CopyFrom(gs.Failed(message=p.message, node_id=p.node_id, class_type=p.class_type,
-                                      error_type=p.error_type))
+        msg.failed.CopyFrom(
+            gs.Failed(message=p.message, node_id=p.node_id, class_type=p.class_type, error_type=p.error_type)
+        )
     elif isinstance(p, ev.Cancelled):
         msg.cancelled.reason = p.reason
     return msg
 
 
-def packed_outputs(events: list[ev.Event], with_bytes: bool, read_image: ReadImage | None,
-                   max_inline: int) -> Iterator[gs.JobEvent]:
+def packed_outputs(
+    events: list[ev.Event], with_bytes: bool, read_image: ReadImage | None, max_inline: int
+) -> Iterator[gs.JobEvent]:
     """Output events as few messages: consecutive images of one node share an Output event
     (with the first one's seq and time) while their bytes fit `max_inline`."""
     message: gs.JobEvent | None = None
@@ -96,8 +107,13 @@ def packed_outputs(events: list[ev.Event], with_bytes: bool, read_image: ReadIma
 
 def job(job: Job) -> gs.Job:
     return gs.Job(
-        job_id=job.id, status=STATUS_TO_PB[job.status], priority=job.priority, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at, error=job.error,
+        job_id=job.id,
+        status=STATUS_TO_PB[job.status],
+        priority=job.priority,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=job.error,
         outputs=[image_ref(i, job.output_nodes.get(i.id, ""), False) for i in job.outputs],
         nodes={k: node_run(v) for k, v in job.nodes.items()},
     )
@@ -108,16 +124,22 @@ def node_run(run: NodeRun) -> gs.NodeRun:
 
 
 def node_error(error: GraphError) -> common_pb2.NodeError:
-    return common_pb2.NodeError(node_id=error.node_id, class_type=error.class_type, input=error.input,
-                                code=error.code, message=error.message)
+    return common_pb2.NodeError(
+        node_id=error.node_id, class_type=error.class_type, input=error.input, code=error.code, message=error.message
+    )
 
 
 def node_schema(schema: NodeSchema, choices) -> ns.NodeSchema:
     """`choices(source)` resolves dynamic choice lists (model files, uploaded images)."""
-    msg = ns.NodeSchema(class_type=schema.class_type, display_name=schema.display_name,
-                        category=schema.category, description=schema.description,
-                        output_node=schema.output_node, origin=schema.origin,
-                        outputs=[ns.OutputSchema(name=o.label, type=o.type) for o in schema.outputs])
+    msg = ns.NodeSchema(
+        class_type=schema.class_type,
+        display_name=schema.display_name,
+        category=schema.category,
+        description=schema.description,
+        output_node=schema.output_node,
+        origin=schema.origin,
+        outputs=[ns.OutputSchema(name=o.label, type=o.type) for o in schema.outputs],
+    )
     for spec in schema.inputs:
         item = ns.InputSchema(name=spec.name, type=spec.type, required=not spec.optional, tooltip=spec.tooltip)
         if spec.has_default:

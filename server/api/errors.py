@@ -18,8 +18,7 @@ DETAILS_BUDGET = 4000  # bytes before base64
 SUMMARY_CHARS = 1000
 
 
-def invalid_graph(error: GraphValidationError,
-                  code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> grpc.Status:
+def invalid_graph(error: GraphValidationError, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> grpc.Status:
     """INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for limits) with every error that fits the
     metadata budget, and a last entry saying how many more there are: a plinth.v1.GraphErrors
     detail for Plinth clients and a google.rpc.BadRequest (field `nodes.<id>.inputs.<name>`)
@@ -32,8 +31,9 @@ def invalid_graph(error: GraphValidationError,
             errors.errors.append(common_pb2.NodeError(code="too_many_errors", message=f"... and {more} more errors"))
             break
         errors.errors.append(convert.node_error(e))
-        bad_request.field_violations.append(error_details_pb2.BadRequest.FieldViolation(
-            field=_field_path(e.node_id, e.input), description=str(e)[:500]))
+        bad_request.field_violations.append(
+            error_details_pb2.BadRequest.FieldViolation(field=_field_path(e.node_id, e.input), description=str(e)[:500])
+        )
     details = []
     for message in (errors, bad_request):
         packed = any_pb2.Any()
@@ -53,8 +53,9 @@ def queue_full(error: Exception) -> grpc.Status:
     retry.retry_delay.FromMilliseconds(int(getattr(error, "retry_after", 1.0) * 1000))
     packed = any_pb2.Any()
     packed.Pack(retry)
-    return rpc_status.to_status(status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(error),
-                                                  details=[packed]))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=str(error), details=[packed])
+    )
 
 
 def _field_path(node_id: str, input_name: str) -> str:

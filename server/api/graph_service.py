@@ -46,8 +46,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input image {image.name!r} sent twice")
             inputs[image.name] = image.data
         try:
-            return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes,
-                                       deadline)
+            return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes, deadline)
         except LimitExceeded as exc:
             context.abort_with_status(invalid_graph(exc, grpc.StatusCode.RESOURCE_EXHAUSTED))
             raise  # abort_with_status raises; this line only satisfies type checkers
@@ -135,7 +134,9 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown status value(s) {unknown}")
         size = min(request.page_size or 100, MAX_PAGE)
-        jobs, cursor = self.service.jobs((convert.PB_TO_STATUS[s] for s in request.statuses), size,
-                                         int(token) if token else None)
-        return gs.ListJobsResponse(jobs=[convert.job(j) for j in jobs],
-                                   next_page_token="" if cursor is None else str(cursor))
+        jobs, cursor = self.service.jobs(
+            (convert.PB_TO_STATUS[s] for s in request.statuses), size, int(token) if token else None
+        )
+        return gs.ListJobsResponse(
+            jobs=[convert.job(j) for j in jobs], next_page_token="" if cursor is None else str(cursor)
+        )

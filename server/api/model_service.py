@@ -146,14 +146,21 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
     def _describe(self, folder: str, name: str) -> ms.Model:
         workspace = self.service.workspace
         entry = {e.key: e for e in self.service.models.loaded()}.get(workspace.model_key(folder, name))
-        return ms.Model(folder=folder, name=name, size_bytes=workspace.model_size(folder, name),
-                        loaded=entry is not None, loaded_bytes=entry.nbytes if entry else 0,
-                        load_seconds=entry.load_seconds if entry else 0.0)
+        return ms.Model(
+            folder=folder,
+            name=name,
+            size_bytes=workspace.model_size(folder, name),
+            loaded=entry is not None,
+            loaded_bytes=entry.nbytes if entry else 0,
+            load_seconds=entry.load_seconds if entry else 0.0,
+        )
 
     def _folder(self, folder: str, context: grpc.ServicerContext) -> str:
         if folder not in MODEL_FOLDERS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown model folder {folder!r}; the folders are {', '.join(MODEL_FOLDERS)}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown model folder {folder!r}; the folders are {', '.join(MODEL_FOLDERS)}",
+            )
         return folder
 
     def _find(self, folder: str, name: str, context: grpc.ServicerContext) -> None:
@@ -176,9 +183,16 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         for folder in folders:
             for name, size, key in workspace.describe_models(folder):
                 entry = loaded.get(key)
-                models.append(ms.Model(folder=folder, name=name, size_bytes=size, loaded=entry is not None,
-                                       loaded_bytes=entry.nbytes if entry else 0,
-                                       load_seconds=entry.load_seconds if entry else 0.0))
+                models.append(
+                    ms.Model(
+                        folder=folder,
+                        name=name,
+                        size_bytes=size,
+                        loaded=entry is not None,
+                        loaded_bytes=entry.nbytes if entry else 0,
+                        load_seconds=entry.load_seconds if entry else 0.0,
+                    )
+                )
         return ms.ListModelsResponse(models=models)
 
     def LoadModel(self, request, context):
@@ -189,8 +203,10 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             for handle in handles:
                 self.service.models.get(handle)
         except ModelTooLarge as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{exc} (model_budget_bytes = {self.service.models.budget_bytes} bytes)")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{exc} (model_budget_bytes = {self.service.models.budget_bytes} bytes)",
+            )
         except torch.OutOfMemoryError as exc:
             self.service.models.free_memory()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory loading {folder}/{name}: {exc}")
@@ -198,8 +214,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:  # a damaged file, or one that is not a model of this folder
             log.warning("LoadModel %s/%s failed: %s", folder, name, exc)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{folder}/{name} did not load: {type(exc).__name__}: {exc}")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{folder}/{name} did not load: {type(exc).__name__}: {exc}"
+            )
         log.info("LoadModel %s/%s: %s", folder, name, ", ".join(h.key for h in handles))
         return self._describe(folder, name)
 
@@ -214,7 +231,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (UnknownModel, PickleRefused) as exc:
             if not keys:  # a file removed or replaced since it was loaded may still be released
-                code = grpc.StatusCode.NOT_FOUND if isinstance(exc, UnknownModel) else grpc.StatusCode.FAILED_PRECONDITION
+                code = (
+                    grpc.StatusCode.NOT_FOUND if isinstance(exc, UnknownModel) else grpc.StatusCode.FAILED_PRECONDITION
+                )
                 context.abort(code, str(exc))
             for key in keys:
                 self.service.models.unload(key)

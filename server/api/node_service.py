@@ -13,5 +13,6 @@ class NodeServicer(ns_grpc.NodeServiceServicer):
 
     def ListNodes(self, request, context):
         choices = self.service.workspace.choices
-        return ns.ListNodesResponse(nodes=[convert.node_schema(cls.schema, choices)
-                                           for cls in self.service.registry.values()])
+        return ns.ListNodesResponse(
+            nodes=[convert.node_schema(cls.schema, choices) for cls in self.service.registry.values()]
+        )

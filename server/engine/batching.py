@@ -44,8 +44,15 @@ class _Call:
     done: bool = False
 
     def group_key(self) -> tuple:
-        return (id(self.unet), tuple(self.sample.shape[1:]), self.sample.dtype, self.sample.device,
-                tuple(self.context.shape[1:]), self.context.dtype, self.timestep.dtype)
+        return (
+            id(self.unet),
+            tuple(self.sample.shape[1:]),
+            self.sample.dtype,
+            self.sample.device,
+            tuple(self.context.shape[1:]),
+            self.context.dtype,
+            self.timestep.dtype,
+        )
 
 
 @dataclass
@@ -133,8 +140,15 @@ class Lockstep:
                 else:
                     rows = [c.sample.shape[0] for c in group]
                     timesteps = torch.cat([c.timestep.reshape(-1).expand(n) for c, n in zip(group, rows)])
-                    out = group[0].unet(torch.cat([c.sample for c in group]), timesteps.to(group[0].sample.device),
-                                        encoder_hidden_states=torch.cat([c.context for c in group])).sample
+                    out = (
+                        group[0]
+                        .unet(
+                            torch.cat([c.sample for c in group]),
+                            timesteps.to(group[0].sample.device),
+                            encoder_hidden_states=torch.cat([c.context for c in group]),
+                        )
+                        .sample
+                    )
                     outputs = list(out.split(rows))
             for call, output in zip(group, outputs):
                 call.result = output

@@ -71,8 +71,9 @@ class Cancelled:
     reason: str
 
 
-EventPayload = (Queued | Started | NodeStarted | Progress | NodeCached | NodeFinished | Output
-                | Completed | Failed | Cancelled)
+EventPayload = (
+    Queued | Started | NodeStarted | Progress | NodeCached | NodeFinished | Output | Completed | Failed | Cancelled
+)
 TERMINAL = (Completed, Failed, Cancelled)
 
 

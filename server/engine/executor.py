@@ -65,8 +65,15 @@ class RunResult:
 class RunContext:
     """The NodeContext a node sees while it runs (plinth.nodes.context.NodeContext)."""
 
-    def __init__(self, resources: Resources, control: JobControl, graph: dict[str, Any],
-                 device: torch.device, dtype: torch.dtype, model_options: ModelOptions) -> None:
+    def __init__(
+        self,
+        resources: Resources,
+        control: JobControl,
+        graph: dict[str, Any],
+        device: torch.device,
+        dtype: torch.dtype,
+        model_options: ModelOptions,
+    ) -> None:
         self._resources = resources
         self._control = control
         self.graph = graph
@@ -99,20 +106,24 @@ class RunContext:
 def out_of_memory_message(device: torch.device, class_type: str, exc: BaseException) -> str:
     """What a job that ran out of memory is told: where, in which node, and what to change."""
     first = (str(exc).strip().splitlines() or [""])[0]
-    return (f"out of memory on {device} in {class_type}: {first} "
-            "(use a smaller image or batch, VAEDecodeTiled for large decodes, or fewer jobs side by side: batch_jobs)")
+    return (
+        f"out of memory on {device} in {class_type}: {first} "
+        "(use a smaller image or batch, VAEDecodeTiled for large decodes, or fewer jobs side by side: batch_jobs)"
+    )
 
 
 class Executor:
-    def __init__(self, cache: OutputCache, device: torch.device, dtype: torch.dtype,
-                 model_options: ModelOptions | None = None) -> None:
+    def __init__(
+        self, cache: OutputCache, device: torch.device, dtype: torch.dtype, model_options: ModelOptions | None = None
+    ) -> None:
         self.cache = cache
         self.device = device
         self.dtype = dtype
         self.model_options = model_options or ModelOptions()
 
-    def run(self, plan: ExecutionPlan, resources: Resources, control: JobControl,
-            lockstep: Lockstep | None = None) -> RunResult:
+    def run(
+        self, plan: ExecutionPlan, resources: Resources, control: JobControl, lockstep: Lockstep | None = None
+    ) -> RunResult:
         """Run the plan; emits Started, per-node and Output events but not the terminal event,
         which the caller sends once it has recorded the result. With `lockstep` the run is one
         of several side by side (inside lockstep.member()) and its UNet calls are batched."""
@@ -169,6 +180,5 @@ class Executor:
             if not isinstance(value, dict):
                 raise TypeError(f"{node.class_type}.run must return a dict of UI results")
         elif not isinstance(value, tuple) or len(value) != len(node.node_cls.schema.outputs):
-            raise TypeError(f"{node.class_type}.run must return a tuple of "
-                            f"{len(node.node_cls.schema.outputs)} outputs")
+            raise TypeError(f"{node.class_type}.run must return a tuple of {len(node.node_cls.schema.outputs)} outputs")
         return value

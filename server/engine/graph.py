@@ -59,8 +59,14 @@ class Graph:
 
 
 def _as_link(value: Any) -> LinkRef | None:
-    if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
-            and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool)):
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], (str, int))
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    ):
         return LinkRef(str(value[0]), value[1])
     return None
 
@@ -79,14 +85,24 @@ def parse_graph(source: str | bytes | dict[str, Any]) -> Graph:
     """Parse API-format JSON (text or an already decoded object); raise GraphValidationError."""
     raw = load_json(source)
     if not isinstance(raw, dict) or not raw:
-        raise GraphValidationError([GraphError(
-            "", "", "", "invalid_graph",
-            "graph must be a non-empty JSON object of node id -> {class_type, inputs} (ComfyUI API format)")])
+        raise GraphValidationError(
+            [
+                GraphError(
+                    "",
+                    "",
+                    "",
+                    "invalid_graph",
+                    "graph must be a non-empty JSON object of node id -> {class_type, inputs} (ComfyUI API format)",
+                )
+            ]
+        )
     errors, nodes = [], {}
     raw = {str(node_id): spec for node_id, spec in raw.items()}
     for node_id, spec in raw.items():
         if not isinstance(spec, dict):
-            errors.append(GraphError(node_id, "", "", "invalid_node", "node must be an object with class_type and inputs"))
+            errors.append(
+                GraphError(node_id, "", "", "invalid_node", "node must be an object with class_type and inputs")
+            )
             continue
         class_type = spec.get("class_type")
         inputs = spec.get("inputs", {})
@@ -96,8 +112,7 @@ def parse_graph(source: str | bytes | dict[str, Any]) -> Graph:
         if not isinstance(inputs, dict):
             errors.append(GraphError(node_id, class_type, "", "invalid_node", "inputs must be an object"))
             continue
-        nodes[node_id] = GraphNode(node_id, class_type,
-                                   {name: _as_link(v) or v for name, v in inputs.items()})
+        nodes[node_id] = GraphNode(node_id, class_type, {name: _as_link(v) or v for name, v in inputs.items()})
     if errors:
         raise GraphValidationError(errors)
     return Graph(nodes, raw)

@@ -51,8 +51,9 @@ class ExecutionPlan:
     nodes: list[PlannedNode]
 
 
-def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEnv,
-             limits: Limits | None = None) -> ExecutionPlan:
+def validate(
+    graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEnv, limits: Limits | None = None
+) -> ExecutionPlan:
     """The plan for a valid graph; raises GraphValidationError with every error, or, for a
     valid graph that asks too much, LimitExceeded with every limit passed."""
     errors: list[GraphError] = []
@@ -60,25 +61,33 @@ def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEn
     for node in graph.nodes.values():
         node_cls = registry.get(node.class_type)
         if node_cls is None:
-            errors.append(GraphError(node.id, node.class_type, "", "unknown_class_type",
-                                     f"unknown class_type {node.class_type!r}"))
+            errors.append(
+                GraphError(
+                    node.id, node.class_type, "", "unknown_class_type", f"unknown class_type {node.class_type!r}"
+                )
+            )
             continue
         planned[node.id] = _check_node(node.id, node.inputs, node_cls, graph, registry, env, errors)
 
     dag = nx.DiGraph()
     dag.add_nodes_from(graph.nodes)
-    dag.add_edges_from((link.node_id, p.id) for p in planned.values() for link in p.links.values()
-                       if link.node_id in graph.nodes)
+    dag.add_edges_from(
+        (link.node_id, p.id) for p in planned.values() for link in p.links.values() if link.node_id in graph.nodes
+    )
     cycle_nodes = {n for scc in nx.strongly_connected_components(dag) if len(scc) > 1 for n in scc}
     cycle_nodes |= {n for n in dag.nodes if dag.has_edge(n, n)}
     for node_id in sorted(cycle_nodes):
-        errors.append(GraphError(node_id, graph.nodes[node_id].class_type, "", "dependency_cycle",
-                                 "node is part of a cycle of links"))
+        errors.append(
+            GraphError(
+                node_id, graph.nodes[node_id].class_type, "", "dependency_cycle", "node is part of a cycle of links"
+            )
+        )
 
     outputs = [p.id for p in planned.values() if p.output_node]
     if not outputs and not any(e.code == "unknown_class_type" for e in errors):
-        errors.append(GraphError("", "", "", "prompt_no_outputs",
-                                 "graph has no output node (e.g. SaveImage or PreviewImage)"))
+        errors.append(
+            GraphError("", "", "", "prompt_no_outputs", "graph has no output node (e.g. SaveImage or PreviewImage)")
+        )
     if errors:
         raise GraphValidationError(errors)
     if limits is not None:
@@ -96,26 +105,45 @@ def validate(graph: Graph, registry: Mapping[str, type[Node]], env: ValidationEn
 def _check_limits(graph: Graph, planned: dict[str, PlannedNode], limits: Limits) -> None:
     exceeded = []
     if len(graph.nodes) > limits.max_nodes:
-        exceeded.append(GraphError("", "", "", "limit_exceeded",
-                                   f"graph has {len(graph.nodes)} nodes; the limit is {limits.max_nodes}"))
+        exceeded.append(
+            GraphError(
+                "", "", "", "limit_exceeded", f"graph has {len(graph.nodes)} nodes; the limit is {limits.max_nodes}"
+            )
+        )
     for node in planned.values():
-        tagged = {spec.limit: (spec.name, node.literals[spec.name]) for spec in node.node_cls.schema.inputs
-                  if isinstance(spec, Int) and spec.limit and spec.name in node.literals}
+        tagged = {
+            spec.limit: (spec.name, node.literals[spec.name])
+            for spec in node.node_cls.schema.inputs
+            if isinstance(spec, Int) and spec.limit and spec.name in node.literals
+        }
 
         def over(kind: str, maximum: int, what: str) -> None:
             if kind in tagged and tagged[kind][1] > maximum:
                 name, value = tagged[kind]
-                exceeded.append(GraphError(node.id, node.class_type, name, "limit_exceeded",
-                                           f"{what} {value} is over the server's limit of {maximum}"))
+                exceeded.append(
+                    GraphError(
+                        node.id,
+                        node.class_type,
+                        name,
+                        "limit_exceeded",
+                        f"{what} {value} is over the server's limit of {maximum}",
+                    )
+                )
 
         over("steps", limits.max_steps, "steps")
         over("batch", limits.max_batch, "batch")
         if "width" in tagged and "height" in tagged:
             width, height = tagged["width"][1], tagged["height"][1]
             if width * height > limits.max_pixels:
-                exceeded.append(GraphError(node.id, node.class_type, "width", "limit_exceeded",
-                                           f"{width}x{height} is {width * height} pixels; the server's limit is "
-                                           f"{limits.max_pixels}"))
+                exceeded.append(
+                    GraphError(
+                        node.id,
+                        node.class_type,
+                        "width",
+                        "limit_exceeded",
+                        f"{width}x{height} is {width * height} pixels; the server's limit is {limits.max_pixels}",
+                    )
+                )
     if exceeded:
         raise LimitExceeded(exceeded)
 
@@ -126,9 +154,15 @@ def _id_order(node_id: str) -> tuple:
     return (0, int(node_id) if numeric else 0, node_id) if numeric else (1, 0, node_id)
 
 
-def _check_node(node_id: str, inputs: dict[str, Any], node_cls: type[Node], graph: Graph,
-                registry: Mapping[str, type[Node]], env: ValidationEnv,
-                errors: list[GraphError]) -> PlannedNode:
+def _check_node(
+    node_id: str,
+    inputs: dict[str, Any],
+    node_cls: type[Node],
+    graph: Graph,
+    registry: Mapping[str, type[Node]],
+    env: ValidationEnv,
+    errors: list[GraphError],
+) -> PlannedNode:
     schema = node_cls.schema
     literals: dict[str, Any] = {}
     links: dict[str, LinkRef] = {}
@@ -158,8 +192,11 @@ def _check_node(node_id: str, inputs: dict[str, Any], node_cls: type[Node], grap
                 links[spec.name] = value
             continue
         if spec.is_link:
-            error(spec.name, "invalid_input_type",
-                  f"expects a link [node_id, output_index] to a {spec.type} output, got {value!r}")
+            error(
+                spec.name,
+                "invalid_input_type",
+                f"expects a link [node_id, output_index] to a {spec.type} output, got {value!r}",
+            )
             continue
         problem = spec.check(value, env)
         if problem:
@@ -175,8 +212,7 @@ def _check_node(node_id: str, inputs: dict[str, Any], node_cls: type[Node], grap
 _MISSING = object()
 
 
-def _check_link(link: LinkRef, wanted: str, graph: Graph,
-                registry: Mapping[str, type[Node]]) -> tuple[str, str] | None:
+def _check_link(link: LinkRef, wanted: str, graph: Graph, registry: Mapping[str, type[Node]]) -> tuple[str, str] | None:
     source = graph.nodes.get(link.node_id)
     if source is None:
         return "bad_link", f"links to node {link.node_id!r}, which is not in the graph"
@@ -185,12 +221,15 @@ def _check_link(link: LinkRef, wanted: str, graph: Graph,
         return None  # reported on the source node itself
     outputs = source_cls.schema.outputs
     if not 0 <= link.index < len(outputs):
-        return "bad_link", (f"links to output {link.index} of node {link.node_id} ({source.class_type}), "
-                            f"which has {len(outputs)} output(s)")
+        return "bad_link", (
+            f"links to output {link.index} of node {link.node_id} ({source.class_type}), "
+            f"which has {len(outputs)} output(s)"
+        )
     given = outputs[link.index].type
     if given != wanted and not (wanted == "COMBO" and given in WIDGET_TYPES):
-        return "link_type_mismatch", (f"expects {wanted} but output {link.index} of node {link.node_id} "
-                                      f"({source.class_type}) is {given}")
+        return "link_type_mismatch", (
+            f"expects {wanted} but output {link.index} of node {link.node_id} ({source.class_type}) is {given}"
+        )
     return None
 
 
@@ -198,9 +237,11 @@ def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: Validati
     """class_type + literal inputs + parents' keys + the fingerprint of every model file or
     image a dynamic choice names: independent of node ids, so identical subgraphs share cache
     entries across graphs and jobs, and a file replaced under the same name is read anew."""
-    files = {spec.name: env.fingerprint(spec.source, node.literals[spec.name])
-             for spec in node.node_cls.schema.inputs
-             if isinstance(spec, Choice) and spec.source and spec.name in node.literals}
+    files = {
+        spec.name: env.fingerprint(spec.source, node.literals[spec.name])
+        for spec in node.node_cls.schema.inputs
+        if isinstance(spec, Choice) and spec.source and spec.name in node.literals
+    }
     material = {
         "class_type": node.class_type,
         "literals": node.literals,

@@ -61,10 +61,16 @@ def to_api_format(workflow: dict[str, Any], registry: Mapping[str, type[Node]]) 
             continue
         node_cls = registry.get(class_type)
         if node_cls is None:
-            errors.append(GraphError(
-                node_id, class_type, "", "unknown_class_type",
-                f"this server does not support node type {class_type!r} (ListNodes shows the types it "
-                "has); remove the node, or mute or bypass it in the editor"))
+            errors.append(
+                GraphError(
+                    node_id,
+                    class_type,
+                    "",
+                    "unknown_class_type",
+                    f"this server does not support node type {class_type!r} (ListNodes shows the types it "
+                    "has); remove the node, or mute or bypass it in the editor",
+                )
+            )
             continue
         inputs = _node_inputs(node_id, node, node_cls, sources, errors)
         title = node.get("title")
@@ -99,7 +105,7 @@ class _BrokenLink(Exception):
 def _read(workflow: Any, errors: list[GraphError]) -> tuple[dict[str, dict[str, Any]], dict[Any, _Link]]:
     """The nodes by string id and the links by id; what is malformed goes to `errors`."""
     if not is_editor_workflow(workflow):
-        errors.append(_invalid("not a ComfyUI editor workflow: it needs a \"nodes\" list and a \"links\" list"))
+        errors.append(_invalid('not a ComfyUI editor workflow: it needs a "nodes" list and a "links" list'))
         return {}, {}
     return _read_nodes(workflow["nodes"], errors), _read_links(workflow["links"], errors)
 
@@ -112,15 +118,19 @@ def _read_nodes(raw_nodes: list[Any], errors: list[GraphError]) -> dict[str, dic
     nodes: dict[str, dict[str, Any]] = {}
     for index, node in enumerate(raw_nodes):
         node_id = node.get("id") if isinstance(node, dict) else None
-        if isinstance(node_id, bool) or not isinstance(node_id, (int, str)) \
-                or not isinstance(node.get("type"), str) or not node["type"]:
+        if (
+            isinstance(node_id, bool)
+            or not isinstance(node_id, (int, str))
+            or not isinstance(node.get("type"), str)
+            or not node["type"]
+        ):
             errors.append(_invalid(f"nodes[{index}] is not a node with an id and a type"))
         elif str(node_id) in nodes:
             errors.append(_invalid(f"node id {node_id} is used by more than one node"))
         elif not all(_is_slot_list(node.get(key)) for key in ("inputs", "outputs")):
-            errors.append(_invalid(f"node {node_id}: \"inputs\" and \"outputs\" must be lists of objects"))
+            errors.append(_invalid(f'node {node_id}: "inputs" and "outputs" must be lists of objects'))
         elif not isinstance(node.get("widgets_values"), (list, dict, type(None))):
-            errors.append(_invalid(f"node {node_id}: \"widgets_values\" must be a list or an object"))
+            errors.append(_invalid(f'node {node_id}: "widgets_values" must be a list or an object'))
         else:
             nodes[str(node_id)] = node
     return nodes
@@ -139,11 +149,19 @@ def _read_links(raw_links: list[Any], errors: list[GraphError]) -> dict[Any, _Li
             link_id, origin_id, origin_slot = raw["id"], raw["origin_id"], raw["origin_slot"]
             link_type = raw.get("type", "")
         else:
-            errors.append(_invalid(f"links[{index}] is neither [id, origin_id, origin_slot, target_id, target_slot, "
-                                   "type] nor {id, origin_id, origin_slot, target_id, target_slot, type}"))
+            errors.append(
+                _invalid(
+                    f"links[{index}] is neither [id, origin_id, origin_slot, target_id, target_slot, "
+                    "type] nor {id, origin_id, origin_slot, target_id, target_slot, type}"
+                )
+            )
             continue
-        if isinstance(origin_slot, bool) or not isinstance(origin_slot, int) or origin_slot < 0 \
-                or not isinstance(link_id, (int, str)):
+        if (
+            isinstance(origin_slot, bool)
+            or not isinstance(origin_slot, int)
+            or origin_slot < 0
+            or not isinstance(link_id, (int, str))
+        ):
             errors.append(_invalid(f"links[{index}] needs an id and an origin slot that is an integer from 0"))
             continue
         links[link_id] = _Link(str(origin_id), origin_slot, str(link_type))
@@ -210,8 +228,9 @@ def _bypass_input(node: dict[str, Any], link: _Link) -> dict[str, Any] | None:
     return next((entry for entry in inputs if entry.get("type") == wanted), None)
 
 
-def _node_inputs(node_id: str, node: dict[str, Any], node_cls: type[Node], sources: _Sources,
-                 errors: list[GraphError]) -> dict[str, Any]:
+def _node_inputs(
+    node_id: str, node: dict[str, Any], node_cls: type[Node], sources: _Sources, errors: list[GraphError]
+) -> dict[str, Any]:
     """Literal widget values and links by input name. A linked input (a widget converted to an
     input included) takes its link; a link that leads nowhere leaves the stored widget value."""
     class_type = node_cls.schema.class_type
@@ -234,8 +253,9 @@ def _node_inputs(node_id: str, node: dict[str, Any], node_cls: type[Node], sourc
     return {**values, **linked}
 
 
-def _widget_values(stored: list[Any] | dict[str, Any] | None, node_cls: type[Node],
-                   linked: set[str]) -> tuple[dict[str, Any], str]:
+def _widget_values(
+    stored: list[Any] | dict[str, Any] | None, node_cls: type[Node], linked: set[str]
+) -> tuple[dict[str, Any], str]:
     """The stored widget values by input name, and what is missing ("" when nothing is).
 
     A list holds the values in _widget_layout's order; a dict (written by some editor versions
@@ -252,8 +272,10 @@ def _widget_values(stored: list[Any] | dict[str, Any] | None, node_cls: type[Nod
     missing = [name for name in widgets if name not in values and name not in linked]
     if not missing:
         return values, ""
-    return values, (f"widgets_values has {len(stored)} value(s), but {node_cls.schema.class_type} stores "
-                    f"{len(layout)} ({', '.join(name for name, _ in layout)}); no value for {', '.join(missing)}")
+    return values, (
+        f"widgets_values has {len(stored)} value(s), but {node_cls.schema.class_type} stores "
+        f"{len(layout)} ({', '.join(name for name, _ in layout)}); no value for {', '.join(missing)}"
+    )
 
 
 def _widget_layout(node_cls: type[Node]) -> list[tuple[str, bool]]:

@@ -147,8 +147,9 @@ class Job:
         for observe in self.observers:
             observe(self, event)
 
-    def watch(self, start: int = 0, stop: threading.Event | None = None,
-              results_only: bool = False) -> Iterator[ev.Event]:
+    def watch(
+        self, start: int = 0, stop: threading.Event | None = None, results_only: bool = False
+    ) -> Iterator[ev.Event]:
         """Every event from `start` on, as it comes, until the terminal event (or `stop`). With
         results_only just the Output events and the terminal one, and the watcher is not woken
         for the others (a sampler step each), so it takes no CPU from the run."""
@@ -157,7 +158,8 @@ class Job:
         while True:
             with self._changed:
                 while index >= len(self.events) or (
-                        results_only and not any(isinstance(e.payload, RESULTS) for e in self.events[index:])):
+                    results_only and not any(isinstance(e.payload, RESULTS) for e in self.events[index:])
+                ):
                     if self.status.terminal or (stop is not None and stop.is_set()):
                         return
                     wake.wait(timeout=0.5)

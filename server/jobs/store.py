@@ -103,8 +103,9 @@ class JobStore:
         self._writes: queue.SimpleQueue[tuple[list[Statement], Future | None] | None] = queue.SimpleQueue()
         self._closed = False
         self._closing = threading.Lock()  # no write is queued behind the writer's stop
-        self._writer = threading.Thread(target=self._write_loop, args=(_connect(self.path),),
-                                        name="plinth-store", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(_connect(self.path),), name="plinth-store", daemon=True
+        )
         self._writer.start()
 
     # startup
@@ -118,16 +119,24 @@ class JobStore:
         """
         now = time.time()
         with self._read_lock:
-            left = self._db.execute("SELECT id, status FROM jobs WHERE status IN (?, ?) ORDER BY n",
-                                    (JobStatus.QUEUED.value, JobStatus.RUNNING.value)).fetchall()
+            left = self._db.execute(
+                "SELECT id, status FROM jobs WHERE status IN (?, ?) ORDER BY n",
+                (JobStatus.QUEUED.value, JobStatus.RUNNING.value),
+            ).fetchall()
             statements = []
             for job_id, status in left:
                 reason = stopped_reason(JobStatus(status))
-                seq = self._db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM events WHERE job_id = ?",
-                                       (job_id,)).fetchone()[0]
+                seq = self._db.execute(
+                    "SELECT COALESCE(MAX(seq) + 1, 0) FROM events WHERE job_id = ?", (job_id,)
+                ).fetchone()[0]
                 failed = ev.Event(job_id, seq, now, ev.Failed(reason, error_type="ServerStopped"))
-                statements += [("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                                (JobStatus.FAILED.value, reason, now, job_id)), _event_row(failed)]
+                statements += [
+                    (
+                        "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                        (JobStatus.FAILED.value, reason, now, job_id),
+                    ),
+                    _event_row(failed),
+                ]
         self._write(statements, wait=True)
         return [job_id for job_id, _ in left]
 
@@ -136,11 +145,24 @@ class JobStore:
     def add(self, job: Job) -> None:
         """Store a new job; returns once committed, raises if it could not be."""
         graph = job.plan.graph
-        self._write([(
-            "INSERT INTO jobs (id, created_at, priority, status, omit_image_bytes, graph, workflow)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.created_at, job.priority, job.status.value, int(job.omit_image_bytes),
-             json.dumps(graph.raw), None if graph.workflow is None else json.dumps(graph.workflow)))], wait=True)
+        self._write(
+            [
+                (
+                    "INSERT INTO jobs (id, created_at, priority, status, omit_image_bytes, graph, workflow)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job.id,
+                        job.created_at,
+                        job.priority,
+                        job.status.value,
+                        int(job.omit_image_bytes),
+                        json.dumps(graph.raw),
+                        None if graph.workflow is None else json.dumps(graph.workflow),
+                    ),
+                )
+            ],
+            wait=True,
+        )
 
     def event(self, event: ev.Event) -> None:
         """Queue one event; the worker never waits for it (one a sampler step)."""
@@ -148,21 +170,46 @@ class JobStore:
 
     def started(self, job: Job) -> None:
         """Queue the job's move to running (not waited for: recovery fails queued and running alike)."""
-        self._write([("UPDATE jobs SET status = ?, started_at = ? WHERE id = ?",
-                      (job.status.value, job.started_at, job.id))], wait=False)
+        self._write(
+            [("UPDATE jobs SET status = ?, started_at = ? WHERE id = ?", (job.status.value, job.started_at, job.id))],
+            wait=False,
+        )
 
     def finished(self, job: Job, status: JobStatus, event: ev.Event) -> None:
         """The job's end and its terminal event, in one transaction; waits for the commit. A
         failed write is logged, not raised: the job still ends for those watching it."""
-        outputs = [{"id": i.id, "node_id": job.output_nodes.get(i.id, ""), "filename": i.filename,
-                    "width": i.width, "height": i.height, "kind": i.kind} for i in job.outputs]
+        outputs = [
+            {
+                "id": i.id,
+                "node_id": job.output_nodes.get(i.id, ""),
+                "filename": i.filename,
+                "width": i.width,
+                "height": i.height,
+                "kind": i.kind,
+            }
+            for i in job.outputs
+        ]
         nodes = {k: dataclasses.asdict(v) for k, v in job.nodes.items()}
         try:
-            self._write([(
-                "UPDATE jobs SET status = ?, started_at = ?, finished_at = ?, error = ?, outputs = ?, nodes = ?"
-                " WHERE id = ?",
-                (status.value, job.started_at, job.finished_at, job.error, json.dumps(outputs), json.dumps(nodes),
-                 job.id)), _event_row(event)], wait=True)
+            self._write(
+                [
+                    (
+                        "UPDATE jobs SET status = ?, started_at = ?, finished_at = ?, error = ?, outputs = ?, nodes = ?"
+                        " WHERE id = ?",
+                        (
+                            status.value,
+                            job.started_at,
+                            job.finished_at,
+                            job.error,
+                            json.dumps(outputs),
+                            json.dumps(nodes),
+                            job.id,
+                        ),
+                    ),
+                    _event_row(event),
+                ],
+                wait=True,
+            )
         except (sqlite3.Error, StoreError):
             log.exception("could not store the end of job %s", job.id)
 
@@ -178,14 +225,16 @@ class JobStore:
             row = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
-            events = self._db.execute("SELECT seq, time, kind, payload FROM events WHERE job_id = ? ORDER BY seq",
-                                      (job_id,)).fetchall()
+            events = self._db.execute(
+                "SELECT seq, time, kind, payload FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
+            ).fetchall()
         job = _job(row)
         job.events = [ev.Event(job_id, seq, t, _payload(kind, payload)) for seq, t, kind, payload in events]
         return job
 
-    def list(self, statuses: Iterable[JobStatus] = (), limit: int = 100,
-             before: int | None = None) -> tuple[list[Job], int | None]:
+    def list(
+        self, statuses: Iterable[JobStatus] = (), limit: int = 100, before: int | None = None
+    ) -> tuple[list[Job], int | None]:
         """Up to `limit` jobs newest first, only those in `statuses` if any are given, starting
         after the cursor `before`; and the cursor for the next page (None on the last one). The
         jobs are summaries: their events are not loaded. Flushes first, so the page includes
@@ -197,8 +246,9 @@ class JobStore:
         if wanted:
             where.append(f"status IN ({', '.join('?' * len(wanted))})")
             params += wanted
-        sql = (f"SELECT {JOB_COLUMNS} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''}"
-               " ORDER BY n DESC LIMIT ?")
+        sql = (
+            f"SELECT {JOB_COLUMNS} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY n DESC LIMIT ?"
+        )
         with self._read_lock:
             rows = self._db.execute(sql, (*params, limit + 1)).fetchall()
         page = rows[:limit]
@@ -306,13 +356,19 @@ def _commit(db: sqlite3.Connection, statements: list[Statement]) -> None:
 def _event_row(event: ev.Event) -> Statement:
     p = event.payload
     if isinstance(p, ev.Output):
-        data: dict[str, Any] = {"node_id": p.node_id, "images": [
-            {"id": i.id, "filename": i.filename, "width": i.width, "height": i.height, "kind": i.kind}
-            for i in p.images]}
+        data: dict[str, Any] = {
+            "node_id": p.node_id,
+            "images": [
+                {"id": i.id, "filename": i.filename, "width": i.width, "height": i.height, "kind": i.kind}
+                for i in p.images
+            ],
+        }
     else:
         data = dataclasses.asdict(p)
-    return ("INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
-            (event.job_id, event.seq, event.time, type(p).__name__, json.dumps(data)))
+    return (
+        "INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
+        (event.job_id, event.seq, event.time, type(p).__name__, json.dumps(data)),
+    )
 
 
 def _payload(kind: str, payload: str) -> ev.EventPayload:
@@ -326,8 +382,18 @@ def _job(row: tuple) -> Job:
     """A stored job without plan, request or events."""
     _, job_id, created_at, priority, status, omit, started_at, finished_at, error, outputs, nodes = row
     images = json.loads(outputs)
-    return Job(None, None, priority, omit_image_bytes=bool(omit), id=job_id, status=JobStatus(status),
-               created_at=created_at, started_at=started_at, finished_at=finished_at, error=error,
-               outputs=[ImageRef(i["id"], i["filename"], i["width"], i["height"], b"", i["kind"]) for i in images],
-               output_nodes={i["id"]: i["node_id"] for i in images},
-               nodes={k: NodeRun(**v) for k, v in json.loads(nodes).items()})
+    return Job(
+        None,
+        None,
+        priority,
+        omit_image_bytes=bool(omit),
+        id=job_id,
+        status=JobStatus(status),
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        error=error,
+        outputs=[ImageRef(i["id"], i["filename"], i["width"], i["height"], b"", i["kind"]) for i in images],
+        output_nodes={i["id"]: i["node_id"] for i in images},
+        nodes={k: NodeRun(**v) for k, v in json.loads(nodes).items()},
+    )

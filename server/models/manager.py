@@ -76,8 +76,9 @@ def _device_type(device: Any) -> str:
 
 
 class ModelManager:
-    def __init__(self, budget_bytes: int, device: Any = None, offload_budget_bytes: int = 0,
-                 mover: Mover | None = None) -> None:
+    def __init__(
+        self, budget_bytes: int, device: Any = None, offload_budget_bytes: int = 0, mover: Mover | None = None
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.device = device
         self.offload_budget_bytes = offload_budget_bytes
@@ -118,22 +119,30 @@ class ModelManager:
                 entry.device = str(self.device)
                 self._loaded[key] = entry
                 self.restores += 1
-                log.info("moved %s (%d MiB) back to %s in %.2f s", key, entry.nbytes >> 20, self.device,
-                         time.perf_counter() - start)
+                log.info(
+                    "moved %s (%d MiB) back to %s in %.2f s",
+                    key,
+                    entry.nbytes >> 20,
+                    self.device,
+                    time.perf_counter() - start,
+                )
                 return entry.model
             start = time.perf_counter()
             model = handle.load()
             nbytes = model_bytes(model)
             if nbytes > self.budget_bytes:
-                raise ModelTooLarge(f"model {key} needs {nbytes / 2**30:.2f} GiB, more than the "
-                                    f"model memory budget of {self.budget_bytes / 2**30:.2f} GiB")
+                raise ModelTooLarge(
+                    f"model {key} needs {nbytes / 2**30:.2f} GiB, more than the "
+                    f"model memory budget of {self.budget_bytes / 2**30:.2f} GiB"
+                )
             base = key.split("@")[0]
             for tier in (self._loaded, self._offloaded):
                 for stale in [k for k in tier if k.split("@")[0] == base]:
                     del tier[stale]  # the same file, since replaced
             self._make_room(nbytes, key)
-            entry = LoadedModel(key, model, nbytes, time.perf_counter() - start,
-                                str(self.device) if self.device is not None else "")
+            entry = LoadedModel(
+                key, model, nbytes, time.perf_counter() - start, str(self.device) if self.device is not None else ""
+            )
             self._loaded[key] = entry
             self.loads += 1
             log.info("loaded %s (%d MiB) in %.2f s", key, nbytes >> 20, entry.load_seconds)
@@ -147,8 +156,11 @@ class ModelManager:
             victim = next((k for k in self._loaded if k not in in_use and k != for_key), None)
             if victim is None:
                 if self._loaded and nbytes:
-                    log.warning("model memory over budget for %s: %d MiB in use by the running job",
-                                for_key, self.bytes_used >> 20)
+                    log.warning(
+                        "model memory over budget for %s: %d MiB in use by the running job",
+                        for_key,
+                        self.bytes_used >> 20,
+                    )
                 return
             self._evict(self._loaded.pop(victim), for_key)
 
@@ -159,8 +171,9 @@ class ModelManager:
             return
         while self._offloaded and self.offloaded_bytes + entry.nbytes > self.offload_budget_bytes:
             dropped = self._offloaded.popitem(last=False)[1]
-            log.info("unloaded %s (%d MiB) from the CPU to make room for %s", dropped.key, dropped.nbytes >> 20,
-                     entry.key)
+            log.info(
+                "unloaded %s (%d MiB) from the CPU to make room for %s", dropped.key, dropped.nbytes >> 20, entry.key
+            )
         try:
             moved = self.mover(entry.model, "cpu")
         except Exception:  # e.g. out of host memory: dropping is always possible

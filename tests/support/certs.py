@@ -16,7 +16,7 @@ from pathlib import Path
 _EXTENSIONS = {
     "ca": "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
     "server": "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n"
-              "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
     "client": "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth\n",
 }
 
@@ -45,17 +45,42 @@ def make_certs(folder: Path) -> Certs:
     return Certs(ca_cert, server_cert, server_key, client_cert, client_key)
 
 
-def _certificate(folder: Path, name: str, common_name: str,
-                 signer: tuple[Path, Path] | None) -> tuple[Path, Path]:
+def _certificate(folder: Path, name: str, common_name: str, signer: tuple[Path, Path] | None) -> tuple[Path, Path]:
     """A new key and certificate `name`.pem/.key, signed by `signer` (cert, key) or by itself."""
     key, request, cert, extensions = (folder / f"{name}.{ext}" for ext in ("key", "csr", "pem", "ext"))
     extensions.write_text(_EXTENSIONS[name])
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", request, "-subj", f"/CN={common_name}")
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        request,
+        "-subj",
+        f"/CN={common_name}",
+    )
     signing = ["-signkey", key] if signer is None else ["-CA", signer[0], "-CAkey", signer[1]]
     serial = str(len(list(folder.glob("*.pem"))) + 1)
-    _openssl("x509", "-req", "-in", request, *signing, "-set_serial", serial, "-days", "1",
-             "-extfile", extensions, "-out", cert)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        request,
+        *signing,
+        "-set_serial",
+        serial,
+        "-days",
+        "1",
+        "-extfile",
+        extensions,
+        "-out",
+        cert,
+    )
     return cert, key
 
 

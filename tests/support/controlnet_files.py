@@ -51,8 +51,10 @@ def to_original_state_dict(controlnet: ControlNetModel) -> dict[str, torch.Tenso
         ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", {}),
         *((f"controlnet_cond_embedding.blocks.{j}.", f"input_hint_block.{2 * j + 2}.", {}) for j in range(blocks)),
         ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * blocks + 2}.", {}),
-        *((f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", {})
-          for i in range(len(controlnet.controlnet_down_blocks))),
+        *(
+            (f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", {})
+            for i in range(len(controlnet.controlnet_down_blocks))
+        ),
         ("controlnet_mid_block.", "middle_block_out.0.", {}),
     ]
     return {_rename(key, prefixes): tensor for key, tensor in controlnet.state_dict().items()}
@@ -62,13 +64,19 @@ def write_all_layouts(controlnet: ControlNetModel, folder: Path) -> dict[str, st
     """The same ControlNet as a diffusers folder, a diffusers-layout file, an original v1.1-style
     file and an original v1.0-style file (control_model.* beside stray SD weights), in `folder`;
     returns the model names by layout."""
-    names = {"folder": "tiny-control-diffusers", "diffusers": "tiny-control-diffusers.safetensors",
-             "original": "control_v11p_tiny.safetensors", "original_v10": "control_tiny_v10.safetensors"}
+    names = {
+        "folder": "tiny-control-diffusers",
+        "diffusers": "tiny-control-diffusers.safetensors",
+        "original": "control_v11p_tiny.safetensors",
+        "original_v10": "control_tiny_v10.safetensors",
+    }
     controlnet.save_pretrained(folder / names["folder"])
     write(controlnet.state_dict(), folder, names["diffusers"])
     original = to_original_state_dict(controlnet)
     write(original, folder, names["original"])
-    stray = {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(32, 4, 3, 3),
-             "first_stage_model.post_quant_conv.weight": torch.ones(4, 4, 1, 1)}
+    stray = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.ones(32, 4, 3, 3),
+        "first_stage_model.post_quant_conv.weight": torch.ones(4, 4, 1, 1),
+    }
     write({**{f"control_model.{k}": v for k, v in original.items()}, **stray}, folder, names["original_v10"])
     return names

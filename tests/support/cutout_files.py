@@ -11,8 +11,9 @@ import numpy as np
 U2NET_SIZE = 320
 
 
-def write_tiny_u2net(path: Path, kernel: np.ndarray | None = None, seed: int = 0, input_name: str = "input.1",
-                     size: int = U2NET_SIZE) -> Path:
+def write_tiny_u2net(
+    path: Path, kernel: np.ndarray | None = None, seed: int = 0, input_name: str = "input.1", size: int = U2NET_SIZE
+) -> Path:
     """A u2net-shaped ONNX model: by default input "input.1" [1,3,320,320] and a first output
     [1,1,320,320] = sigmoid(conv3x3(input)), then a second side output as u2net has. The
     1x3x3x3 kernel is random unless given; another input name or size imitates other model
@@ -31,11 +32,15 @@ def write_tiny_u2net(path: Path, kernel: np.ndarray | None = None, seed: int = 0
     ]
     shape = [1, 1, size, size]
     graph = helper.make_graph(
-        nodes, "tiny-u2net",
+        nodes,
+        "tiny-u2net",
         [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3, size, size])],
-        [helper.make_tensor_value_info("d0", TensorProto.FLOAT, shape),
-         helper.make_tensor_value_info("d1", TensorProto.FLOAT, shape)],
-        initializer=[weight, bias])
+        [
+            helper.make_tensor_value_info("d0", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("d1", TensorProto.FLOAT, shape),
+        ],
+        initializer=[weight, bias],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,22 @@ TINY_SD_LAYERS = {1: 32, 3: 32, 5: 32, 7: 64}
 TINY_SD_CROSS = 64  # tiny-sd's cross_attention_dim: the width of text and image tokens
 
 
-def clip_vision_config(hidden: int = 64, layers: int = 2, image_size: int = 32, patch: int = 8,
-                       projection: int = 32) -> Any:
+def clip_vision_config(
+    hidden: int = 64, layers: int = 2, image_size: int = 32, patch: int = 8, projection: int = 32
+) -> Any:
     """A small CLIPVisionConfig shaped as LAION's ViT-H: gelu, 64-wide attention heads."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=max(1, hidden // 64), image_size=image_size, patch_size=patch,
-                            projection_dim=projection, hidden_act="gelu")
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=projection,
+        hidden_act="gelu",
+    )
 
 
 def clip_vision(seed: int = 0, prefixed: bool = True, **config: int) -> dict[str, torch.Tensor]:
@@ -54,8 +62,13 @@ def _layers(gen: torch.Generator, layers: dict[int, int], cross: int) -> dict[st
     return state
 
 
-def plain(seed: int = 0, embed_dim: int = 32, tokens: int = 4, cross: int = TINY_SD_CROSS,
-          layers: dict[int, int] = TINY_SD_LAYERS) -> dict[str, torch.Tensor]:
+def plain(
+    seed: int = 0,
+    embed_dim: int = 32,
+    tokens: int = 4,
+    cross: int = TINY_SD_CROSS,
+    layers: dict[int, int] = TINY_SD_LAYERS,
+) -> dict[str, torch.Tensor]:
     """An ip-adapter_sd15-style file: image_proj.proj (embeds → tokens × cross) and norm."""
     gen = torch.Generator().manual_seed(seed)
     state = {
@@ -67,8 +80,15 @@ def plain(seed: int = 0, embed_dim: int = 32, tokens: int = 4, cross: int = TINY
     return {**state, **_layers(gen, layers, cross)}
 
 
-def plus(seed: int = 0, embed_dim: int = 64, hidden: int = 64, depth: int = 2, queries: int = 4,
-         cross: int = TINY_SD_CROSS, layers: dict[int, int] = TINY_SD_LAYERS) -> dict[str, torch.Tensor]:
+def plus(
+    seed: int = 0,
+    embed_dim: int = 64,
+    hidden: int = 64,
+    depth: int = 2,
+    queries: int = 4,
+    cross: int = TINY_SD_CROSS,
+    layers: dict[int, int] = TINY_SD_LAYERS,
+) -> dict[str, torch.Tensor]:
     """An ip-adapter-plus_sd15-style file: the Resampler (latents, proj_in, layers.N.0 perceiver
     attention with norm1/norm2/to_q/to_kv/to_out, layers.N.1 feed-forward, proj_out, norm_out)."""
     gen = torch.Generator().manual_seed(seed)
@@ -102,5 +122,3 @@ def nested(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
         part, _, rest = key.partition(".")
         out[part][rest] = value
     return out
-
-

@@ -19,12 +19,32 @@ from torch import nn
 from plinth.nodes.models.tiny_sd import TEXT, UNET
 
 # Module-path endings that get a LoRA layer, per part.
-UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                "attn2.to_v", "attn2.to_out.0", "ff.net.2", "proj_in", "resnets.0.conv1", "conv_in")
+UNET_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.2",
+    "proj_in",
+    "resnets.0.conv1",
+    "conv_in",
+)
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 TEXT_PREFIX = "text_model."  # transformers 4's CLIPTextModel level that LoRA files name
-_PROJECTIONS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out",
-                "q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+_PROJECTIONS = {
+    "to_q": "to_q",
+    "to_k": "to_k",
+    "to_v": "to_v",
+    "to_out.0": "to_out",
+    "q_proj": "to_q",
+    "k_proj": "to_k",
+    "v_proj": "to_v",
+    "out_proj": "to_out",
+}
 
 
 @dataclass(frozen=True)
@@ -46,8 +66,13 @@ def tiny_modules() -> dict[str, nn.Module]:
         return {"unet": UNet2DConditionModel(**UNET), "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT))}
 
 
-def random_lora(seed: int = 0, rank: int = 4, alpha: float = 2.0, gain: float = 1.0,
-                parts: tuple[str, ...] = ("unet", "text_encoder")) -> Weights:
+def random_lora(
+    seed: int = 0,
+    rank: int = 4,
+    alpha: float = 2.0,
+    gain: float = 1.0,
+    parts: tuple[str, ...] = ("unet", "text_encoder"),
+) -> Weights:
     """Random low-rank layers for every tiny-sd Linear/Conv2d whose path ends in a target."""
     gen = torch.Generator().manual_seed(seed)
     weights: Weights = {}
@@ -60,7 +85,9 @@ def random_lora(seed: int = 0, rank: int = 4, alpha: float = 2.0, gain: float = 
             if not path.endswith(targets[part]):
                 continue
             if isinstance(sub, nn.Conv2d):
-                down = torch.randn(rank, sub.in_channels, *sub.kernel_size, generator=gen) / (sub.weight[0].numel() ** 0.5)
+                down = torch.randn(rank, sub.in_channels, *sub.kernel_size, generator=gen) / (
+                    sub.weight[0].numel() ** 0.5
+                )
                 up = torch.randn(sub.out_channels, rank, 1, 1, generator=gen) * (gain / rank**0.5)
             else:
                 down = torch.randn(rank, sub.in_features, generator=gen) / (sub.in_features**0.5)
@@ -118,5 +145,3 @@ def old_diffusers(weights: Weights) -> dict[str, torch.Tensor]:
             state[f"{stem}.up.weight"] = layer.up
             state[f"{part}.{path}.alpha"] = torch.tensor(layer.alpha)
     return state
-
-

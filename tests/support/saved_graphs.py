@@ -36,9 +36,13 @@ def write_graph_models(models_dir: Path) -> None:
     """The model files the saved graphs name, made for tiny-sd, under models_dir."""
     files.write(upscaler_files.real_esrgan_x4(), models_dir / "upscale_models", "RealESRGAN_x4plus.safetensors")
     controlnet = controlnet_files.tiny_controlnet(seed=11)
-    files.write(controlnet_files.to_original_state_dict(controlnet), models_dir / "controlnet",
-                "control_v11p_sd15_canny.safetensors")
+    files.write(
+        controlnet_files.to_original_state_dict(controlnet),
+        models_dir / "controlnet",
+        "control_v11p_sd15_canny.safetensors",
+    )
     files.write(ipadapter_files.plain(seed=12), models_dir / "ipadapter", "ip-adapter_sd15.safetensors")
-    files.write(ipadapter_files.clip_vision(seed=13), models_dir / "clip_vision",
-                "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
+    files.write(
+        ipadapter_files.clip_vision(seed=13), models_dir / "clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    )
     files.write(lora_files.kohya(lora_files.random_lora(seed=14)), models_dir / "loras", "product-style.safetensors")

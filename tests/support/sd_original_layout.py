@@ -46,6 +46,7 @@ def sd15_configs() -> dict:
 
     For benchmarks only: the models take ~4 GB in fp32, far too big to build in unit tests.
     """
+
     def read(part: str) -> dict:
         config = json.loads((SD15_CONFIG / part / "config.json").read_text())
         return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}

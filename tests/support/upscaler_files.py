@@ -15,8 +15,9 @@ import torch
 RRDB_GROWTH = 32
 
 
-def _conv(state: dict[str, torch.Tensor], name: str, out_ch: int, in_ch: int, gen: torch.Generator,
-          gain: float) -> None:
+def _conv(
+    state: dict[str, torch.Tensor], name: str, out_ch: int, in_ch: int, gen: torch.Generator, gain: float
+) -> None:
     fan_in = in_ch * 9
     state[f"{name}.weight"] = torch.randn(out_ch, in_ch, 3, 3, generator=gen) * (gain / fan_in**0.5)
     state[f"{name}.bias"] = torch.randn(out_ch, generator=gen) * 0.01
@@ -31,8 +32,7 @@ def real_esrgan_x4(features: int = 8, blocks: int = 1, seed: int = 0) -> dict[st
     for block in range(blocks):
         for rdb in (1, 2, 3):
             for j in range(1, 5):
-                _conv(state, f"body.{block}.rdb{rdb}.conv{j}", RRDB_GROWTH,
-                      features + (j - 1) * RRDB_GROWTH, gen, 1.0)
+                _conv(state, f"body.{block}.rdb{rdb}.conv{j}", RRDB_GROWTH, features + (j - 1) * RRDB_GROWTH, gen, 1.0)
             _conv(state, f"body.{block}.rdb{rdb}.conv5", features, features + 4 * RRDB_GROWTH, gen, 1.0)
     for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
         _conv(state, name, features, features, gen, 1.0)
@@ -61,7 +61,7 @@ def compact(scale: int = 4, features: int = 8, convs: int = 1, seed: int = 0) ->
 def not_an_image_model(seed: int = 0) -> dict[str, torch.Tensor]:
     """A small classifier-like file: valid safetensors, but no architecture spandrel knows."""
     gen = torch.Generator().manual_seed(seed)
-    return {"encoder.layer.0.weight": torch.randn(16, 16, generator=gen),
-            "head.weight": torch.randn(10, 16, generator=gen)}
-
-
+    return {
+        "encoder.layer.0.weight": torch.randn(16, 16, generator=gen),
+        "head.weight": torch.randn(10, 16, generator=gen),
+    }
