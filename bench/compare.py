@@ -332,7 +332,9 @@ def fmt_rate(rate: float | None) -> str:
 
 def print_table(header: list[str], widths: list[int], rows: list[list[str]]) -> None:
     for cells in [header, *rows]:
-        print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))))
+        print(
+            "".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
+        )
 
 
 def compare_paths(args, graph: dict, case: str) -> dict:
@@ -412,7 +414,10 @@ def compare_paired(args, graph: dict) -> dict:
         for path in paths if round_ % 2 == 0 else reversed(paths):
             row = in_child(child_spec(args, graph, path, cached_runs=0, clients=[]))
             times[path].append(row["seed_changed_s"])
-    ratios = {f"{path}/a": statistics.median(t / a for t, a in zip(times[path], times["a"])) for path in paths[1:]}
+    ratios = {
+        f"{path}/a": statistics.median(t / a for t, a in zip(times[path], times["a"], strict=False))
+        for path in paths[1:]
+    }
     print(
         f"paired: {', '.join(PATHS[p] for p in paths)}, each in a fresh process, in turn for {args.paired} "
         f"rounds (each figure a process's seed-changed median of {args.runs})"

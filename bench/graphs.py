@@ -62,7 +62,7 @@ def main() -> None:
             inputs = {k: v for k, v in INPUTS.items() if k in wanted}
             samplers = [n for n in graph.values() if n["class_type"] == "KSampler"]
 
-            def run(new_seed: bool) -> None:
+            def run(new_seed: bool, graph=graph, inputs=inputs, samplers=samplers) -> None:
                 if new_seed:
                     seed = next(seeds)
                     for node in samplers:

@@ -42,9 +42,9 @@ def measure(path: str, runs: int) -> dict[str, float]:
     from plinth.clients import Client
     from plinth.graphs import read
     from plinth.server.app import PlinthServer
+    from plinth.server.config import Config
     from plinth.server.engine.graph import parse_graph
     from plinth.server.engine.validate import validate
-    from plinth.server.config import Config
     from plinth.server.workspace import JobResources
 
     graph = json.loads(read("txt2img.json"))

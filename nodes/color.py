@@ -86,7 +86,7 @@ def transfer_colors(
         else fit_mask(mask.to(rgb.device), batch, height, width)
     )
     moved = []
-    for entry, entry_weights in zip(to_space(rgb), weights):
+    for entry, entry_weights in zip(to_space(rgb), weights, strict=False):
         if entry_weights.sum() <= 0:  # nothing to measure, and nothing will be changed
             moved.append(entry)
             continue

@@ -7,9 +7,10 @@ in-process, in a worker process or in tests with a small fake context.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -60,7 +61,7 @@ class ImageRef:
     kind: str = "output"
 
 
-def file_model(ctx: "NodeContext", source: str, name: str, load: Callable[[Path], Any]) -> ModelHandle:
+def file_model(ctx: NodeContext, source: str, name: str, load: Callable[[Path], Any]) -> ModelHandle:
     """A handle for the model file `name` in the models folder `source`, loaded by `load(path)`.
 
     The key carries the file's fingerprint, so a file replaced under the same name is loaded

@@ -14,8 +14,9 @@ x0 + sigma * noise, the form ComfyUI uses, whatever space the scheduler works in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -211,7 +212,7 @@ class Denoiser:
         whole = [p for p in parts if p.area is None]
         if whole:
             preds = self._call(x_in, t, whole)
-            for part, pred in zip(whole, preds.chunk(len(whole))):
+            for part, pred in zip(whole, preds.chunk(len(whole)), strict=False):
                 total += part.strength * pred
                 weight += part.strength
         for part in (p for p in parts if p.area is not None):
@@ -266,7 +267,7 @@ class Denoiser:
             down, mid = None, None
             for spec in controls:
                 d, m = self._control(spec, x_in, t, context[rows], region)
-                down = d if down is None else [a + b for a, b in zip(down, d)]
+                down = d if down is None else [a + b for a, b in zip(down, d, strict=False)]
                 mid = m if mid is None else mid + m
             per_part.append((down, mid))
         template = next(r for r in per_part if r[0] is not None)

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -235,7 +236,7 @@ def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, to
         state = {}
         for key, value in proj.items():
             names = _resampler_key(key)
-            for new, part in zip(names, value.chunk(len(names))):
+            for new, part in zip(names, value.chunk(len(names)), strict=False):
                 state[new] = part
         _load_strict(module, state, name, "plus IP-Adapter Resampler")
         return "plus", module, embed
@@ -374,7 +375,7 @@ class IPAdapterPatch:
         saved = [(attn, attn.processor) for attn, _, _ in layers]
         hid_dim_type = unet.config.encoder_hid_dim_type
         try:
-            for (attn, _), processor in zip(saved, processors):
+            for (attn, _), processor in zip(saved, processors, strict=False):
                 attn.set_processor(processor)
             unet.encoder_hid_proj = MultiIPAdapterImageProjection([adapter.image_proj.to(param.device, param.dtype)])
             unet.config.encoder_hid_dim_type = "ip_image_proj"  # an attribute, as diffusers sets it

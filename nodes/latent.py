@@ -4,8 +4,8 @@ batching latents."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 

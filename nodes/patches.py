@@ -8,8 +8,9 @@ never edits them for good: `applied()` installs hooks or processors for the dura
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import Any, ContextManager, Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any, Protocol
 
 import torch
 
@@ -17,7 +18,7 @@ from plinth.nodes.context import NodeContext
 
 
 class ModelPatch(Protocol):
-    def applied(self, ctx: NodeContext, module: torch.nn.Module) -> ContextManager[None]:
+    def applied(self, ctx: NodeContext, module: torch.nn.Module) -> AbstractContextManager[None]:
         """Put the patch on `module` (a UNet or a CLIP text model) for the duration of a `with`."""
 
     def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:

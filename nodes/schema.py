@@ -8,8 +8,9 @@ and its outputs in OUTPUTS. Nothing here imports torch, so schemas can be read c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from plinth.nodes.context import NodeContext, ValidationEnv
@@ -38,7 +39,7 @@ class InputSpec:
     def has_default(self) -> bool:
         return False
 
-    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+    def check(self, value: Any, env: ValidationEnv) -> tuple[str, str] | None:
         """Return (code, reason) when `value` is not acceptable for this input, else None."""
         return None
 
@@ -68,7 +69,7 @@ class Int(InputSpec):
     def has_default(self) -> bool:
         return True
 
-    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+    def check(self, value: Any, env: ValidationEnv) -> tuple[str, str] | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "invalid_input_type", f"expected an integer, got {type(value).__name__} {value!r}"
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
@@ -92,7 +93,7 @@ class Float(InputSpec):
     def has_default(self) -> bool:
         return True
 
-    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+    def check(self, value: Any, env: ValidationEnv) -> tuple[str, str] | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return "invalid_input_type", f"expected a number, got {type(value).__name__} {value!r}"
         if not math.isfinite(value):
@@ -113,7 +114,7 @@ class String(InputSpec):
     def has_default(self) -> bool:
         return True
 
-    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+    def check(self, value: Any, env: ValidationEnv) -> tuple[str, str] | None:
         if not isinstance(value, str):
             return "invalid_input_type", f"expected a string, got {type(value).__name__} {value!r}"
         return None
@@ -128,7 +129,7 @@ class Boolean(InputSpec):
     def has_default(self) -> bool:
         return True
 
-    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+    def check(self, value: Any, env: ValidationEnv) -> tuple[str, str] | None:
         if not isinstance(value, bool):
             return "invalid_input_type", f"expected true or false, got {value!r}"
         return None
@@ -149,12 +150,12 @@ class Choice(InputSpec):
     def has_default(self) -> bool:
         return self.default is not None
 
-    def choices(self, env: "ValidationEnv | None") -> list[str]:
+    def choices(self, env: ValidationEnv | None) -> list[str]:
         if self.source:
             return env.choices(self.source) if env is not None else []
         return list(self.options)
 
-    def check(self, value: Any, env: "ValidationEnv") -> tuple[str, str] | None:
+    def check(self, value: Any, env: ValidationEnv) -> tuple[str, str] | None:
         if not isinstance(value, str):
             return "invalid_input_type", f"expected one of the choices as a string, got {value!r}"
         choices = self.choices(env)
@@ -246,7 +247,7 @@ class Node:
             origin=cls.ORIGIN,
         )
 
-    def run(self, ctx: "NodeContext", **inputs: Any) -> Any:
+    def run(self, ctx: NodeContext, **inputs: Any) -> Any:
         raise NotImplementedError
 
     @classmethod

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -228,13 +229,13 @@ def upscale_tiled(
     weight_x = [_tile_weights(tile_w, x > 0, x + tile_w < width, overlap, scale) for x in xs]
     out = torch.zeros(batch, channels, height * scale, width * scale)
     total_weight = torch.zeros(height * scale, width * scale)
-    for y, wy in zip(ys, weight_y):
-        for x, wx in zip(xs, weight_x):
+    for y, wy in zip(ys, weight_y, strict=False):
+        for x, wx in zip(xs, weight_x, strict=False):
             total_weight[y * scale : (y + tile_h) * scale, x * scale : (x + tile_w) * scale] += wy[:, None] * wx
     total, done = batch * len(ys) * len(xs), 0
     for b in range(batch):
-        for y, wy in zip(ys, weight_y):
-            for x, wx in zip(xs, weight_x):
+        for y, wy in zip(ys, weight_y, strict=False):
+            for x, wx in zip(xs, weight_x, strict=False):
                 if ctx is not None:
                     ctx.check_cancelled()
                 piece = image[b : b + 1, y : y + tile_h, x : x + tile_w].movedim(-1, 1)

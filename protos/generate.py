@@ -24,8 +24,8 @@ IMPORT_RE = re.compile(r"^from plinth\.v1 import", re.MULTILINE)
 
 def generate() -> dict[str, str]:
     """Return {file name: text} of the stubs the .proto files generate."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "plinth" / "v1").glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Callable
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -150,7 +150,7 @@ class PlinthServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def start(self) -> "PlinthServer":
+    def start(self) -> PlinthServer:
         self.service.start()
         self.grpc.start()
         for name in ("", *SERVICE_NAMES):
@@ -175,7 +175,7 @@ class PlinthServer:
     def wait(self) -> None:
         self.grpc.wait_for_termination()
 
-    def __enter__(self) -> "PlinthServer":
+    def __enter__(self) -> PlinthServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

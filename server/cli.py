@@ -12,11 +12,12 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from plinth.server.config import DEFAULT_HOME
-from typing import Any, Iterator
 
 
 def main(argv: list[str] | None = None) -> int:

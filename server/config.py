@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_HOME = Path(os.environ.get("PLINTH_HOME", Path.home() / ".plinth"))
 

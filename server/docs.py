@@ -4,7 +4,7 @@ so the docs list exactly the nodes, inputs and defaults the server validates aga
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 from plinth.nodes.schema import Choice, Node
 
@@ -24,7 +24,7 @@ def _input(spec) -> str:
     elif isinstance(spec, Choice) and spec.source:
         text = f"{spec.name}: <{spec.source}>"
     elif spec.has_default:
-        text = f"{spec.name}={json.dumps(getattr(spec, 'default'))}"
+        text = f"{spec.name}={json.dumps(spec.default)}"
     else:
         text = spec.name
     return f"[{text}]" if spec.optional else text

@@ -28,7 +28,7 @@ Names (all prefixed `plinth_`):
 | model_loads_total | counter | | service.models.loads |
 | model_memory_bytes, model_budget_bytes | gauge | | service.models |
 | model_offloaded_bytes | gauge | | service.models (models moved off the GPU to RAM) |
-| batched_forwards_total, batched_calls_total | counter | | service.lockstep (batch_jobs > 1): UNet forwards, and the sampler calls they served |
+| batched_forwards_total, batched_calls_total | counter | | service.lockstep (batch_jobs > 1): forwards, calls served |
 | device_memory_allocated_bytes, device_memory_reserved_bytes | gauge | | torch.cuda, CUDA only |
 
 plus the standard `process_*` family (process_resident_memory_bytes is the RSS; Linux).

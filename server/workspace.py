@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from plinth.nodes.context import ImageRef, ModelHandle, NodeInputError
-from plinth.nodes.models.tiny_sd import NAME as TINY_SD, ensure_tiny_sd
+from plinth.nodes.models.tiny_sd import NAME as TINY_SD
+from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 from plinth.server.models.manager import ModelManager
 
 MODEL_SUFFIXES = (".safetensors",)

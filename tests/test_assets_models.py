@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import files, lora_files
+from support.sd_original_layout import build_random_sd, small_sd15_configs, to_original_state_dict
 
 from plinth.clients import AsyncClient, Client, PlinthError
 from plinth.clients.v1 import asset_service_pb2 as asp
 from plinth.server import cli
 from plinth.server.app import PlinthServer
 from plinth.server.config import Config, Limits
-from support import files, lora_files
-from support.sd_original_layout import build_random_sd, small_sd15_configs, to_original_state_dict
 
 MiB = 1 << 20
 LOAD_AND_SAVE = {
@@ -499,7 +499,7 @@ def test_cli_upload_and_models_commands(server, client, tmp_path, capsys):
     rows = {(r["folder"], r["name"]): r for r in json.loads(capsys.readouterr().out)}
     assert rows[("checkpoints", "tiny-sd")]["loaded"] and rows[("checkpoints", "tiny-sd")]["loaded_bytes"] > 0
     assert cli.main(["models", "list", "--server", server.address, "--folder", "checkpoints"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.split()[0] == "checkpoints/tiny-sd")
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.split()[0] == "checkpoints/tiny-sd")
     assert "loaded (" in line
     assert cli.main(["models", "unload", "checkpoints/tiny-sd", "--server", server.address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loaded"] is False

@@ -11,13 +11,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from support.certs import Certs, have_openssl, make_certs
 
 from plinth.clients import AsyncClient, Client, PlinthError
 from plinth.clients.client import TLS
-from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
+from plinth.clients.v1 import node_service_pb2 as ns
+from plinth.clients.v1 import node_service_pb2_grpc as ns_grpc
 from plinth.server.app import PlinthServer, is_loopback
 from plinth.server.config import Auth, Config, ConfigError
-from support.certs import Certs, have_openssl, make_certs
 
 TOKEN = "plinth-test-token-7f3a9c"
 FILE_TOKEN = "file-token-91c2e4"

@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from prometheus_client.parser import text_string_to_metric_families
+from support import files
+from support.lora_files import kohya, random_lora
 
 from plinth.server.config import Config
 from plinth.server.engine.batching import Lockstep
 from plinth.server.jobs.job import JobStatus
 from plinth.server.metrics import Metrics
 from plinth.server.service import PlinthService
-from support import files
-from support.lora_files import kohya, random_lora
 
 TOLERANCE = 1  # 8-bit levels; see the module docstring
 
@@ -90,7 +89,7 @@ def run_jobs(models: Path, data: Path, graphs: list[dict], batch_jobs: int):
 
 def largest_difference(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> int:
     assert [len(x) for x in a] == [len(x) for x in b]
-    return max(int(np.abs(x - y).max()) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+    return max(int(np.abs(x - y).max()) for xs, ys in zip(a, b, strict=False) for x, y in zip(xs, ys, strict=False))
 
 
 def test_jobs_side_by_side_share_forwards_and_keep_their_own_images(models, tmp_path, txt2img):
@@ -121,7 +120,7 @@ def test_a_patched_job_side_by_side_runs_alone_and_patches_no_one_else(models, t
     # the LoRA job's own calls never come to the batcher; the two plain jobs share theirs
     assert stats.calls == 2 * 2 and stats.largest == 2, stats
     assert largest_difference(alone, together) <= TOLERANCE
-    assert all(np.array_equal(x, y) for x, y in zip(alone[1], together[1]))  # unbatched: bit-exact
+    assert all(np.array_equal(x, y) for x, y in zip(alone[1], together[1], strict=False))  # unbatched: bit-exact
 
 
 def test_one_job_cancelled_mid_batch_leaves_the_others_to_finish(models, tmp_path, txt2img):

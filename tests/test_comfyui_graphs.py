@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import node_output
 from support.files import png
 from support.sd_original_layout import build_random_sd, small_sd15_configs, write_original_checkpoint

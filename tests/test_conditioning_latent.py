@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import node_output
 from support.files import png
+
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 from plinth.nodes.prompt import encode, parse_emphasis, weighted_tokens
@@ -328,7 +328,6 @@ def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2
 
 def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny):
     from safetensors.torch import save_file
-
     from support.sd_original_layout import _rename, _vae_prefixes
 
     state = tiny.vae.state_dict()
@@ -346,8 +345,12 @@ def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny
             g["60"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
             g["8"]["inputs"]["vae"] = ["60", 0]
         images[name] = [np.asarray(i) for i in client.run(g).images]
-    assert all(np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-diffusers.safetensors"]))
-    assert all(np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-original.safetensors"]))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-diffusers.safetensors"], strict=False)
+    )
+    assert all(
+        np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-original.safetensors"], strict=False)
+    )
 
 
 def test_a_latent_taken_from_a_batch_keeps_its_noise(server, client, txt2img):

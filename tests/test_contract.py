@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from plinth.nodes.registry import NODES
 
 COMFY = json.loads((Path(__file__).parent / "data" / "comfyui-core-nodes.json").read_text())
@@ -45,7 +45,7 @@ def test_schema_matches_comfyui(client, class_type):
     assert [i.name for i in ours.inputs] == [name for name, _, _ in theirs], "input names and widget order"
     assert [o.type for o in ours.outputs] == COMFY[class_type]["output"]
     assert ours.output_node == COMFY[class_type]["output_node"]
-    for item, (name, section, (ctype, *rest)) in zip(ours.inputs, theirs):
+    for item, (name, section, (ctype, *rest)) in zip(ours.inputs, theirs, strict=False):
         options = rest[0] if rest else {}
         assert item.required == (section == "required"), name
         if isinstance(ctype, list) or (ctype == "COMBO" and options.get("options")):

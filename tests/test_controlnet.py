@@ -14,14 +14,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import GRAPHS
+from PIL import Image
+from support import controlnet_files, files
+
 from plinth.clients import JobFailed
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.controlnet import ControlNetApplyAdvanced, _template, build_controlnet, infer_config, load_controlnet
 from plinth.nodes.types import ConditioningEntry, ControlSpec
-from support import controlnet_files, files
 
 CPU = torch.device("cpu")
 BROKEN = "broken.safetensors"
@@ -94,7 +94,7 @@ def images(client, graph: dict, hint: bytes | None = None) -> list[np.ndarray]:
 
 
 def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_strength_zero_is_exactly_no_controlnet_and_strength_one_is_not(client, 
     off = images(client, with_controlnet(txt2img, names["diffusers"], strength=0.0), hint)
     on = images(client, with_controlnet(txt2img, names["diffusers"], strength=1.0), hint)
     assert same(off, baseline)
-    assert not any(np.array_equal(x, y) for x, y in zip(on, baseline))
+    assert not any(np.array_equal(x, y) for x, y in zip(on, baseline, strict=False))
 
 
 def test_the_window_limits_the_steps_the_controlnet_acts_in(client, txt2img, names, baseline):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from plinth.nodes.color import lab_to_srgb, srgb_to_lab, transfer_colors
-from plinth.nodes.cutout import CutoutModel, plain_background_mask, preprocessing_for
 from conftest import node_output
 from support.cutout_files import write_tiny_u2net
 from support.files import png
+
+from plinth.nodes.color import lab_to_srgb, srgb_to_lab, transfer_colors
+from plinth.nodes.cutout import CutoutModel, plain_background_mask, preprocessing_for
 
 DARK_IS_PRODUCT = -np.ones((3, 3, 3))  # a "model" that calls dark pixels foreground
 

@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import GRAPHS, executed
+from PIL import Image
 
 
 def pixels_hash(image: Image.Image) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from plinth.nodes.registry import NODES
 from plinth.server.engine.cache import OutputCache

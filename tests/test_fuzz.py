@@ -8,9 +8,11 @@ import json
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import graph_service_pb2 as gs
+from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
 from plinth.nodes.registry import NODES
 
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import node_output
+from support.files import png
 
 from plinth.clients import PlinthError
 from plinth.nodes.context import JobCancelled
 from plinth.nodes.image import canny, composite, outpaint_mask
 from plinth.nodes.mask import GrowMask, batch_mask, feather, grow
-from conftest import node_output
-from support.files import png
 
 
 def gradient(height: int, width: int) -> np.ndarray:

@@ -9,9 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import GRAPHS
+from PIL import Image
 
 LOAD_AND_SAVE = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "product.png"}},

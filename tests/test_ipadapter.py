@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import executed
+from PIL import Image
+from support import files, ipadapter_files
+
 from plinth.clients import JobFailed, PlinthError
 from plinth.nodes.context import NodeInputError
 from plinth.nodes.ipadapter import clip_vision_config, encode_image, load_clip_vision, load_ipadapter
-from support import files, ipadapter_files
 
 CPU = torch.device("cpu")
 CLIP = "tiny-clip-vision.safetensors"

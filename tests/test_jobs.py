@@ -25,7 +25,7 @@ def check_order(events):
     assert k[-1] in TERMINAL and sum(x in TERMINAL for x in k) == 1
     assert [e.seq for e in events] == list(range(len(events)))
     current = None
-    for event, kind in zip(events[2:-1], k[2:-1]):
+    for event, kind in zip(events[2:-1], k[2:-1], strict=False):
         if kind == "node_started":
             assert current is None
             current = event.node_started.node_id
@@ -122,7 +122,6 @@ LOAD_AND_PREVIEW = {
 def truncated_png() -> bytes:
     """A PNG whose header reads (so Submit accepts it) but whose pixels stop half way."""
     import numpy as np
-
     from support.files import png
 
     data = png(np.full((64, 64, 3), 7, np.uint8))
@@ -255,10 +254,12 @@ def test_outputs_without_bytes_are_fetched_by_id(client, txt2img):
 
 
 def test_abandoned_run_cancels_its_job(server, txt2img):
+    import json
+
     import grpc
 
-    from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
-    import json
+    from plinth.clients.v1 import graph_service_pb2 as gs
+    from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
 
     channel = grpc.insecure_channel(server.address)
     stream = gs_grpc.GraphServiceStub(channel).Run(gs.SubmitRequest(graph_json=json.dumps(long_graph(txt2img, 1717))))

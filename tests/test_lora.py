@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from support import files, lora_files
+from support.lora_files import kohya, old_diffusers, peft, random_lora, tiny_modules
 from torch import nn
 
 from plinth.clients import JobFailed
@@ -17,8 +19,6 @@ from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.lora import LoraPatch, parse_lora, read_lora
 from plinth.nodes.models.tiny_sd import TEXT, UNET
 from plinth.nodes.patches import patched
-from support import files, lora_files
-from support.lora_files import kohya, old_diffusers, peft, random_lora, tiny_modules
 
 SEED = 7070  # a seed no other test file samples with, so its base images are this file's own
 
@@ -47,7 +47,9 @@ def test_every_layout_resolves_to_the_models_module_paths(layout):
         "old_diffusers": (old_diffusers(weights), None),
     }[layout]
     lora = parse_lora(state, metadata, "test.safetensors")
-    assert lora.nbytes() == sum(4 * (l.down.numel() + l.up.numel()) for ls in weights.values() for l in ls.values())
+    assert lora.nbytes() == sum(
+        4 * (layer.down.numel() + layer.up.numel()) for ls in weights.values() for layer in ls.values()
+    )
     modules = tiny_modules()
     for part, layers in weights.items():
         resolved = lora.resolve(part, modules[part])
@@ -60,7 +62,7 @@ def test_every_layout_resolves_to_the_models_module_paths(layout):
 
 def test_text_encoder_paths_resolve_with_or_without_text_model():
     weights = random_lora(seed=1, parts=("text_encoder",))
-    bare = {"text_encoder": {real_path("text_encoder", p): l for p, l in weights["text_encoder"].items()}}
+    bare = {"text_encoder": {real_path("text_encoder", p): layer for p, layer in weights["text_encoder"].items()}}
     encoder = tiny_modules()["text_encoder"]
     a = parse_lora(kohya(weights)).resolve("text_encoder", encoder)
     b = parse_lora(kohya(bare)).resolve("text_encoder", encoder)
@@ -77,7 +79,7 @@ def test_alpha_from_peft_metadata_pattern_and_defaults():
     }
     config = {"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_k": 2}}
     lora = parse_lora(state, {"lora_adapter_metadata": json.dumps(config)})
-    scales = {p.rsplit(".", 1)[1]: l.scale for p, l in lora.layers["unet"].items()}
+    scales = {p.rsplit(".", 1)[1]: layer.scale for p, layer in lora.layers["unet"].items()}
     assert scales == {"to_q": 8 / 4, "to_k": 2 / 4}
     assert parse_lora(state).layers["unet"][f"{path}.to_q"].scale == 1.0  # no alpha anywhere: alpha = rank
 
@@ -194,8 +196,9 @@ def test_hooks_equal_merged_weights_stack_and_leave_no_trace(part):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     base = _forward(part, module)
     one, two = random_lora(seed=1, rank=4, alpha=2.0), random_lora(seed=2, rank=2, alpha=1.0)
-    patch_one = LoraPatch(ModelHandle("loras/one", lambda lora=parse_lora(kohya(one)): lora), 0.8, part)
-    patch_two = LoraPatch(ModelHandle("loras/two", lambda lora=parse_lora(*peft(two)): lora), -1.5, part)
+    lora_one, lora_two = parse_lora(kohya(one)), parse_lora(*peft(two))
+    patch_one = LoraPatch(ModelHandle("loras/one", lambda: lora_one), 0.8, part)
+    patch_two = LoraPatch(ModelHandle("loras/two", lambda: lora_two), -1.5, part)
     ctx = FakeContext()
 
     with patched(ctx, [patch_one], module):
@@ -218,7 +221,8 @@ def test_hooks_equal_merged_weights_stack_and_leave_no_trace(part):
 def test_hooks_come_off_when_the_block_raises():
     module = _real_models()["text_encoder"]
     weights = random_lora(seed=1, parts=("text_encoder",))
-    patch = LoraPatch(ModelHandle("loras/one", lambda lora=parse_lora(kohya(weights)): lora), 1.0, "text_encoder")
+    lora = parse_lora(kohya(weights))
+    patch = LoraPatch(ModelHandle("loras/one", lambda: lora), 1.0, "text_encoder")
     with pytest.raises(RuntimeError, match="boom"), patched(FakeContext(), [patch], module):
         assert any(m._forward_hooks for m in module.modules())
         raise RuntimeError("boom")
@@ -275,7 +279,7 @@ def pixels(client, graph: dict) -> list[np.ndarray]:
 
 
 def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=False))
 
 
 def unet_checksum(server) -> str:

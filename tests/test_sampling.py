@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plinth.nodes.samplers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 from plinth.nodes.models.checkpoint import SD15_CONFIG
+from plinth.nodes.samplers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 
 BASE = {
     "beta_start": 0.00085,
@@ -27,8 +27,9 @@ def run(service, graph):
 
 
 def images(job):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     return [np.asarray(Image.open(io.BytesIO(i.png)), dtype=np.float32) / 255 for i in job.outputs]
 

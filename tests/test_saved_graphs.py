@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import GRAPHS, node_output
+from PIL import Image
 from support import files
 from support.saved_graphs import INPUTS, product_photo, reference_photo, write_graph_models
+
 from plinth.nodes.resize import resize_image
 
 SAVED = sorted(p.name for p in GRAPHS.glob("*.json"))
@@ -42,7 +42,7 @@ def test_every_saved_graph_runs_and_is_described(client, graph_models, name):
 
 def outputs_by_prefix(result) -> dict[str, list[Image.Image]]:
     found: dict[str, list[Image.Image]] = {}
-    for ref, image in zip((r for r in result.image_refs if r.png), result.images):
+    for ref, image in zip((r for r in result.image_refs if r.png), result.images, strict=False):
         found.setdefault(ref.filename.rsplit("_", 1)[0], []).append(image)
     return found
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import files, upscaler_files
 
 from plinth.clients import JobFailed, PlinthError
 from plinth.nodes.context import JobCancelled, NodeInputError
 from plinth.nodes.upscale import load_upscaler, upscale_image, upscale_tiled
-from support import files, upscaler_files
 
 ESRGAN = "tiny-RealESRGAN_x4plus.safetensors"
 COMPACT = "tiny-realesr-compact-x4.safetensors"
@@ -53,7 +53,10 @@ def run_graph(client, nodes: dict, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Run `nodes` plus a LoadImage "in" of `pixels`; the saved images by SaveImage node id."""
     graph = {"in": {"class_type": "LoadImage", "inputs": {"image": "in.png"}}, **nodes}
     result = client.run(graph, inputs={"in.png": png(pixels)})
-    return {ref.node_id: np.asarray(image.convert("RGB")) for ref, image in zip(result.image_refs, result.images)}
+    return {
+        ref.node_id: np.asarray(image.convert("RGB"))
+        for ref, image in zip(result.image_refs, result.images, strict=False)
+    }
 
 
 def save(source: str) -> dict:

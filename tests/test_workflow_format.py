@@ -86,7 +86,7 @@ def test_object_links_of_schema_version_1_convert_like_arrays(expected):
     workflow = load("txt2img.json")
     workflow["version"] = 1
     workflow["links"] = [
-        dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link))
+        dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), link, strict=False))
         for link in workflow["links"]
     ]
     assert to_api_format(workflow, NODES) == expected

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import grpc
 
@@ -25,10 +25,14 @@ from plinth.clients.results import (
     error_from_rpc,
     submit_request,
 )
-from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
-from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
-from plinth.clients.v1 import model_service_pb2 as ms, model_service_pb2_grpc as ms_grpc
-from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
+from plinth.clients.v1 import asset_service_pb2 as asp
+from plinth.clients.v1 import asset_service_pb2_grpc as asp_grpc
+from plinth.clients.v1 import graph_service_pb2 as gs
+from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import model_service_pb2 as ms
+from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
+from plinth.clients.v1 import node_service_pb2 as ns
+from plinth.clients.v1 import node_service_pb2_grpc as ns_grpc
 
 
 class AsyncClient:
@@ -166,7 +170,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -23,9 +23,9 @@ A server that needs a token and TLS:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Union
 
 import grpc
 
@@ -38,15 +38,19 @@ from plinth.clients.results import (
     error_from_rpc,
     submit_request,
 )
-from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
-from plinth.clients.v1 import graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
-from plinth.clients.v1 import model_service_pb2 as ms, model_service_pb2_grpc as ms_grpc
-from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
+from plinth.clients.v1 import asset_service_pb2 as asp
+from plinth.clients.v1 import asset_service_pb2_grpc as asp_grpc
+from plinth.clients.v1 import graph_service_pb2 as gs
+from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import model_service_pb2 as ms
+from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
+from plinth.clients.v1 import node_service_pb2 as ns
+from plinth.clients.v1 import node_service_pb2_grpc as ns_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
 # Bytes per Upload message: far below gRPC's default 4 MiB message limit.
 CHUNK_BYTES = 1 << 20
-UploadSource = Union[bytes, str, Path]
+UploadSource = bytes | str | Path
 
 
 def upload_chunks(
@@ -276,7 +280,7 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

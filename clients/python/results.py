@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import grpc
 from PIL import Image
 
-from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs
+from plinth.clients.v1 import common_pb2
+from plinth.clients.v1 import graph_service_pb2 as gs
 
-GraphLike = Union[Mapping[str, Any], str, Path]
-ImageLike = Union[bytes, str, Path, Image.Image]
+GraphLike = Mapping[str, Any] | str | Path
+ImageLike = bytes | str | Path | Image.Image
 STATUS_NAMES = {
     common_pb2.JOB_STATUS_QUEUED: "queued",
     common_pb2.JOB_STATUS_RUNNING: "running",
@@ -37,12 +39,12 @@ class PlinthError(Exception):
 class JobFailed(PlinthError):
     """A job that ended failed or cancelled; `result` holds what it did produce."""
 
-    def __init__(self, result: "RunResult") -> None:
+    def __init__(self, result: RunResult) -> None:
         self.result = result
         super().__init__(result.status.upper(), result.error or result.status)
 
 
-def checked(result: "RunResult", check: bool) -> "RunResult":
+def checked(result: RunResult, check: bool) -> RunResult:
     """The result, or JobFailed when asked to check and the job did not complete."""
     if check and result.status != "completed":
         raise JobFailed(result)

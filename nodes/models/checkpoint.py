@@ -58,7 +58,7 @@ class StableDiffusion:
             p.numel() * p.element_size() for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters()
         )
 
-    def to(self, device: torch.device | str) -> "StableDiffusion":
+    def to(self, device: torch.device | str) -> StableDiffusion:
         """Move the weights to `device` in place (the model manager offloads to the CPU and
         back); the dtype and every module object stay the same, so hooks and processors hold."""
         for module in (self.unet, self.vae, self.text_encoder):

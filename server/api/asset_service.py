@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 from PIL import Image
 
-from plinth.clients.v1 import asset_service_pb2 as asp, asset_service_pb2_grpc as asp_grpc
+from plinth.clients.v1 import asset_service_pb2 as asp
+from plinth.clients.v1 import asset_service_pb2_grpc as asp_grpc
 from plinth.server.service import ImageRefused, PlinthService, check_image
 from plinth.server.workspace import ASSET_FORMATS, is_sha256
 

@@ -6,7 +6,9 @@ import json
 import math
 from collections.abc import Callable, Iterator
 
-from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, node_service_pb2 as ns
+from plinth.clients.v1 import common_pb2
+from plinth.clients.v1 import graph_service_pb2 as gs
+from plinth.clients.v1 import node_service_pb2 as ns
 from plinth.nodes.context import ImageRef
 from plinth.nodes.schema import Choice, Float, Int, NodeSchema, String
 from plinth.server.engine import events as ev
@@ -143,7 +145,7 @@ def node_schema(schema: NodeSchema, choices) -> ns.NodeSchema:
     for spec in schema.inputs:
         item = ns.InputSchema(name=spec.name, type=spec.type, required=not spec.optional, tooltip=spec.tooltip)
         if spec.has_default:
-            item.default_json = json.dumps(getattr(spec, "default"))
+            item.default_json = json.dumps(spec.default)
         if isinstance(spec, (Int, Float)):
             for bound in ("min", "max", "step"):
                 value = getattr(spec, bound)

@@ -11,7 +11,6 @@ from plinth.clients.v1 import common_pb2
 from plinth.server.api import convert
 from plinth.server.engine.graph import GraphValidationError
 
-
 # Status details travel in trailing metadata, which clients cap (8 KiB soft, 16 KiB hard by
 # default); past the cap a client sees RESOURCE_EXHAUSTED and no errors at all.
 DETAILS_BUDGET = 4000  # bytes before base64

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 from PIL import Image
 
-from plinth.clients.v1 import common_pb2, graph_service_pb2 as gs, graph_service_pb2_grpc as gs_grpc
+from plinth.clients.v1 import common_pb2
+from plinth.clients.v1 import graph_service_pb2 as gs
+from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
 from plinth.server.api import convert
 from plinth.server.api.errors import invalid_graph, queue_full
 from plinth.server.engine import events as ev

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import torch
 
-from plinth.clients.v1 import model_service_pb2 as ms, model_service_pb2_grpc as ms_grpc
+from plinth.clients.v1 import model_service_pb2 as ms
+from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.schema import Choice, Node
 from plinth.server.models.manager import ModelTooLarge
@@ -95,7 +97,7 @@ def _node_inputs(cls: type[Node], input_name: str, name: str) -> dict[str, Any]:
             if not spec.optional:
                 inputs[spec.name] = None
         elif spec.has_default:
-            inputs[spec.name] = spec.coerce(getattr(spec, "default"))
+            inputs[spec.name] = spec.coerce(spec.default)
         elif isinstance(spec, Choice) and spec.options:
             inputs[spec.name] = spec.options[0]
         elif not spec.optional:

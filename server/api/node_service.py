@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from plinth.clients.v1 import node_service_pb2 as ns, node_service_pb2_grpc as ns_grpc
+from plinth.clients.v1 import node_service_pb2 as ns
+from plinth.clients.v1 import node_service_pb2_grpc as ns_grpc
 from plinth.server.api import convert
 from plinth.server.service import PlinthService
 

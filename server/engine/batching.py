@@ -139,7 +139,7 @@ class Lockstep:
                     outputs = [one.unet(one.sample, one.timestep, encoder_hidden_states=one.context).sample]
                 else:
                     rows = [c.sample.shape[0] for c in group]
-                    timesteps = torch.cat([c.timestep.reshape(-1).expand(n) for c, n in zip(group, rows)])
+                    timesteps = torch.cat([c.timestep.reshape(-1).expand(n) for c, n in zip(group, rows, strict=False)])
                     out = (
                         group[0]
                         .unet(
@@ -150,7 +150,7 @@ class Lockstep:
                         .sample
                     )
                     outputs = list(out.split(rows))
-            for call, output in zip(group, outputs):
+            for call, output in zip(group, outputs, strict=False):
                 call.result = output
         except BaseException as exc:  # every job in the batch fails with the same cause
             log.exception("batched UNet forward over %d call(s) failed", len(group))

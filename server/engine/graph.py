@@ -78,7 +78,9 @@ def load_json(source: str | bytes | dict[str, Any]) -> Any:
     try:
         return json.loads(source)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise GraphValidationError([GraphError("", "", "", "invalid_json", f"graph is not valid JSON: {exc}")])
+        raise GraphValidationError(
+            [GraphError("", "", "", "invalid_json", f"graph is not valid JSON: {exc}")]
+        ) from None
 
 
 def parse_graph(source: str | bytes | dict[str, Any]) -> Graph:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import networkx as nx
 
@@ -117,7 +118,7 @@ def _check_limits(graph: Graph, planned: dict[str, PlannedNode], limits: Limits)
             if isinstance(spec, Int) and spec.limit and spec.name in node.literals
         }
 
-        def over(kind: str, maximum: int, what: str) -> None:
+        def over(kind: str, maximum: int, what: str, node=node, tagged=tagged) -> None:
             if kind in tagged and tagged[kind][1] > maximum:
                 name, value = tagged[kind]
                 exceeded.append(
@@ -180,7 +181,7 @@ def _check_node(
         value = inputs.get(spec.name, _MISSING)
         if value is _MISSING:
             if spec.has_default:
-                literals[spec.name] = spec.coerce(getattr(spec, "default"))
+                literals[spec.name] = spec.coerce(spec.default)
             elif not spec.optional:
                 error(spec.name, "required_input_missing", "required input is missing")
             continue

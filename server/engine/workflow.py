@@ -12,8 +12,9 @@ short widget lists) together in one GraphValidationError, so one round trip show
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from plinth.nodes.schema import Choice, Int, Node
 from plinth.server.engine.graph import GraphError, GraphValidationError
@@ -268,7 +269,7 @@ def _widget_values(
         return values, f"widgets_values has no value for {', '.join(missing)}" if missing else ""
     stored = stored or []
     layout = _widget_layout(node_cls)
-    values = {name: value for (name, is_input), value in zip(layout, stored) if is_input}
+    values = {name: value for (name, is_input), value in zip(layout, stored, strict=False) if is_input}
     missing = [name for name in widgets if name not in values and name not in linked]
     if not missing:
         return values, ""

@@ -11,16 +11,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
 from plinth.server.engine.executor import NodeRun
 from plinth.server.engine.validate import ExecutionPlan
 from plinth.server.workspace import JobResources
-
 
 # The events a results-only watcher gets.
 RESULTS = (ev.Output, *ev.TERMINAL)
@@ -43,9 +43,9 @@ class JobJournal(Protocol):
 
     def event(self, event: ev.Event) -> None: ...
 
-    def started(self, job: "Job") -> None: ...
+    def started(self, job: Job) -> None: ...
 
-    def finished(self, job: "Job", status: JobStatus, event: ev.Event) -> None: ...
+    def finished(self, job: Job, status: JobStatus, event: ev.Event) -> None: ...
 
 
 # Why a running job stopped when the caller gave no reason (CancelJob, an abandoned Run).
@@ -69,7 +69,7 @@ class Job:
     journal: JobJournal | None = None
     # Called with (job, event) after each event is added, under the job's lock: keep them quick
     # (metrics). The service passes its own list, so observers added later see every job.
-    observers: list[Callable[["Job", ev.Event], None]] = field(default_factory=list, repr=False)
+    observers: list[Callable[[Job, ev.Event], None]] = field(default_factory=list, repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
     created_at: float = field(default_factory=time.time)

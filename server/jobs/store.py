@@ -31,9 +31,10 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Iterable, get_args
+from typing import Any, get_args
 
 from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev

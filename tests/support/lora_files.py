@@ -116,7 +116,10 @@ def peft(weights: Weights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     state: dict[str, torch.Tensor] = {}
     config: dict[str, object] = {}
     for part, layers in weights.items():
-        (alpha,), (rank,) = {l.alpha for l in layers.values()}, {l.down.shape[0] for l in layers.values()}
+        (alpha,), (rank,) = (
+            {layer.alpha for layer in layers.values()},
+            {layer.down.shape[0] for layer in layers.values()},
+        )
         config.update({f"{part}.lora_alpha": alpha, f"{part}.r": rank})
         for path, layer in layers.items():
             state[f"{part}.{path}.lora_A.weight"] = layer.down

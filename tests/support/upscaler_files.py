@@ -8,7 +8,6 @@ exactly as it would the originals (nothing here uses spandrel's own modules to m
 
 from __future__ import annotations
 
-
 import torch
 
 # spandrel builds every RRDB with 32 growth channels, so real files and these share that width.
