@@ -23,8 +23,8 @@ from support.sd_original_layout import build_random_sd, small_sd15_configs, to_o
 
 from plinth.clients import AsyncClient, Client, PlinthError
 from plinth.clients.v1 import asset_service_pb2 as asp
-from plinth.server import cli
 from plinth.server.app import PlinthServer
+from plinth.server.cli.main import main as cli_main
 from plinth.server.config import Config, Limits
 
 MiB = 1 << 20
@@ -475,10 +475,10 @@ def test_uploads_and_model_calls_need_the_token_when_the_server_wants_one(models
 def test_cli_upload_and_models_commands(server, client, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     photo.write_bytes(encoded(np.random.default_rng(3).integers(0, 256, (32, 24, 3), dtype=np.uint8)))
-    assert cli.main(["upload", str(photo), "--server", server.address]) == 0
+    assert cli_main(["upload", str(photo), "--server", server.address]) == 0
     asset_id = capsys.readouterr().out.strip()
     assert asset_id == hashlib.sha256(photo.read_bytes()).hexdigest()
-    assert cli.main(["upload", str(photo), "--server", server.address, "--json"]) == 0
+    assert cli_main(["upload", str(photo), "--server", server.address, "--json"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert described == {
         "id": asset_id,
@@ -490,32 +490,32 @@ def test_cli_upload_and_models_commands(server, client, tmp_path, capsys):
     }
     gif = tmp_path / "anim.gif"
     gif.write_bytes(encoded(np.zeros((4, 4, 3), np.uint8), "GIF"))
-    assert cli.main(["upload", str(gif), "--server", server.address]) == 1
+    assert cli_main(["upload", str(gif), "--server", server.address]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
 
-    assert cli.main(["models", "load", "checkpoints/tiny-sd", "--server", server.address]) == 0
+    assert cli_main(["models", "load", "checkpoints/tiny-sd", "--server", server.address]) == 0
     assert "checkpoints/tiny-sd" in capsys.readouterr().out
-    assert cli.main(["models", "list", "--server", server.address, "--json"]) == 0
+    assert cli_main(["models", "list", "--server", server.address, "--json"]) == 0
     rows = {(r["folder"], r["name"]): r for r in json.loads(capsys.readouterr().out)}
     assert rows[("checkpoints", "tiny-sd")]["loaded"] and rows[("checkpoints", "tiny-sd")]["loaded_bytes"] > 0
-    assert cli.main(["models", "list", "--server", server.address, "--folder", "checkpoints"]) == 0
+    assert cli_main(["models", "list", "--server", server.address, "--folder", "checkpoints"]) == 0
     line = next(row for row in capsys.readouterr().out.splitlines() if row.split()[0] == "checkpoints/tiny-sd")
     assert "loaded (" in line
-    assert cli.main(["models", "unload", "checkpoints/tiny-sd", "--server", server.address, "--json"]) == 0
+    assert cli_main(["models", "unload", "checkpoints/tiny-sd", "--server", server.address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loaded"] is False
 
-    assert cli.main(["models", "load", "checkpoints/../../etc/passwd", "--server", server.address]) == 1
+    assert cli_main(["models", "load", "checkpoints/../../etc/passwd", "--server", server.address]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
-    assert cli.main(["models", "load", "checkpoints/missing.safetensors", "--server", server.address]) == 1
+    assert cli_main(["models", "load", "checkpoints/missing.safetensors", "--server", server.address]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
-    assert cli.main(["models", "load", "checkpoints/tiny-sd"]) == 2  # no --server
-    assert cli.main(["models", "load", "tiny-sd", "--server", server.address]) == 2  # no folder
+    assert cli_main(["models", "load", "checkpoints/tiny-sd"]) == 2  # no --server
+    assert cli_main(["models", "load", "tiny-sd", "--server", server.address]) == 2  # no folder
     capsys.readouterr()
 
     local = ["--models", str(server.config.models_dir), "--data", str(tmp_path / "data")]
-    assert cli.main(["models", "list", *local]) == 0  # the local listing still works, without a server
+    assert cli_main(["models", "list", *local]) == 0  # the local listing still works, without a server
     assert "checkpoints/tiny-sd" in capsys.readouterr().out.split()
-    assert cli.main(["models", "list", "--json", *local]) == 0
+    assert cli_main(["models", "list", "--json", *local]) == 0
     assert ("checkpoints", "tiny-sd") in {(r["folder"], r["name"]) for r in json.loads(capsys.readouterr().out)}
 
 
@@ -523,9 +523,9 @@ def test_cli_upload_and_models_list_do_not_import_torch(server, tmp_path):
     photo = tmp_path / "p.png"
     photo.write_bytes(encoded(np.zeros((8, 8, 3), np.uint8)))
     code = (
-        "import sys; from plinth.server import cli; "
-        f"assert cli.main(['upload', {str(photo)!r}, '--server', '{server.address}']) == 0; "
-        f"assert cli.main(['models', 'list', '--server', '{server.address}']) == 0; "
+        "import sys; from plinth.server.cli.main import main; "
+        f"assert main(['upload', {str(photo)!r}, '--server', '{server.address}']) == 0; "
+        f"assert main(['models', 'list', '--server', '{server.address}']) == 0; "
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

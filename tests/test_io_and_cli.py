@@ -137,8 +137,8 @@ def test_cli_nodes_json_is_keyed_by_class_type(server):
 
 def test_client_commands_do_not_import_torch(server):
     code = (
-        "import sys; from plinth.server import cli; from plinth.clients import Client; "
-        f"cli.main(['nodes', '--server', '{server.address}']); "
+        "import sys; from plinth.server.cli.main import main; from plinth.clients import Client; "
+        f"main(['nodes', '--server', '{server.address}']); "
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
