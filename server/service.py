@@ -241,7 +241,7 @@ class PlinthService:
             queued = [j for j in self._jobs.values() if j.status == JobStatus.QUEUED]
         for job in queued:
             if self.queue.remove(job):
-                job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_QUEUED), STOPPED_QUEUED)
+                job.cancel(STOPPED_QUEUED)
         if self._worker is not None:
             self._join(time.monotonic() + grace)
             if self._busy():
@@ -257,7 +257,7 @@ class PlinthService:
                             job.id,
                             CANCEL_WAIT,
                         )
-                        job.finish(JobStatus.CANCELLED, ev.Cancelled(STOPPED_RUNNING), STOPPED_RUNNING)
+                        job.cancel(STOPPED_RUNNING)
         self.store.flush()
 
     def close(self) -> None:
@@ -325,8 +325,7 @@ class PlinthService:
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         if self.queue.remove(job):
-            job.request_cancel("cancelled while queued")
-            job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+            job.cancel("cancelled while queued")
         else:
             job.request_cancel()  # running: it stops at its next check; or it has just ended
         return job
@@ -336,12 +335,10 @@ class PlinthService:
         running one at its next check."""
         if job.status.terminal:
             return
-        reason = f"deadline exceeded ({job.deadline - job.created_at:.3g} s after submission)"
         if self.queue.remove(job):
-            job.request_cancel(reason)
-            job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+            job.cancel(job.deadline_reason)
         else:
-            job.request_cancel(reason)
+            job.request_cancel(job.deadline_reason)
 
     def jobs(
         self, statuses: Iterable[JobStatus] = (), limit: int = 100, before: int | None = None
@@ -366,7 +363,7 @@ class PlinthService:
             if self._stopping:  # taken just as stop() began: it never starts
                 job.request_cancel(STOPPED_QUEUED)
             if job.is_cancelled():  # by request, past its deadline while queued, or stopping
-                job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+                job.cancel()
                 self._release(job)
                 continue
             if self.lockstep is None:
@@ -422,18 +419,18 @@ class PlinthService:
                 result = self.executor.run(job.plan, job.resources, job, self.lockstep)
         except Exception as exc:  # the executor itself broke: record it, keep serving
             log.exception("job %s failed outside any node", job.id)
-            job.finish(JobStatus.FAILED, ev.Failed(str(exc), error_type=type(exc).__name__), str(exc))
+            job.fail(ev.Failed(str(exc), error_type=type(exc).__name__))
             return
         job.nodes, job.outputs = result.nodes, [i for i in result.images if i.kind == "output"]
         if result.status == "completed":
-            job.finish(JobStatus.COMPLETED, ev.Completed(time.perf_counter() - start))
+            job.complete(ev.Completed(time.perf_counter() - start))
         elif result.status == "cancelled":
-            job.finish(JobStatus.CANCELLED, ev.Cancelled(job.cancel_reason), job.cancel_reason)
+            job.cancel()
         else:
             failure = result.failure or ev.Failed("failed")
             if failure.error_type == "OutOfMemoryError":  # give the next job the memory back
                 self.models.free_memory()
-            job.finish(JobStatus.FAILED, failure, failure.message)
+            job.fail(failure)
         log.info("job %s %s in %.3f s", job.id, job.status.value, time.perf_counter() - start)
 
     def _prune(self) -> None:

@@ -106,8 +106,13 @@ class Job:
 
     def is_cancelled(self) -> bool:
         if self.deadline and not self._cancel.is_set() and time.time() > self.deadline:
-            self.request_cancel(f"deadline exceeded ({self.deadline - self.created_at:.3g} s after submission)")
+            self.request_cancel(self.deadline_reason)
         return self._cancel.is_set()
+
+    @property
+    def deadline_reason(self) -> str:
+        """Why a job past its deadline was cancelled (the deadline's one wording)."""
+        return f"deadline exceeded ({self.deadline - self.created_at:.3g} s after submission)"
 
     # lifecycle
 
@@ -123,7 +128,23 @@ class Job:
         if self.journal is not None:
             self.journal.started(self)
 
-    def finish(self, status: JobStatus, terminal: ev.EventPayload, error: str = "") -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        """End the job cancelled, with `reason` (also asking a node still running to stop), or
+        without one the reason its cancellation was requested with (request_cancel)."""
+        if reason is None:
+            reason = self.cancel_reason
+        else:
+            self.request_cancel(reason)
+        self._finish(JobStatus.CANCELLED, ev.Cancelled(reason), reason)
+
+    def fail(self, failure: ev.Failed) -> None:
+        """End the job failed; its error is the failure's message."""
+        self._finish(JobStatus.FAILED, failure, failure.message)
+
+    def complete(self, summary: ev.Completed) -> None:
+        self._finish(JobStatus.COMPLETED, summary)
+
+    def _finish(self, status: JobStatus, terminal: ev.EventPayload, error: str = "") -> None:
         """Record the final status, then send the one terminal event. The journal has it on disk
         before the status turns terminal here, so nothing (a watcher, eviction from memory) sees
         an end the store could lose."""
