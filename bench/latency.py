@@ -45,7 +45,7 @@ def measure(path: str, runs: int) -> dict[str, float]:
     from plinth.server.config import Config
     from plinth.server.engine.graph import parse_graph
     from plinth.server.engine.validate import validate
-    from plinth.server.workspace import JobResources
+    from plinth.server.jobs.resources import JobResources
 
     graph = json.loads(read("txt2img.json"))
     seeds = itertools.count(1)
@@ -57,7 +57,7 @@ def measure(path: str, runs: int) -> dict[str, float]:
         def in_process(seed: int | None) -> None:
             if seed is not None:
                 graph["3"]["inputs"]["seed"] = seed
-            resources = JobResources(service.workspace, service.models, {})
+            resources = JobResources(service.folders, service.assets, service.models)
             plan = validate(parse_graph(graph), service.registry, resources)
             assert service.executor.run(plan, resources, Sink()).status == "completed"
 

@@ -309,16 +309,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _list_local_models(args: argparse.Namespace) -> int:
-    from plinth.server.workspace import MODEL_FOLDERS, Workspace
+    from plinth.server.storage.model_folders import MODEL_FOLDERS, ModelFolders
 
     config = _config(args)
     if args.folder and args.folder not in MODEL_FOLDERS:
         return _usage(f"models list: unknown folder {args.folder!r}; the folders are {', '.join(MODEL_FOLDERS)}")
-    workspace = Workspace(config.models_dir, config.data_dir, allow_pickle=config.allow_pickle)
+    folders = ModelFolders(config.models_dir, config.data_dir, allow_pickle=config.allow_pickle)
     rows = [
         {"folder": folder, "name": name, "size_bytes": size}
         for folder in ([args.folder] if args.folder else MODEL_FOLDERS)
-        for name, size, _ in workspace.describe_models(folder)
+        for name, size, _ in folders.describe_models(folder)
     ]
     if args.json:
         print(json.dumps(rows))

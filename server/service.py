@@ -36,10 +36,12 @@ from plinth.server.engine.validate import LimitExceeded, validate
 from plinth.server.engine.workflow import is_editor_workflow, to_api_format
 from plinth.server.jobs.job import Job, JobStatus, stopped_reason
 from plinth.server.jobs.queue import JobQueue
+from plinth.server.jobs.resources import JobResources
 from plinth.server.jobs.store import JobStore
 from plinth.server.logs import job_context
 from plinth.server.models.manager import ModelManager
-from plinth.server.workspace import JobResources, Workspace
+from plinth.server.storage.assets import AssetStore
+from plinth.server.storage.model_folders import ModelFolders
 
 log = logging.getLogger("plinth.service")
 
@@ -189,7 +191,8 @@ def check_request(graph: str | bytes | dict[str, Any], inputs: dict[str, bytes],
 class PlinthService:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.workspace = Workspace(config.models_dir, config.data_dir, allow_pickle=config.allow_pickle)
+        self.folders = ModelFolders(config.models_dir, config.data_dir, allow_pickle=config.allow_pickle)
+        self.assets = AssetStore(config.data_dir)
         self.device, self.dtype = pick_device(config.device, config.precision)
         self.batch_jobs = batch_jobs(config, self.device)
         offload = (config.offload_budget_bytes or _default_offload_budget()) if self.device.type != "cpu" else 0
@@ -219,7 +222,7 @@ class PlinthService:
         self._slots = threading.Semaphore(self.batch_jobs)
         self.lockstep = Lockstep() if self.batch_jobs > 1 else None
         self.observers: list[Callable[[Job, ev.Event], None]] = []  # e.g. metrics
-        self.store = JobStore(self.workspace.data_dir / "jobs.sqlite3")
+        self.store = JobStore(self.assets.data_dir / "jobs.sqlite3")
         recovered = self.store.recover()
         if recovered:
             log.warning("%d job(s) the previous server left queued or running are marked failed", len(recovered))
@@ -280,7 +283,7 @@ class PlinthService:
         that long has passed since now, whether it is still queued or running."""
         inputs = dict(inputs or {})
         check_request(graph, inputs, self.config.limits)
-        resources = JobResources(self.workspace, self.models, inputs)
+        resources = JobResources(self.folders, self.assets, self.models, inputs)
         plan = validate(self.parse(graph), self.registry, resources, self.config.limits)
         job = Job(
             plan, resources, priority, omit_image_bytes=omit_image_bytes, journal=self.store, observers=self.observers

@@ -121,9 +121,9 @@ def test_a_12_mb_upload_in_chunks_reaches_load_image_exactly_and_the_output_down
         "PNG",
         "input",
     )
-    stored = small_server.service.workspace.inputs_dir / f"{asset.id}.png"
+    stored = small_server.service.assets.inputs_dir / f"{asset.id}.png"
     assert stored.read_bytes() == data
-    assert not list(small_server.service.workspace.inputs_dir.glob(".upload-*"))
+    assert not list(small_server.service.assets.inputs_dir.glob(".upload-*"))
 
     result = small_client.run(load_and_save(asset.id), omit_image_bytes=True)  # outputs too big to go inline
     assert result.status == "completed"
@@ -161,7 +161,7 @@ def test_upload_refuses_as_soon_as_max_upload_bytes_is_passed(small_server, smal
     with pytest.raises(PlinthError) as refused:
         small_client.upload(bytes(16 * MiB + 1))
     assert refused.value.code == "RESOURCE_EXHAUSTED"
-    assert not list(small_server.service.workspace.inputs_dir.glob(".upload-*")), "partial upload left behind"
+    assert not list(small_server.service.assets.inputs_dir.glob(".upload-*")), "partial upload left behind"
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -183,8 +183,8 @@ def test_gif_and_decompression_bombs_are_refused(server, client):
         with pytest.raises(PlinthError) as info:
             client.upload(bomb, name="bomb.png")
         assert info.value.code == "RESOURCE_EXHAUSTED" and "decompression bomb" in info.value.message
-        assert server.service.workspace.asset_path(hashlib.sha256(bomb).hexdigest()) is None
-    assert not list(server.service.workspace.inputs_dir.glob(".upload-*"))
+        assert server.service.assets.asset_path(hashlib.sha256(bomb).hexdigest()) is None
+    assert not list(server.service.assets.inputs_dir.glob(".upload-*"))
 
 
 def test_jpeg_and_webp_assets_load_by_id_and_are_choices(server, client):
@@ -193,7 +193,7 @@ def test_jpeg_and_webp_assets_load_by_id_and_are_choices(server, client):
         data = encoded(pixels, kind, quality=90)
         asset_id = client.upload(data, name=f"photo{suffix}")
         assert client.upload(data) == asset_id  # content-addressed: the same bytes are one asset
-        assert (server.service.workspace.inputs_dir / f"{asset_id}{suffix}").read_bytes() == data
+        assert (server.service.assets.inputs_dir / f"{asset_id}{suffix}").read_bytes() == data
         load_image = next(n for n in client.list_nodes() if n.class_type == "LoadImage")
         assert asset_id in load_image.inputs[0].choices
         result = client.run(load_and_save(asset_id))
@@ -319,7 +319,7 @@ def test_a_model_over_the_budget_is_resource_exhausted_with_the_sizes(small_clie
 def test_pickle_conversion_keeps_every_tensor_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from plinth.server.workspace import convert_pickle
+    from plinth.server.storage.model_folders import convert_pickle
 
     weight = torch.randn(6, 4)
     state = {
@@ -419,7 +419,7 @@ def test_allow_pickle_loads_checkpoints_weights_only_and_runs_no_code(permissive
 
     model = client.load_model("checkpoints", "small.ckpt")
     assert model.loaded and model.size_bytes == (root / "checkpoints" / "small.ckpt").stat().st_size
-    (converted,) = (server.service.workspace.data_dir / "converted" / "checkpoints").glob("*.safetensors")
+    (converted,) = (server.service.assets.data_dir / "converted" / "checkpoints").glob("*.safetensors")
     from safetensors.torch import load_file
 
     copy = load_file(converted)

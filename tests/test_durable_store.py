@@ -208,7 +208,7 @@ def test_stop_cancels_the_running_job_after_the_grace_period(local_server, txt2i
 
     local_server.stop(grace=0)
     local_server.service.close()
-    store = JobStore(local_server.service.workspace.data_dir / "jobs.sqlite3")
+    store = JobStore(local_server.service.assets.data_dir / "jobs.sqlite3")
     try:
         assert store.recover() == []  # nothing was left queued or running
         stored = store.load(job_id)

@@ -219,7 +219,7 @@ def test_preview_images_are_streamed_but_not_kept_as_outputs(server, client, txt
     assert [r.kind for r in result.image_refs] == ["preview", "preview"]
     assert len(result.images) == 2
     assert not client.get_job(result.job_id).outputs
-    assert all(server.service.workspace.read_image(r.id) is None for r in result.image_refs)
+    assert all(server.service.assets.read_image(r.id) is None for r in result.image_refs)
 
 
 def test_reflection_lists_the_services(server):

@@ -3,7 +3,7 @@
 Upload streams into a hidden file in data/inputs while hashing, refuses as soon as the bytes
 pass limits.max_upload_bytes, then checks the file by the same rules as images sent inline
 (plinth.server.service.check_image) and moves it to data/inputs/<sha256>.<png|jpg|webp>. A
-graph's LoadImage names it by that sha256 (the asset id); see Workspace.choices and
+graph's LoadImage names it by that sha256 (the asset id); see AssetStore.input_names and
 JobResources.input_image. Download streams a stored output image or an uploaded asset.
 """
 
@@ -19,7 +19,7 @@ from PIL import Image
 from plinth.clients.v1 import asset_service_pb2 as asp
 from plinth.clients.v1 import asset_service_pb2_grpc as asp_grpc
 from plinth.server.service import ImageRefused, PlinthService, check_image
-from plinth.server.workspace import ASSET_FORMATS, is_sha256
+from plinth.server.storage.assets import ASSET_FORMATS, is_sha256
 
 log = logging.getLogger("plinth.assets")
 
@@ -33,8 +33,8 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
 
     def Upload(self, request_iterator: Iterator[asp.UploadChunk], context: grpc.ServicerContext) -> asp.Asset:
         limits = self.service.config.limits
-        workspace = self.service.workspace
-        partial = workspace.upload_file()
+        assets = self.service.assets
+        partial = assets.upload_file()
         digest, size, name = hashlib.sha256(), 0, None
         try:
             with open(partial, "wb") as out:
@@ -81,7 +81,7 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
                 context.abort(code, str(exc))
                 raise  # abort raises; this line only satisfies type checkers
             asset_id = digest.hexdigest()
-            workspace.keep_asset(partial, asset_id, info.format)
+            assets.keep_asset(partial, asset_id, info.format)
         finally:
             partial.unlink(missing_ok=True)
         log.info(
@@ -103,7 +103,7 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"asset id {request.id[:80]!r} is not a sha256 (64 lower-case hex digits)",
             )
-        found = self.service.workspace.stored_file(request.id)
+        found = self.service.assets.stored_file(request.id)
         if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no stored image or uploaded asset {request.id!r}")
         path, kind = found

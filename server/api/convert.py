@@ -26,7 +26,7 @@ STATUS_TO_PB = {
 PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
 
 
-# Reads a stored output PNG by image id (Workspace.read_image); None when it is gone.
+# Reads a stored output PNG by image id (AssetStore.read_image); None when it is gone.
 ReadImage = Callable[[str], bytes | None]
 
 

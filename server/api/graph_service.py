@@ -79,7 +79,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
             return  # the caller has already gone
         max_inline = self.service.config.limits.max_message_bytes - (1 << 16)  # room for the envelope
         with_bytes = not job.omit_image_bytes
-        read_image = self.service.workspace.read_image
+        read_image = self.service.assets.read_image
         outputs: list[ev.Event] = []
         for event in job.watch(stop=gone, results_only=results_only):
             if results_only and isinstance(event.payload, ev.Output):
@@ -112,7 +112,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         yield from self._stream(job, context, request.results_only)
 
     def GetImage(self, request, context):
-        png = self.service.workspace.read_image(request.image_id)
+        png = self.service.assets.read_image(request.image_id)
         if png is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no stored image {request.image_id!r}")
         with Image.open(io.BytesIO(png)) as picture:

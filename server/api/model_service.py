@@ -25,9 +25,10 @@ from plinth.clients.v1 import model_service_pb2 as ms
 from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.schema import Choice, Node
+from plinth.server.jobs.resources import JobResources
 from plinth.server.models.manager import ModelTooLarge
 from plinth.server.service import PlinthService
-from plinth.server.workspace import MODEL_FOLDERS, JobResources, PickleRefused, UnknownModel, UnsafeModelName
+from plinth.server.storage.model_folders import MODEL_FOLDERS, PickleRefused, UnknownModel, UnsafeModelName
 
 log = logging.getLogger("plinth.models")
 
@@ -45,7 +46,7 @@ class _CaptureContext:
     but model() stops the node and hands back the handle instead of loading."""
 
     def __init__(self, service: PlinthService) -> None:
-        resources = JobResources(service.workspace, service.models, {})
+        resources = JobResources(service.folders, service.assets, service.models)
         self.device, self.dtype = service.device, service.dtype
         self.model_options = service.executor.model_options
         self.graph: dict[str, Any] = {}
@@ -146,12 +147,12 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         self.service = service
 
     def _describe(self, folder: str, name: str) -> ms.Model:
-        workspace = self.service.workspace
-        entry = {e.key: e for e in self.service.models.loaded()}.get(workspace.model_key(folder, name))
+        folders = self.service.folders
+        entry = {e.key: e for e in self.service.models.loaded()}.get(folders.model_key(folder, name))
         return ms.Model(
             folder=folder,
             name=name,
-            size_bytes=workspace.model_size(folder, name),
+            size_bytes=folders.model_size(folder, name),
             loaded=entry is not None,
             loaded_bytes=entry.nbytes if entry else 0,
             load_seconds=entry.load_seconds if entry else 0.0,
@@ -169,7 +170,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         """Abort unless `name` is a loadable model of `folder`."""
         self._folder(folder, context)
         try:
-            self.service.workspace.find_model(folder, name)
+            self.service.folders.find_model(folder, name)
         except UnsafeModelName as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UnknownModel as exc:
@@ -179,11 +180,11 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def ListModels(self, request, context):
         folders = [self._folder(request.folder, context)] if request.folder else list(MODEL_FOLDERS)
-        workspace = self.service.workspace
+        model_folders = self.service.folders
         loaded = {e.key: e for e in self.service.models.loaded()}
         models = []
         for folder in folders:
-            for name, size, key in workspace.describe_models(folder):
+            for name, size, key in model_folders.describe_models(folder):
                 entry = loaded.get(key)
                 models.append(
                     ms.Model(
@@ -228,7 +229,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         prefix = f"{folder}/{name}@"
         keys = [e.key for e in self.service.models.loaded() if e.key.startswith(prefix)]
         try:
-            self.service.workspace.find_model(folder, name)
+            self.service.folders.find_model(folder, name)
         except UnsafeModelName as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (UnknownModel, PickleRefused) as exc:

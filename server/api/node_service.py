@@ -5,6 +5,7 @@ from __future__ import annotations
 from plinth.clients.v1 import node_service_pb2 as ns
 from plinth.clients.v1 import node_service_pb2_grpc as ns_grpc
 from plinth.server.api import convert
+from plinth.server.jobs.resources import JobResources
 from plinth.server.service import PlinthService
 
 
@@ -13,7 +14,7 @@ class NodeServicer(ns_grpc.NodeServiceServicer):
         self.service = service
 
     def ListNodes(self, request, context):
-        choices = self.service.workspace.choices
+        choices = JobResources(self.service.folders, self.service.assets, self.service.models).choices
         return ns.ListNodesResponse(
             nodes=[convert.node_schema(cls.schema, choices) for cls in self.service.registry.values()]
         )

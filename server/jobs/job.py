@@ -20,7 +20,7 @@ from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
 from plinth.server.engine.executor import NodeRun
 from plinth.server.engine.validate import ExecutionPlan
-from plinth.server.workspace import JobResources
+from plinth.server.jobs.resources import JobResources
 
 # The events a results-only watcher gets.
 RESULTS = (ev.Output, *ev.TERMINAL)

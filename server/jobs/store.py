@@ -7,7 +7,7 @@ for their commit: a job's insert (Submit returns its id only once it is stored) 
 (no watcher sees a terminal event the store could lose). With synchronous=NORMAL a commit
 survives the process being killed; a power cut may lose the last transactions.
 
-Output images are not in the database: they are content-addressed files (Workspace.save_image),
+Output images are not in the database: they are content-addressed files (AssetStore.save_image),
 and stored Output events keep only each image's id, filename, size and kind. Preview bytes and
 the images uploaded with a request are not kept at all.
 
