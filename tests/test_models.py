@@ -95,7 +95,7 @@ def test_model_manager_shares_loads_and_evicts_least_recently_used():
 
 def test_model_names_stay_inside_the_models_dir(server):
     with pytest.raises(NodeInputError):
-        server.service.folders.model_path("checkpoints", "../../etc/passwd")
+        server.components.folders.model_path("checkpoints", "../../etc/passwd")
 
 
 def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
@@ -126,5 +126,5 @@ def test_a_checkpoint_replaced_under_the_same_name_is_loaded_anew(server, client
         os.utime(path, ns=(seed * 10**9, seed * 10**9))  # a distinct mtime even within one clock tick
         images.append([np.asarray(i) for i in client.run(txt2img).images])
     assert not np.array_equal(images[0][0], images[1][0])
-    loaded = [m.key for m in server.service.models.loaded() if m.key.startswith("checkpoints/swapped.safetensors@")]
+    loaded = [m.key for m in server.components.models.loaded() if m.key.startswith("checkpoints/swapped.safetensors@")]
     assert len(loaded) == 1  # the replaced file's weights were released

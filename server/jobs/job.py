@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
-from plinth.server.engine.executor import NodeRun
 from plinth.server.engine.validate import ExecutionPlan
-from plinth.server.jobs.resources import JobResources
+
+if TYPE_CHECKING:
+    from plinth.server.jobs.resources import JobResources
 
 # The events a results-only watcher gets.
 RESULTS = (ev.Output, *ev.TERMINAL)
@@ -68,7 +69,7 @@ class Job:
     deadline: float = 0.0
     journal: JobJournal | None = None
     # Called with (job, event) after each event is added, under the job's lock: keep them quick
-    # (metrics). The service passes its own list, so observers added later see every job.
+    # (metrics). The job manager passes its own list, so observers added later see every job.
     observers: list[Callable[[Job, ev.Event], None]] = field(default_factory=list, repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
@@ -78,7 +79,7 @@ class Job:
     error: str = ""
     outputs: list[ImageRef] = field(default_factory=list)
     output_nodes: dict[str, str] = field(default_factory=dict)  # image id -> the node that made it
-    nodes: dict[str, NodeRun] = field(default_factory=dict)
+    nodes: dict[str, ev.NodeRun] = field(default_factory=dict)
     events: list[ev.Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:

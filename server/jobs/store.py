@@ -38,7 +38,6 @@ from typing import Any, get_args
 
 from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
-from plinth.server.engine.executor import NodeRun
 from plinth.server.jobs.job import Job, JobStatus, stopped_reason
 
 log = logging.getLogger("plinth.store")
@@ -396,5 +395,5 @@ def _job(row: tuple) -> Job:
         error=error,
         outputs=[ImageRef(i["id"], i["filename"], i["width"], i["height"], b"", i["kind"]) for i in images],
         output_nodes={i["id"]: i["node_id"] for i in images},
-        nodes={k: NodeRun(**v) for k, v in json.loads(nodes).items()},
+        nodes={k: ev.NodeRun(**v) for k, v in json.loads(nodes).items()},
     )
