@@ -28,7 +28,7 @@ from plinth.server.jobs.queue import JobQueue
 from plinth.server.jobs.resources import JobResources
 from plinth.server.jobs.runner import JobRunner
 from plinth.server.jobs.store import JobStore
-from plinth.server.models.manager import ModelManager
+from plinth.server.model_manager import ModelManager
 from plinth.server.storage.assets import AssetStore
 from plinth.server.storage.model_folders import ModelFolders
 

@@ -13,7 +13,7 @@ from plinth.nodes.context import ModelHandle, ModelOptions
 from plinth.nodes.models import checkpoint
 from plinth.nodes.models.checkpoint import ModelSetupError, StableDiffusion, load_checkpoint, use_xformers
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.server.models.manager import ModelManager, ModelTooLarge, move_model
+from plinth.server.model_manager import ModelManager, ModelTooLarge, move_model
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")

@@ -9,7 +9,7 @@ from support.sd_original_layout import build_random_sd, small_sd15_configs, writ
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.server.models.manager import ModelManager, ModelTooLarge
+from plinth.server.model_manager import ModelManager, ModelTooLarge
 
 CPU = torch.device("cpu")
 

@@ -26,7 +26,7 @@ from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.schema import Choice, Node
 from plinth.server.components import Components
-from plinth.server.models.manager import ModelTooLarge
+from plinth.server.model_manager import ModelTooLarge
 from plinth.server.storage.model_folders import MODEL_FOLDERS, PickleRefused, UnknownModel, UnsafeModelName
 
 log = logging.getLogger("plinth.models")

@@ -12,7 +12,7 @@ import hashlib
 from typing import Any
 
 from plinth.nodes.context import ModelHandle, NodeInputError
-from plinth.server.models.manager import ModelManager
+from plinth.server.model_manager import ModelManager
 from plinth.server.storage.assets import AssetStore
 from plinth.server.storage.model_folders import MODEL_FOLDERS, ModelFolders
 

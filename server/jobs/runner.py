@@ -15,7 +15,7 @@ from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.executor import Executor
 from plinth.server.jobs.job import Job
 from plinth.server.logs import job_context
-from plinth.server.models.manager import ModelManager
+from plinth.server.model_manager import ModelManager
 
 log = logging.getLogger("plinth.jobs")
 
