@@ -12,7 +12,7 @@ batch 1, CPU, three ways:
 
   (a) diffusers: StableDiffusionPipeline loaded from the same diffusers folder (Euler with
       timestep_spacing "linspace", which is Plinth's "normal"), output_type "pil";
-  (b) Plinth in-process: PlinthService.submit(graph), then the job followed to its end;
+  (b) Plinth in-process: JobManager.submit(graph), then the job followed to its end;
   (c) Plinth over gRPC: PlinthServer on 127.0.0.1 and Client.run(graph).
 
 For each: the first run (model load included), one untimed run (two with --quick; a pipeline's
@@ -152,18 +152,18 @@ def with_seed(graph: dict, seed: int) -> dict:
 
 
 @contextlib.contextmanager
-def open_service(spec: dict) -> Iterator[Call]:
-    """(b): the service core in this process, no gRPC: submit, then follow the job's events."""
+def open_in_process(spec: dict) -> Iterator[Call]:
+    """(b): the server's components in this process, no gRPC: submit, then follow the job's events."""
     from PIL import Image
 
+    from plinth.server.components import build_components
     from plinth.server.jobs.job import JobStatus
-    from plinth.server.service import PlinthService
 
-    service = PlinthService(plinth_config(spec))
-    service.start()
+    jobs = build_components(plinth_config(spec)).jobs
+    jobs.start()
 
     def call(seed: int) -> Outcome:
-        job = service.submit(with_seed(spec["graph"], seed))
+        job = jobs.submit(with_seed(spec["graph"], seed))
         for _ in job.watch():  # returns after the terminal event
             pass
         assert job.status == JobStatus.COMPLETED, f"{job.status.value}: {job.error}"
@@ -173,8 +173,8 @@ def open_service(spec: dict) -> Iterator[Call]:
     try:
         yield call
     finally:
-        service.stop()
-        service.close()
+        jobs.stop()
+        jobs.close()
 
 
 @contextlib.contextmanager
@@ -199,7 +199,7 @@ def sampler_seconds(nodes: dict) -> float | None:
     return node.seconds if node is not None and node.status == "executed" else None
 
 
-OPENERS = {"a": open_diffusers, "b": open_service, "c": open_grpc}
+OPENERS = {"a": open_diffusers, "b": open_in_process, "c": open_grpc}
 
 
 def one_client(call: Call, seed: int, barrier: threading.Barrier, errors: list[Exception]) -> None:

@@ -45,21 +45,20 @@ def measure(path: str, runs: int) -> dict[str, float]:
     from plinth.server.config import Config
     from plinth.server.engine.graph import parse_graph
     from plinth.server.engine.validate import validate
-    from plinth.server.workspace import JobResources
 
     graph = json.loads(read("txt2img.json"))
     seeds = itertools.count(1)
     root = Path(tempfile.mkdtemp(prefix="plinth-bench-"))
     config = Config(models_dir=root / "models", data_dir=root / "data", device="cpu", port=0)
     with PlinthServer(config) as server, Client(server.address) as client:
-        service = server.service
+        parts = server.components
 
         def in_process(seed: int | None) -> None:
             if seed is not None:
                 graph["3"]["inputs"]["seed"] = seed
-            resources = JobResources(service.workspace, service.models, {})
-            plan = validate(parse_graph(graph), service.registry, resources)
-            assert service.executor.run(plan, resources, Sink()).status == "completed"
+            resources = parts.resources()
+            plan = validate(parse_graph(graph), parts.registry, resources)
+            assert parts.executor.run(plan, resources, Sink()).status == "completed"
 
         def over_grpc(seed: int | None) -> None:
             if seed is not None:

@@ -28,9 +28,9 @@ from plinth.server.api.auth import BearerTokenInterceptor
 from plinth.server.api.graph_service import GraphServicer
 from plinth.server.api.model_service import ModelServicer
 from plinth.server.api.node_service import NodeServicer
+from plinth.server.components import build_components
 from plinth.server.config import Auth, Config, ConfigError, tokens
 from plinth.server.metrics import Metrics
-from plinth.server.service import PlinthService
 
 log = logging.getLogger("plinth.server")
 # Threads beyond one per admissible job: the running job's stream, late watchers, unary calls.
@@ -103,7 +103,8 @@ def _server_credentials(auth: Auth) -> grpc.ServerCredentials | None:
 
 
 class PlinthServer:
-    """A running Plinth server: the service core plus a gRPC server bound to host:port.
+    """A running Plinth server: its components (server/components.py) behind a gRPC server bound
+    to host:port.
 
     Port 0 picks a free port; `port` tells which after start(). Each open Watch or Run stream
     holds one of the `thread for its job's life: the pool has room for every job the queue admits plus
@@ -117,7 +118,7 @@ class PlinthServer:
         accepted = _accepted_tokens(config)
         credentials = _server_credentials(config.auth)
         self.config = config
-        self.service = PlinthService(config)
+        self.components = build_components(config)
         self.metrics: Metrics | None = None
         self.metrics_port = 0
         self._stop_metrics: Callable[[], None] = lambda: None
@@ -132,10 +133,13 @@ class PlinthServer:
             max_workers=config.limits.max_queue + STREAM_HEADROOM, thread_name_prefix="plinth-rpc"
         )
         self.grpc = grpc.server(workers, options=options, interceptors=interceptors)
-        graph_service_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.service), self.grpc)
-        node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(self.service), self.grpc)
-        asset_service_pb2_grpc.add_AssetServiceServicer_to_server(AssetServicer(self.service), self.grpc)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.service), self.grpc)
+        parts = self.components
+        graph_servicer = GraphServicer(parts.jobs, parts.assets, config.limits)
+        graph_service_pb2_grpc.add_GraphServiceServicer_to_server(graph_servicer, self.grpc)
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(parts), self.grpc)
+        asset_servicer = AssetServicer(parts.assets, config.limits)
+        asset_service_pb2_grpc.add_AssetServiceServicer_to_server(asset_servicer, self.grpc)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(parts), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, *OPEN_SERVICES), self.grpc)
         target = f"{config.host}:{config.port}"
@@ -151,15 +155,15 @@ class PlinthServer:
         return f"{host}:{self.port}"
 
     def start(self) -> PlinthServer:
-        self.service.start()
+        self.components.jobs.start()
         self.grpc.start()
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port:
-            self.metrics = Metrics(self.service)
+            self.metrics = Metrics(self.components)
             self.metrics_port, self._stop_metrics = self.metrics.start_http(self.config.metrics_port, self.config.host)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
-        log.info("serving on %s (device %s)", self.address, self.service.device)
+        log.info("serving on %s (device %s)", self.address, self.components.device)
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -167,10 +171,10 @@ class PlinthServer:
         (default config.shutdown_grace) before it is cancelled and recorded; then the RPCs end,
         the job store is closed and the data directory released."""
         self.health.enter_graceful_shutdown()
-        self.service.stop(self.config.shutdown_grace if grace is None else grace)
+        self.components.jobs.stop(self.config.shutdown_grace if grace is None else grace)
         self.grpc.stop(1.0).wait()
         self._stop_metrics()
-        self.service.close()
+        self.components.jobs.close()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()

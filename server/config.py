@@ -22,7 +22,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_HOME = Path(os.environ.get("PLINTH_HOME", Path.home() / ".plinth"))
 
@@ -172,6 +175,69 @@ def _parse(raw: Any, kind: str, where: str) -> Any:
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+# The dtypes `precision` may name besides "auto" (torch's names).
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def pick_device(name: str, precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when there is one, for "auto") and the dtype models run in: float16 on
+    CUDA and float32 on the CPU unless `precision` names one (bfloat16 takes half the time of
+    float32 on this project's CPU and moves pixels by 0.84 levels of 255 on average, 8 at most:
+    bench/compare.py --compare-precision)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if precision == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if precision == "float16" and device.type == "cpu":
+        raise ConfigError("precision 'float16' is for CUDA; on the CPU use float32 or bfloat16")
+    return device, getattr(torch, precision)
+
+
+def batch_jobs(config: Config, device: torch.device) -> int:
+    """How many jobs may run side by side with their sampler steps batched: config.batch_jobs,
+    or for 0 (auto) 8 on CUDA and 1 on the CPU, where the UNet's cost grows linearly with the
+    batch and batching only adds latency (bench/compare.py measures both)."""
+    if config.batch_jobs < 0:
+        raise ConfigError(f"batch_jobs must be 0 (auto) or more, not {config.batch_jobs}")
+    return config.batch_jobs or (8 if device.type == "cuda" else 1)
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def model_budget(config: Config, device: torch.device) -> int:
+    """config.model_budget_bytes, or for 0 half of the memory models live in (the GPU's, or
+    RAM): room for weights beside activations and the output cache."""
+    if config.model_budget_bytes:
+        return config.model_budget_bytes
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[1] // 2
+    ram = _ram_bytes()
+    return 8 << 30 if ram is None else ram // 2
+
+
+def offload_budget(config: Config, device: torch.device) -> int:
+    """Host RAM for models moved off the device: none when the device is the CPU, else
+    config.offload_budget_bytes, or for 0 a quarter of RAM."""
+    if device.type == "cpu":
+        return 0
+    if config.offload_budget_bytes:
+        return config.offload_budget_bytes
+    ram = _ram_bytes()
+    return 4 << 30 if ram is None else ram // 4
 
 
 def tokens(auth: Auth) -> frozenset[str]:

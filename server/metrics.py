@@ -1,20 +1,20 @@
 """Prometheus metrics for a running server, on their own HTTP port.
 
-    metrics = Metrics(server.service)         # its own registry: several servers per process
+    metrics = Metrics(server.components)      # its own registry: several servers per process
     port, stop = metrics.start_http(9400, "0.0.0.0")   # GET /metrics; port 0 picks one
 
-The service does not import this module. Metrics learns about jobs in two ways:
+The server's components do not import this module. Metrics learns about jobs in two ways:
 
-- events: `observe(job, event)` is called with every event of every job (the service's
+- events: `observe(job, event)` is called with every event of every job (the job manager's
   observer hook calls it; see `attach`); counters and histograms are updated from them.
-- state: gauges and the cache/model counters are read from the service when scraped
+- state: gauges and the cache/model counters are read from the components when scraped
   (queue length, running jobs, output cache, model manager), so they are never stale.
 
 Names (all prefixed `plinth_`):
 
 | metric | type | labels | from |
 |---|---|---|---|
-| queue_depth | gauge | | len(service.queue) |
+| queue_depth | gauge | | len(components.jobs.queue) |
 | jobs_running | gauge | | jobs between Started and their terminal event |
 | jobs_queued_total | counter | | Queued events |
 | jobs_total | counter | status (completed, failed, cancelled) | terminal events |
@@ -23,12 +23,12 @@ Names (all prefixed `plinth_`):
 | job_queue_wait_seconds | histogram | | created to Started |
 | node_duration_seconds | histogram | class_type | NodeFinished.seconds |
 | node_executions_total | counter | class_type, outcome (executed, cached, failed) | NodeFinished, NodeCached, Failed |
-| cache_hits_total, cache_misses_total | counter | | service.cache |
-| cache_bytes, cache_max_bytes, cache_entries | gauge | | service.cache |
-| model_loads_total | counter | | service.models.loads |
-| model_memory_bytes, model_budget_bytes | gauge | | service.models |
-| model_offloaded_bytes | gauge | | service.models (models moved off the GPU to RAM) |
-| batched_forwards_total, batched_calls_total | counter | | service.lockstep (batch_jobs > 1): forwards, calls served |
+| cache_hits_total, cache_misses_total | counter | | components.cache |
+| cache_bytes, cache_max_bytes, cache_entries | gauge | | components.cache |
+| model_loads_total | counter | | components.models.loads |
+| model_memory_bytes, model_budget_bytes | gauge | | components.models |
+| model_offloaded_bytes | gauge | | components.models (models moved off the GPU to RAM) |
+| batched_forwards_total, batched_calls_total | counter | | components.lockstep (batch_jobs > 1): forwards, calls |
 | device_memory_allocated_bytes, device_memory_reserved_bytes | gauge | | torch.cuda, CUDA only |
 
 plus the standard `process_*` family (process_resident_memory_bytes is the RSS; Linux).
@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -53,10 +53,9 @@ from prometheus_client import (
     generate_latest,
     make_wsgi_app,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from plinth.server.engine import events as ev
+from plinth.server.metrics_state import StateCollector
 
 log = logging.getLogger("plinth.metrics")
 
@@ -95,15 +94,15 @@ Observer = Callable[[Any, ev.Event], None]
 class Metrics:
     """Everything Plinth exports, in a registry of its own (`self.registry`).
 
-    `service` (a PlinthService, or anything with the same attributes) is read at scrape time;
-    without one only the event-driven metrics and process_* are exported. With `subscribe`,
-    `attach` also appends `self.observe` to `service.observers` when the service has that list
-    (the hook), so events arrive without further wiring.
+    `components` (plinth.server.components.Components, or anything with the same attributes)
+    are read at scrape time; without them only the event-driven metrics and process_* are
+    exported. With `subscribe`, `attach` also appends `self.observe` to the job manager's
+    `observers` list (components.jobs.observers), so events arrive without further wiring.
     """
 
     def __init__(
         self,
-        service: Any = None,
+        components: Any = None,
         *,
         namespace: str = "plinth",
         process: bool = True,
@@ -112,7 +111,7 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.namespace = namespace
-        self.service: Any = None
+        self.components: Any = None
         buckets = tuple(buckets)
         r, ns = self.registry, namespace
         self.jobs_queued = Counter("jobs_queued", "Jobs accepted into the queue.", namespace=ns, registry=r)
@@ -159,24 +158,24 @@ class Metrics:
             self.jobs.labels(status)
         if process:
             ProcessCollector(registry=r)
-        self._collector = _ServiceCollector(self)
+        self._collector = StateCollector(self)
         r.register(self._collector)
-        if service is not None:
-            self.attach(service, subscribe=subscribe)
+        if components is not None:
+            self.attach(components, subscribe=subscribe)
 
-    def attach(self, service: Any, subscribe: bool = True) -> None:
-        """Export `service`'s state; with `subscribe`, observe its jobs' events through its
-        `observers` list when it has one."""
-        self.service = service
-        observers = getattr(service, "observers", None)
+    def attach(self, components: Any, subscribe: bool = True) -> None:
+        """Export the components' state; with `subscribe`, observe their jobs' events through
+        the job manager's `observers` list when it has one."""
+        self.components = components
+        observers = getattr(getattr(components, "jobs", None), "observers", None)
         if subscribe and isinstance(observers, list) and self.observe not in observers:
             observers.append(self.observe)
 
     def detach(self) -> None:
-        observers = getattr(self.service, "observers", None)
+        observers = getattr(getattr(self.components, "jobs", None), "observers", None)
         if isinstance(observers, list) and self.observe in observers:
             observers.remove(self.observe)
-        self.service = None
+        self.components = None
 
     # events
 
@@ -226,102 +225,6 @@ class Metrics:
     def start_http(self, port: int = 0, host: str = "127.0.0.1") -> tuple[int, Callable[[], None]]:
         """Serve GET /metrics from this registry on host:port; see `start_http`."""
         return start_http(self.registry, port, host)
-
-
-class _ServiceCollector(Collector):
-    """Reads the attached service's state when scraped."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        service = self._metrics.service
-        if service is None:
-            return
-        ns = self._metrics.namespace
-
-        def gauge(name: str, doc: str, value: Callable[[], float]) -> Iterator[Metric]:
-            try:
-                v = float(value())
-            except Exception:  # one unreadable value must not spoil the whole scrape
-                log.debug("metrics: could not read %s", name, exc_info=True)
-                return
-            family = GaugeMetricFamily(f"{ns}_{name}", doc)
-            family.add_metric([], v)
-            yield family
-
-        def counter(name: str, doc: str, value: Callable[[], float]) -> Iterator[Metric]:
-            try:
-                v = float(value())
-            except Exception:
-                log.debug("metrics: could not read %s", name, exc_info=True)
-                return
-            family = CounterMetricFamily(f"{ns}_{name}", doc)
-            family.add_metric([], v)
-            yield family
-
-        yield from gauge("queue_depth", "Jobs waiting in the queue.", lambda: len(service.queue))
-        cache = getattr(service, "cache", None)
-        if cache is not None:
-            yield from counter("cache_hits", "Output cache lookups that found the node's output.", lambda: cache.hits)
-            yield from counter("cache_misses", "Output cache lookups that ran the node.", lambda: cache.misses)
-            yield from gauge("cache_bytes", "Bytes held by the output cache.", lambda: cache.bytes_used)
-            yield from gauge("cache_max_bytes", "The output cache's byte budget.", lambda: cache.max_bytes)
-            yield from gauge("cache_entries", "Node outputs in the output cache.", lambda: len(cache))
-        models = getattr(service, "models", None)
-        if models is not None:
-            yield from counter(
-                "model_loads", "Models loaded (cache misses of the model manager).", lambda: models.loads
-            )
-            yield from gauge(
-                "model_memory_bytes",
-                "Bytes of loaded models (model manager).",
-                lambda: _retry(lambda: models.bytes_used),
-            )
-            yield from gauge("model_budget_bytes", "The model manager's byte budget.", lambda: models.budget_bytes)
-            yield from gauge(
-                "model_offloaded_bytes",
-                "Bytes of models moved off the device to RAM.",
-                lambda: _retry(lambda: models.offloaded_bytes),
-            )
-        lockstep = getattr(service, "lockstep", None)
-        if lockstep is not None:
-            yield from counter(
-                "batched_forwards",
-                "UNet forwards run for jobs side by side (batch_jobs > 1).",
-                lambda: lockstep.stats.forwards,
-            )
-            yield from counter(
-                "batched_calls",
-                "Sampler UNet calls those forwards served; calls / forwards is the mean batch.",
-                lambda: lockstep.stats.calls,
-            )
-        device = getattr(service, "device", None)
-        if getattr(device, "type", "") == "cuda":
-            import torch
-
-            yield from gauge(
-                "device_memory_allocated_bytes",
-                "Bytes of device memory torch has allocated.",
-                lambda: torch.cuda.memory_allocated(device),
-            )
-            yield from gauge(
-                "device_memory_reserved_bytes",
-                "Bytes of device memory torch's allocator holds.",
-                lambda: torch.cuda.memory_reserved(device),
-            )
-
-
-def _retry(read: Callable[[], float], tries: int = 3) -> float:
-    """ModelManager.bytes_used iterates its dict without the lock (taking the lock would wait out
-    a whole model load); a load or eviction meanwhile makes the iteration fail: read again."""
-    for attempt in range(tries):
-        try:
-            return read()
-        except RuntimeError:
-            if attempt == tries - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 # HTTP

@@ -72,8 +72,8 @@ def executed(result) -> set[str]:
 def node_output(server, job, node_id: str):
     """A node's output value in a finished job (its id or the client's result), from the
     server's output cache: the exact tensors, before any PNG encoding."""
-    job = server.service.get(getattr(job, "job_id", job))
+    job = server.components.jobs.get(getattr(job, "job_id", job))
     key = next(n.key for n in job.plan.nodes if n.id == node_id)
-    value = server.service.cache.get(key)
+    value = server.components.cache.get(key)
     assert value is not None, f"node {node_id} output not cached"
     return value

@@ -121,9 +121,9 @@ def test_a_12_mb_upload_in_chunks_reaches_load_image_exactly_and_the_output_down
         "PNG",
         "input",
     )
-    stored = small_server.service.workspace.inputs_dir / f"{asset.id}.png"
+    stored = small_server.components.assets.inputs_dir / f"{asset.id}.png"
     assert stored.read_bytes() == data
-    assert not list(small_server.service.workspace.inputs_dir.glob(".upload-*"))
+    assert not list(small_server.components.assets.inputs_dir.glob(".upload-*"))
 
     result = small_client.run(load_and_save(asset.id), omit_image_bytes=True)  # outputs too big to go inline
     assert result.status == "completed"
@@ -161,7 +161,7 @@ def test_upload_refuses_as_soon_as_max_upload_bytes_is_passed(small_server, smal
     with pytest.raises(PlinthError) as refused:
         small_client.upload(bytes(16 * MiB + 1))
     assert refused.value.code == "RESOURCE_EXHAUSTED"
-    assert not list(small_server.service.workspace.inputs_dir.glob(".upload-*")), "partial upload left behind"
+    assert not list(small_server.components.assets.inputs_dir.glob(".upload-*")), "partial upload left behind"
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -183,8 +183,8 @@ def test_gif_and_decompression_bombs_are_refused(server, client):
         with pytest.raises(PlinthError) as info:
             client.upload(bomb, name="bomb.png")
         assert info.value.code == "RESOURCE_EXHAUSTED" and "decompression bomb" in info.value.message
-        assert server.service.workspace.asset_path(hashlib.sha256(bomb).hexdigest()) is None
-    assert not list(server.service.workspace.inputs_dir.glob(".upload-*"))
+        assert server.components.assets.asset_path(hashlib.sha256(bomb).hexdigest()) is None
+    assert not list(server.components.assets.inputs_dir.glob(".upload-*"))
 
 
 def test_jpeg_and_webp_assets_load_by_id_and_are_choices(server, client):
@@ -193,7 +193,7 @@ def test_jpeg_and_webp_assets_load_by_id_and_are_choices(server, client):
         data = encoded(pixels, kind, quality=90)
         asset_id = client.upload(data, name=f"photo{suffix}")
         assert client.upload(data) == asset_id  # content-addressed: the same bytes are one asset
-        assert (server.service.workspace.inputs_dir / f"{asset_id}{suffix}").read_bytes() == data
+        assert (server.components.assets.inputs_dir / f"{asset_id}{suffix}").read_bytes() == data
         load_image = next(n for n in client.list_nodes() if n.class_type == "LoadImage")
         assert asset_id in load_image.inputs[0].choices
         result = client.run(load_and_save(asset_id))
@@ -236,7 +236,7 @@ def test_async_client_uploads_downloads_and_lists_models(server):
 
 
 def _loaded_keys(server) -> list[str]:
-    return [e.key for e in server.service.models.loaded()]
+    return [e.key for e in server.components.models.loaded()]
 
 
 def test_list_load_use_and_unload_tiny_sd(server, client, txt2img):
@@ -256,16 +256,16 @@ def test_list_load_use_and_unload_tiny_sd(server, client, txt2img):
 
     client.unload_model("checkpoints", "tiny-sd")
     assert not any(k.startswith("checkpoints/tiny-sd@") for k in _loaded_keys(server))
-    before = server.service.models.loads
+    before = server.components.models.loads
     model = client.load_model("checkpoints", "tiny-sd")
-    assert model.loaded and model.loaded_bytes > 1_000_000 and server.service.models.loads == before + 1
+    assert model.loaded and model.loaded_bytes > 1_000_000 and server.components.models.loads == before + 1
     assert next(m for m in client.list_models("checkpoints") if m.name == "tiny-sd").loaded
-    assert client.load_model("checkpoints/tiny-sd").loaded and server.service.models.loads == before + 1
+    assert client.load_model("checkpoints/tiny-sd").loaded and server.components.models.loads == before + 1
 
     txt2img["3"]["inputs"]["seed"] = 880_001  # a fresh seed, so the sampler runs on the model
     result = client.run(txt2img)
     assert result.nodes["3"].status == "executed"
-    assert server.service.models.loads == before + 1, "the graph loaded the model again"
+    assert server.components.models.loads == before + 1, "the graph loaded the model again"
 
     released = client.unload_model("checkpoints", "tiny-sd")
     assert not released.loaded and released.loaded_bytes == 0
@@ -273,7 +273,7 @@ def test_list_load_use_and_unload_tiny_sd(server, client, txt2img):
     assert not next(m for m in client.list_models("checkpoints") if m.name == "tiny-sd").loaded
     txt2img["3"]["inputs"]["seed"] = 880_002
     client.run(txt2img)
-    assert server.service.models.loads == before + 2  # released for real: the next graph loads it anew
+    assert server.components.models.loads == before + 2  # released for real: the next graph loads it anew
 
 
 def test_a_lora_loads_through_its_loader_node_and_graphs_use_that_copy(server, client, txt2img, models_dir):
@@ -282,7 +282,7 @@ def test_a_lora_loads_through_its_loader_node_and_graphs_use_that_copy(server, c
     client.load_model("checkpoints", "tiny-sd")
     model = client.load_model("loras", name)
     assert model.loaded and model.size_bytes == (models_dir / "loras" / name).stat().st_size
-    before = server.service.models.loads
+    before = server.components.models.loads
     txt2img["20"] = {
         "class_type": "LoraLoader",
         "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": name, "strength_model": 0.8, "strength_clip": 0.8},
@@ -290,7 +290,7 @@ def test_a_lora_loads_through_its_loader_node_and_graphs_use_that_copy(server, c
     txt2img["3"]["inputs"].update(model=["20", 0], seed=880_003)
     txt2img["6"]["inputs"]["clip"] = txt2img["7"]["inputs"]["clip"] = ["20", 1]
     assert client.run(txt2img).status == "completed"
-    assert server.service.models.loads == before
+    assert server.components.models.loads == before
     assert not client.unload_model("loras", name).loaded
 
 
@@ -319,7 +319,7 @@ def test_a_model_over_the_budget_is_resource_exhausted_with_the_sizes(small_clie
 def test_pickle_conversion_keeps_every_tensor_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from plinth.server.workspace import convert_pickle
+    from plinth.server.storage.model_folders import convert_pickle
 
     weight = torch.randn(6, 4)
     state = {
@@ -419,19 +419,19 @@ def test_allow_pickle_loads_checkpoints_weights_only_and_runs_no_code(permissive
 
     model = client.load_model("checkpoints", "small.ckpt")
     assert model.loaded and model.size_bytes == (root / "checkpoints" / "small.ckpt").stat().st_size
-    (converted,) = (server.service.workspace.data_dir / "converted" / "checkpoints").glob("*.safetensors")
+    (converted,) = (server.components.assets.data_dir / "converted" / "checkpoints").glob("*.safetensors")
     from safetensors.torch import load_file
 
     copy = load_file(converted)
     assert copy.keys() == state.keys() and all(torch.equal(copy[k], state[k]) for k in state)
 
-    before = server.service.models.loads
+    before = server.components.models.loads
     images = {}
     for name in ("small.ckpt", "small.safetensors"):
         txt2img["4"]["inputs"]["ckpt_name"] = name
         txt2img["3"]["inputs"]["seed"] = 880_004
         images[name] = np.asarray(client.run(txt2img).images[0])
-    assert server.service.models.loads == before + 1  # the .safetensors twin only; the .ckpt was loaded
+    assert server.components.models.loads == before + 1  # the .safetensors twin only; the .ckpt was loaded
     assert np.array_equal(images["small.ckpt"], images["small.safetensors"])
 
 

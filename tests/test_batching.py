@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import files
 from support.lora_files import kohya, random_lora
 
+from plinth.server.components import build_components
 from plinth.server.config import Config
 from plinth.server.engine.batching import Lockstep
 from plinth.server.jobs.job import JobStatus
 from plinth.server.metrics import Metrics
-from plinth.server.service import PlinthService
 
 TOLERANCE = 1  # 8-bit levels; see the module docstring
 
@@ -61,30 +61,30 @@ def variant(base: dict, seed: int, **changes) -> dict:
 
 def run_jobs(models: Path, data: Path, graphs: list[dict], batch_jobs: int):
     """Submit every graph before the worker starts, so they all run side by side; return the
-    jobs' decoded images (in submission order) and the service's batching stats."""
-    service = PlinthService(Config(models_dir=models, data_dir=data, device="cpu", batch_jobs=batch_jobs))
+    jobs' decoded images (in submission order) and the components' batching stats."""
+    components = build_components(Config(models_dir=models, data_dir=data, device="cpu", batch_jobs=batch_jobs))
     try:
-        jobs = [service.submit(graph) for graph in graphs]
-        service.start()
+        jobs = [components.jobs.submit(graph) for graph in graphs]
+        components.jobs.start()
         for job in jobs:
             for _ in job.watch():
                 pass
         assert [j.status for j in jobs] == [JobStatus.COMPLETED] * len(jobs), [j.error for j in jobs]
         images = [[np.asarray(Image.open(io.BytesIO(ref.png))).astype(int) for ref in job.outputs] for job in jobs]
-        if service.lockstep is None:
+        if components.lockstep is None:
             return images, None
         exported = {
             s.name: s.value
-            for family in text_string_to_metric_families(Metrics(service, subscribe=False).render().decode())
+            for family in text_string_to_metric_families(Metrics(components, subscribe=False).render().decode())
             for s in family.samples
         }
-        stats = service.lockstep.stats
+        stats = components.lockstep.stats
         assert exported["plinth_batched_forwards_total"] == stats.forwards
         assert exported["plinth_batched_calls_total"] == stats.calls
         return images, stats
     finally:
-        service.stop()
-        service.close()
+        components.jobs.stop()
+        components.jobs.close()
 
 
 def largest_difference(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> int:
@@ -124,25 +124,25 @@ def test_a_patched_job_side_by_side_runs_alone_and_patches_no_one_else(models, t
 
 
 def test_one_job_cancelled_mid_batch_leaves_the_others_to_finish(models, tmp_path, txt2img):
-    service = PlinthService(Config(models_dir=models, data_dir=tmp_path, device="cpu", batch_jobs=4))
+    components = build_components(Config(models_dir=models, data_dir=tmp_path, device="cpu", batch_jobs=4))
     try:
         long = variant(txt2img, 10, steps=40)
-        jobs = [service.submit(long), service.submit(variant(txt2img, 11, steps=40))]
+        jobs = [components.jobs.submit(long), components.jobs.submit(variant(txt2img, 11, steps=40))]
 
         def cancel_after_a_step(job, event):
             if job is jobs[0] and event.payload.__class__.__name__ == "Progress" and event.payload.step == 3:
-                threading.Thread(target=service.cancel, args=(job.id,)).start()
+                threading.Thread(target=components.jobs.cancel, args=(job.id,)).start()
 
-        service.observers.append(cancel_after_a_step)
-        service.start()
+        components.jobs.observers.append(cancel_after_a_step)
+        components.jobs.start()
         for job in jobs:
             for _ in job.watch():
                 pass
         assert [j.status for j in jobs] == [JobStatus.CANCELLED, JobStatus.COMPLETED]
-        assert service.lockstep.stats.largest == 2
+        assert components.lockstep.stats.largest == 2
     finally:
-        service.stop()
-        service.close()
+        components.jobs.stop()
+        components.jobs.close()
 
 
 def test_a_failed_batched_forward_fails_each_of_its_jobs_and_the_server_goes_on():

@@ -51,8 +51,7 @@ def test_tokens_come_from_the_setting_and_the_file(tmp_path):
 def test_precision_and_batch_jobs_pick_the_dtype_and_slots_or_name_what_is_wrong():
     import torch
 
-    from plinth.server.config import Config, ConfigError
-    from plinth.server.service import batch_jobs, pick_device
+    from plinth.server.config import Config, ConfigError, batch_jobs, pick_device
 
     assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
     assert pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)

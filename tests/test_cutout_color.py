@@ -43,7 +43,7 @@ def test_remove_background_runs_a_random_u2net_and_returns_a_mask_of_the_image_s
     assert mask.shape == (1, 45, 70) and mask.dtype == torch.float32
     assert 0.0 <= mask.min() < mask.max() <= 1.0
     assert torch.equal(image, node_output(server, result, "1")[0])  # the input, passed on
-    loaded = next(m for m in server.service.models.loaded() if m.key.startswith("rembg/tiny-u2net.onnx@"))
+    loaded = next(m for m in server.components.models.loaded() if m.key.startswith("rembg/tiny-u2net.onnx@"))
     assert loaded.nbytes == (models_dir / "rembg" / "tiny-u2net.onnx").stat().st_size
 
 

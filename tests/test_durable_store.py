@@ -162,20 +162,20 @@ def local_server(models_dir, tmp_path):
     server = PlinthServer(config).start()
     yield server
     server.stop(grace=0)
-    server.service.close()
+    server.components.jobs.close()
 
 
 def test_stop_lets_the_running_job_finish_and_cancels_the_queue(local_server, txt2img, monkeypatch):
-    from plinth.server import service as service_module
+    from plinth.server.jobs import manager as manager_module
 
     with Client(local_server.address, timeout=120) as client:
         first = client.run(graph(txt2img, 5151), results_only=False)
-        monkeypatch.setattr(service_module, "MAX_FINISHED_JOBS", 0)  # the next submit evicts `first`
+        monkeypatch.setattr(manager_module, "MAX_FINISHED_JOBS", 0)  # the next submit evicts `first`
         short = client.submit(graph(txt2img, 5252, steps=30))
         behind = client.submit(graph(txt2img, 5353))
         wait_for_progress(client, short)
         stopped_at = time.time()
-        local_server.service.stop(grace=60)
+        local_server.components.jobs.stop(grace=60)
 
         finished = client.get_job(short)
         assert finished.status == 3 and len(finished.outputs) == 1
@@ -187,7 +187,7 @@ def test_stop_lets_the_running_job_finish_and_cancels_the_queue(local_server, tx
         assert info.value.code == "UNAVAILABLE"
 
         # evicted from memory, still served whole from the store
-        assert local_server.service.get(first.job_id).plan is None
+        assert local_server.components.jobs.get(first.job_id).plan is None
         assert list(client.watch(first.job_id)) == first.events
 
 
@@ -198,7 +198,7 @@ def test_stop_cancels_the_running_job_after_the_grace_period(local_server, txt2i
         job_id = client.submit(graph(txt2img, 6161, steps=400))
         wait_for_progress(client, job_id)
         start = time.monotonic()
-        local_server.service.stop(grace=0.5)
+        local_server.components.jobs.stop(grace=0.5)
         assert time.monotonic() - start >= 0.5
         job = client.get_job(job_id)
         assert job.status == 5 and job.error == STOPPED_RUNNING  # JOB_STATUS_CANCELLED
@@ -207,8 +207,8 @@ def test_stop_cancels_the_running_job_after_the_grace_period(local_server, txt2i
         assert max(e.progress.step for e in events if e.WhichOneof("kind") == "progress") < 400
 
     local_server.stop(grace=0)
-    local_server.service.close()
-    store = JobStore(local_server.service.workspace.data_dir / "jobs.sqlite3")
+    local_server.components.jobs.close()
+    store = JobStore(local_server.components.assets.data_dir / "jobs.sqlite3")
     try:
         assert store.recover() == []  # nothing was left queued or running
         stored = store.load(job_id)

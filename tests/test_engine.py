@@ -99,7 +99,7 @@ def test_running_out_of_memory_fails_the_job_with_where_and_what_to_change(serve
 
     monkeypatch.setattr(VAEDecode, "run", exhausted)
     freed = []
-    monkeypatch.setattr(server.service.models, "free_memory", lambda: freed.append(True) or 0)
+    monkeypatch.setattr(server.components.models, "free_memory", lambda: freed.append(True) or 0)
     txt2img["3"]["inputs"]["seed"] = 8_675_309  # nothing cached downstream of the sampler
     with pytest.raises(JobFailed) as failed:
         client.run(txt2img)

@@ -32,8 +32,8 @@ def test_load_image_round_trips_pixels_and_reads_mask_from_alpha(server, client)
     out = np.asarray(result.images[0].convert("RGB"))
     assert out.shape == (24, 40, 3)
     assert (out[6:18, 10:30] == (200, 30, 30)).all()
-    image, mask = server.service.cache.get(
-        next(n.key for n in server.service.get(result.job_id).plan.nodes if n.id == "1")
+    image, mask = server.components.cache.get(
+        next(n.key for n in server.components.jobs.get(result.job_id).plan.nodes if n.id == "1")
     )
     assert tuple(image.shape) == (1, 24, 40, 3) and tuple(mask.shape) == (1, 24, 40)
     assert mask[0, 0, 0] == 1.0 and mask[0, 10, 20] == 0.0  # 1 where transparent, as in ComfyUI

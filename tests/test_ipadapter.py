@@ -116,11 +116,11 @@ def test_ip_adapter_run_leaves_the_shared_unet_as_it_was(client, server, ip_dir,
     txt2img["3"]["inputs"]["seed"] = 4242
     base = pixels(client, txt2img)
     pixels(client, with_ipadapter(txt2img, weight=1.0))
-    server.service.cache.clear()  # so the plain graph below really samples again
+    server.components.cache.clear()  # so the plain graph below really samples again
     result = client.run(txt2img)
     assert "KSampler" in executed(result)
     assert np.array_equal(np.stack([np.asarray(i) for i in result.images]), base)
-    unet = next(m.model for m in server.service.models.loaded() if m.key.startswith("checkpoints/tiny-sd@")).unet
+    unet = next(m.model for m in server.components.models.loaded() if m.key.startswith("checkpoints/tiny-sd@")).unet
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
     assert unet.encoder_hid_proj is None and "encoder_hid_proj" not in unet._modules
     assert unet.config.encoder_hid_dim_type is None

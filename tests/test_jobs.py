@@ -90,7 +90,7 @@ def test_cancel_during_sampling_stops_within_one_step(server, client, txt2img):
         if event.WhichOneof("kind") == "progress":
             break
     client.cancel(job_id)
-    job = server.service.get(job_id)
+    job = server.components.jobs.get(job_id)
     steps_at_cancel = max(e.payload.step for e in list(job.events) if type(e.payload).__name__ == "Progress")
     rest = list(events)
     assert kinds(rest)[-1] == "cancelled"
@@ -162,14 +162,14 @@ def test_limits_and_a_full_queue_are_resource_exhausted(server, client, txt2img)
         client.submit(txt2img)
     assert info.value.code == "RESOURCE_EXHAUSTED" and info.value.errors[0].input == "width"
     txt2img["5"]["inputs"].update(width=64, height=64)
-    config = server.service.config
-    server.service.config = type(config)(**{**config.__dict__, "limits": Limits(max_queue=0, max_steps=1000)})
+    limits = server.components.jobs.limits
+    server.components.jobs.limits = Limits(max_queue=0, max_steps=1000)
     try:
         with pytest.raises(PlinthError) as info:
             client.submit(long_graph(txt2img, 1919, steps=1))
         assert info.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in info.value.message
     finally:
-        server.service.config = config
+        server.components.jobs.limits = limits
 
 
 def test_async_client_runs_a_graph(server, txt2img):
@@ -219,7 +219,7 @@ def test_preview_images_are_streamed_but_not_kept_as_outputs(server, client, txt
     assert [r.kind for r in result.image_refs] == ["preview", "preview"]
     assert len(result.images) == 2
     assert not client.get_job(result.job_id).outputs
-    assert all(server.service.workspace.read_image(r.id) is None for r in result.image_refs)
+    assert all(server.components.assets.read_image(r.id) is None for r in result.image_refs)
 
 
 def test_reflection_lists_the_services(server):
@@ -232,8 +232,8 @@ def test_reflection_lists_the_services(server):
 
 
 def test_queued_is_always_the_first_event(server, txt2img):
-    jobs = [server.service.submit(long_graph(txt2img, 3000 + i, steps=1)) for i in range(8)]
-    server.service.cancel(jobs[3].id)
+    jobs = [server.components.jobs.submit(long_graph(txt2img, 3000 + i, steps=1)) for i in range(8)]
+    server.components.jobs.cancel(jobs[3].id)
     for job in jobs:
         events = list(job.watch())
         assert type(events[0].payload).__name__ == "Queued"
@@ -265,7 +265,7 @@ def test_abandoned_run_cancels_its_job(server, txt2img):
     stream = gs_grpc.GraphServiceStub(channel).Run(gs.SubmitRequest(graph_json=json.dumps(long_graph(txt2img, 1717))))
     job_id = next(e.job_id for e in stream if e.WhichOneof("kind") == "progress")
     stream.cancel()
-    job = server.service.get(job_id)
+    job = server.components.jobs.get(job_id)
     assert type(list(job.watch())[-1].payload).__name__ == "Cancelled"
     channel.close()
 
@@ -290,9 +290,9 @@ def test_odd_node_ids_are_handled(client, txt2img, node_id):
 def test_a_job_past_its_deadline_is_cancelled_queued_or_running(server, client, txt2img):
     import time
 
-    running = server.service.submit(long_graph(copy_graph(txt2img), 2121), deadline_seconds=0.5)
+    running = server.components.jobs.submit(long_graph(copy_graph(txt2img), 2121), deadline_seconds=0.5)
     queued_id = client.submit(long_graph(copy_graph(txt2img), 2122, steps=2), deadline_seconds=0.2)
-    queued = server.service.get(queued_id)
+    queued = server.components.jobs.get(queued_id)
     for job in (running, queued):
         events = list(job.watch())
         assert type(events[-1].payload).__name__ == "Cancelled"
@@ -309,8 +309,8 @@ def test_run_takes_the_calls_own_grpc_deadline(server, txt2img):
         with pytest.raises(PlinthError) as info:
             short.run(long_graph(txt2img, 2323))
     assert info.value.code == "DEADLINE_EXCEEDED"
-    job = server.service.jobs(limit=1)[0][0]
-    events = list(server.service.get(job.id).watch())
+    job = server.components.jobs.list(limit=1)[0][0]
+    events = list(server.components.jobs.get(job.id).watch())
     assert type(events[-1].payload).__name__ == "Cancelled"
 
 

@@ -43,4 +43,4 @@ def test_fifty_concurrent_clients(server, txt2img):
         kinds = [e.WhichOneof("kind") for e in result.events]
         assert kinds.count("started") == 1 and kinds.count("completed") == 1
         assert result.nodes["3"].status == "executed"
-    assert len(server.service.queue) == 0
+    assert len(server.components.jobs.queue) == 0

@@ -283,7 +283,7 @@ def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 
 def unet_checksum(server) -> str:
-    sd = next(m.model for m in server.service.models.loaded() if m.key.startswith("checkpoints/tiny-sd@"))
+    sd = next(m.model for m in server.components.models.loaded() if m.key.startswith("checkpoints/tiny-sd@"))
     digest = hashlib.sha256()
     for name, tensor in sd.unet.state_dict().items():
         digest.update(name.encode())
@@ -338,7 +338,7 @@ def test_a_plain_run_after_a_lora_run_is_the_base_image(server, client, loras, t
         client,
         with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0), ("detail.safetensors", -2.0, 0.5)),
     )
-    server.service.cache.clear()  # make the plain graph run again instead of coming from the cache
+    server.components.cache.clear()  # make the plain graph run again instead of coming from the cache
     again = client.run(with_loras(copy.deepcopy(txt2img)))
     assert {"KSampler", "CLIPTextEncode"} <= {n.class_type for n in again.nodes.values() if n.status == "executed"}
     assert same([np.asarray(i) for i in again.images], base)

@@ -21,8 +21,8 @@ from plinth.server.metrics import Metrics
 
 
 def replay(metrics: Metrics, server, job_id: str):
-    """Feed a finished job's events into `metrics`, as the service's observer hook does live."""
-    job = server.service.get(job_id)
+    """Feed a finished job's events into `metrics`, as the job manager's observer hook does live."""
+    job = server.components.jobs.get(job_id)
     for event in job.events:
         metrics.observe(job, event)
     return job
@@ -49,7 +49,7 @@ def sample(samples, name: str, **labels) -> float:
 def metrics_http(server):
     """A Metrics on the session server (events replayed by the test, not subscribed) and its
     HTTP endpoint on a free port."""
-    metrics = Metrics(server.service, subscribe=False)
+    metrics = Metrics(server.components, subscribe=False)
     port, stop = metrics.start_http(0, "127.0.0.1")
     yield metrics, port
     stop()
@@ -66,9 +66,9 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
     cached = client.run(txt2img)
     jobs = [replay(metrics, server, r.job_id) for r in (first, reseeded, cached)]
 
-    hits_before, misses_before = server.service.cache.hits, server.service.cache.misses
+    hits_before, misses_before = server.components.cache.hits, server.components.cache.misses
     samples = scrape(port)
-    hits_after, misses_after = server.service.cache.hits, server.service.cache.misses
+    hits_after, misses_after = server.components.cache.hits, server.components.cache.misses
 
     assert sample(samples, "plinth_jobs_total", status="completed") == 3
     assert sample(samples, "plinth_jobs_total", status="failed") == 0
@@ -101,13 +101,13 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
     ksampler_seconds = sum(n.seconds for j in jobs for n in j.nodes.values() if n.class_type == "KSampler")
     assert sample(samples, "plinth_node_duration_seconds_sum", class_type="KSampler") == pytest.approx(ksampler_seconds)
 
-    # state read from the service at scrape time
+    # state read from the components at scrape time
     assert hits_before <= sample(samples, "plinth_cache_hits_total") <= hits_after
     assert misses_before <= sample(samples, "plinth_cache_misses_total") <= misses_after
-    assert sample(samples, "plinth_cache_bytes") == server.service.cache.bytes_used > 0
-    assert sample(samples, "plinth_cache_entries") == len(server.service.cache)
-    assert sample(samples, "plinth_model_memory_bytes") == server.service.models.bytes_used > 0
-    assert sample(samples, "plinth_model_loads_total") == server.service.models.loads >= 1
+    assert sample(samples, "plinth_cache_bytes") == server.components.cache.bytes_used > 0
+    assert sample(samples, "plinth_cache_entries") == len(server.components.cache)
+    assert sample(samples, "plinth_model_memory_bytes") == server.components.models.bytes_used > 0
+    assert sample(samples, "plinth_model_loads_total") == server.components.models.loads >= 1
     assert sample(samples, "plinth_queue_depth") == 0
     assert sample(samples, "plinth_jobs_running") == 0
     assert sample(samples, "process_resident_memory_bytes") > 10 << 20
@@ -123,7 +123,7 @@ def test_failed_job_counts_as_failed(server, client, tmp_path, metrics_http):
     }
     result = client.run(graph, inputs={"photo.png": bad}, check=False)
     assert result.status == "failed"
-    job = server.service.get(result.job_id)
+    job = server.components.jobs.get(result.job_id)
     started = next(i for i, e in enumerate(job.events) if isinstance(e.payload, ev.Started)) + 1
     for event in job.events[:started]:
         metrics.observe(job, event)
@@ -140,7 +140,7 @@ def test_failed_job_counts_as_failed(server, client, tmp_path, metrics_http):
 
 
 def test_endpoint_serves_only_metrics_and_stops(server):
-    a, b = Metrics(server.service, subscribe=False), Metrics(subscribe=False)  # own registries: no clash
+    a, b = Metrics(server.components, subscribe=False), Metrics(subscribe=False)  # own registries: no clash
     port, stop = a.start_http(0, "127.0.0.1")
     try:
         assert port > 0
@@ -163,10 +163,10 @@ def test_observe_never_raises():
 
 
 def test_live_hook_when_the_service_has_observers(server, client, txt2img):
-    """Once the lead's hook is in (service.observers called from Job.emit), attaching is enough."""
-    if not isinstance(getattr(server.service, "observers", None), list):
-        pytest.skip("the service has no observers hook yet")
-    metrics = Metrics(server.service)
+    """Once the lead's hook is in (the job manager's observers, called from Job.emit), attaching is enough."""
+    if not isinstance(getattr(server.components.jobs, "observers", None), list):
+        pytest.skip("the job manager has no observers hook yet")
+    metrics = Metrics(server.components)
     try:
         txt2img["3"]["inputs"]["seed"] = 5153
         txt2img["5"]["inputs"]["batch_size"] = 1
@@ -174,7 +174,7 @@ def test_live_hook_when_the_service_has_observers(server, client, txt2img):
         assert b'plinth_jobs_total{status="completed"} 1.0' in metrics.render()
     finally:
         metrics.detach()
-    assert metrics.observe not in server.service.observers
+    assert metrics.observe not in server.components.jobs.observers
 
 
 # logs

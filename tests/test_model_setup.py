@@ -13,7 +13,7 @@ from plinth.nodes.context import ModelHandle, ModelOptions
 from plinth.nodes.models import checkpoint
 from plinth.nodes.models.checkpoint import ModelSetupError, StableDiffusion, load_checkpoint, use_xformers
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.server.models.manager import ModelManager, ModelTooLarge, move_model
+from plinth.server.model_manager import ModelManager, ModelTooLarge, move_model
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -148,12 +148,12 @@ def bf16_client(models_dir, tmp_path_factory):
 
 def test_bfloat16_txt2img_runs_end_to_end_on_the_cpu(bf16_client, txt2img):
     server, client = bf16_client
-    assert server.service.dtype == torch.bfloat16
+    assert server.components.dtype == torch.bfloat16
     result = client.run(txt2img)
     assert result.status == "completed" and len(result.images) == 2
     pixels = np.asarray(result.images[0])
     assert pixels.shape == (64, 64, 3) and pixels.std() > 0
-    model = next(e.model for e in server.service.models.loaded() if e.key.startswith("checkpoints/tiny-sd@"))
+    model = next(e.model for e in server.components.models.loaded() if e.key.startswith("checkpoints/tiny-sd@"))
     assert model.unet.dtype == model.text_encoder.dtype == model.vae.dtype == torch.bfloat16
 
 
@@ -162,24 +162,24 @@ def test_bfloat16_txt2img_runs_end_to_end_on_the_cpu(bf16_client, txt2img):
 
 def test_load_model_then_two_graphs_share_one_copy(server, client, txt2img):
     client.load_model("checkpoints", "tiny-sd")
-    entries = [e for e in server.service.models.loaded() if e.key.startswith("checkpoints/tiny-sd@")]
+    entries = [e for e in server.components.models.loaded() if e.key.startswith("checkpoints/tiny-sd@")]
     assert len(entries) == 1
     first = entries[0].model
     other = dict(txt2img)
     other["6"] = {**txt2img["6"], "inputs": {**txt2img["6"]["inputs"], "text": "another prompt entirely"}}
-    loads = server.service.models.loads
+    loads = server.components.models.loads
     client.run(txt2img)
     client.run(other)
-    entries = [e for e in server.service.models.loaded() if e.key.startswith("checkpoints/tiny-sd@")]
+    entries = [e for e in server.components.models.loaded() if e.key.startswith("checkpoints/tiny-sd@")]
     assert len(entries) == 1 and entries[0].model is first
-    assert server.service.models.loads == loads
+    assert server.components.models.loads == loads
 
 
 def test_a_lora_job_uses_the_base_weights_and_leaves_them_unchanged(server, client, txt2img, models_dir):
     from safetensors.torch import save_file
 
     client.load_model("checkpoints", "tiny-sd")
-    base = next(e.model for e in server.service.models.loaded() if e.key.startswith("checkpoints/tiny-sd@"))
+    base = next(e.model for e in server.components.models.loaded() if e.key.startswith("checkpoints/tiny-sd@"))
     params = dict(base.unet.named_parameters())
     before = {k: (v.data_ptr(), v.clone()) for k, v in params.items()}
     target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -199,7 +199,7 @@ def test_a_lora_job_uses_the_base_weights_and_leaves_them_unchanged(server, clie
     with_lora = client.run(graph)
     plain = client.run(txt2img)
     assert not np.array_equal(np.asarray(with_lora.images[0]), np.asarray(plain.images[0]))
-    after = next(e.model for e in server.service.models.loaded() if e.key.startswith("checkpoints/tiny-sd@"))
+    after = next(e.model for e in server.components.models.loaded() if e.key.startswith("checkpoints/tiny-sd@"))
     assert after is base
     for name, param in base.unet.named_parameters():
         ptr, value = before[name]

@@ -9,7 +9,7 @@ from support.sd_original_layout import build_random_sd, small_sd15_configs, writ
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.server.models.manager import ModelManager, ModelTooLarge
+from plinth.server.model_manager import ModelManager, ModelTooLarge
 
 CPU = torch.device("cpu")
 
@@ -95,13 +95,13 @@ def test_model_manager_shares_loads_and_evicts_least_recently_used():
 
 def test_model_names_stay_inside_the_models_dir(server):
     with pytest.raises(NodeInputError):
-        server.service.workspace.model_path("checkpoints", "../../etc/passwd")
+        server.components.folders.model_path("checkpoints", "../../etc/passwd")
 
 
 def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
-    from plinth.server.workspace import Workspace
+    from plinth.server.storage.model_folders import ModelFolders
 
-    workspace = Workspace(tmp_path / "models", tmp_path / "data")
+    folders = ModelFolders(tmp_path / "models", tmp_path / "data")
     folder = tmp_path / "models" / "checkpoints" / "brand" / "sd-folder"
     (folder / "unet").mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
@@ -109,8 +109,8 @@ def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
     (tmp_path / "models" / "checkpoints" / "one.safetensors").write_bytes(b"")
     (tmp_path / "models" / "checkpoints" / "notes.txt").write_text("not a model")
     (tmp_path / "models" / "loras" / "style.safetensors").write_bytes(b"")
-    assert workspace.models("checkpoints") == ["brand/sd-folder", "one.safetensors", "tiny-sd"]
-    assert workspace.choices("loras") == ["style.safetensors"]
+    assert folders.models("checkpoints") == ["brand/sd-folder", "one.safetensors", "tiny-sd"]
+    assert folders.models("loras") == ["style.safetensors"]
 
 
 def test_a_checkpoint_replaced_under_the_same_name_is_loaded_anew(server, client, txt2img, models_dir):
@@ -126,5 +126,5 @@ def test_a_checkpoint_replaced_under_the_same_name_is_loaded_anew(server, client
         os.utime(path, ns=(seed * 10**9, seed * 10**9))  # a distinct mtime even within one clock tick
         images.append([np.asarray(i) for i in client.run(txt2img).images])
     assert not np.array_equal(images[0][0], images[1][0])
-    loaded = [m.key for m in server.service.models.loaded() if m.key.startswith("checkpoints/swapped.safetensors@")]
+    loaded = [m.key for m in server.components.models.loaded() if m.key.startswith("checkpoints/swapped.safetensors@")]
     assert len(loaded) == 1  # the replaced file's weights were released

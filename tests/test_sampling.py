@@ -19,8 +19,8 @@ BASE = {
 COMBOS = [(s, k) for s in SAMPLERS for k in SCHEDULERS if not (k in SIGMA_SCHEDULES and s in NO_SIGMA_SCHEDULES)]
 
 
-def run(service, graph):
-    job = service.submit(graph)
+def run(jobs, graph):
+    job = jobs.submit(graph)
     list(job.watch())
     assert job.status.value == "completed", job.error
     return job
@@ -42,7 +42,7 @@ def test_every_pair_runs_on_its_diffusers_scheduler(server, txt2img, sampler, sc
         assert bool(made.config.get(flag)) == (SCHEDULERS[scheduler].get(flag, False)), flag
     txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler, steps=3, seed=31)
     txt2img["5"]["inputs"]["batch_size"] = 1
-    job = run(server.service, txt2img)
+    job = run(server.components.jobs, txt2img)
     assert np.isfinite(images(job)[0]).all()
 
 
@@ -51,7 +51,7 @@ def test_samplers_differ(server, txt2img):
     outs = {}
     for sampler in ("euler", "euler_ancestral", "dpmpp_2m", "uni_pc"):
         txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler="normal", steps=4, seed=5)
-        outs[sampler] = images(run(server.service, txt2img))[0]
+        outs[sampler] = images(run(server.components.jobs, txt2img))[0]
     values = list(outs.values())
     assert all(not np.array_equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
 
@@ -84,7 +84,7 @@ def test_denoise_below_one_keeps_part_of_the_given_latent(server, txt2img):
 
     distance = {}
     for denoise in (0.0, 0.2, 0.95):
-        job = run(server.service, hires_graph(copy.deepcopy(txt2img), denoise))
+        job = run(server.components.jobs, hires_graph(copy.deepcopy(txt2img), denoise))
         first, second = images(job)
         distance[denoise] = float(np.abs(first - second).mean())
     assert distance[0.0] == 0.0  # denoise 0 returns the latent unchanged

@@ -110,7 +110,7 @@ def test_model_upscale_reports_progress_and_loads_the_model_once(client, server,
     for seed in (1, 2):
         result = client.run(graph, inputs={"in.png": png(picture(20, 16, seed))}, on_event=events.append)
         assert result.images[0].size == (80, 64)
-        loads.append(server.service.models.loads)
+        loads.append(server.components.models.loads)
     assert loads[0] == loads[1], "the second image reuses the loaded model"
     progress = [e.progress for e in events if e.WhichOneof("kind") == "progress"]
     assert [(p.node_id, p.step, p.total) for p in progress] == [("up", 1, 1)] * 2

@@ -77,7 +77,7 @@ def test_txt2img_workflow_converts_to_the_demo_graph(expected):
 
 
 def test_converted_workflow_runs(server):
-    job = server.service.submit(to_api_format(load("txt2img.json"), NODES))
+    job = server.components.jobs.submit(to_api_format(load("txt2img.json"), NODES))
     list(job.watch())
     assert job.status.value == "completed", job.error
 

@@ -2,8 +2,8 @@
 
 Upload streams into a hidden file in data/inputs while hashing, refuses as soon as the bytes
 pass limits.max_upload_bytes, then checks the file by the same rules as images sent inline
-(plinth.server.service.check_image) and moves it to data/inputs/<sha256>.<png|jpg|webp>. A
-graph's LoadImage names it by that sha256 (the asset id); see Workspace.choices and
+(plinth.server.api.uploads.check_image) and moves it to data/inputs/<sha256>.<png|jpg|webp>. A
+graph's LoadImage names it by that sha256 (the asset id); see AssetStore.input_names and
 JobResources.input_image. Download streams a stored output image or an uploaded asset.
 """
 
@@ -18,8 +18,9 @@ from PIL import Image
 
 from plinth.clients.v1 import asset_service_pb2 as asp
 from plinth.clients.v1 import asset_service_pb2_grpc as asp_grpc
-from plinth.server.service import ImageRefused, PlinthService, check_image
-from plinth.server.workspace import ASSET_FORMATS, is_sha256
+from plinth.server.api.uploads import ImageRefused, check_image
+from plinth.server.config import Limits
+from plinth.server.storage.assets import ASSET_FORMATS, AssetStore, is_sha256
 
 log = logging.getLogger("plinth.assets")
 
@@ -28,13 +29,13 @@ MAX_NAME_CHARS = 1024
 
 
 class AssetServicer(asp_grpc.AssetServiceServicer):
-    def __init__(self, service: PlinthService) -> None:
-        self.service = service
+    def __init__(self, assets: AssetStore, limits: Limits) -> None:
+        self.assets = assets
+        self.limits = limits
 
     def Upload(self, request_iterator: Iterator[asp.UploadChunk], context: grpc.ServicerContext) -> asp.Asset:
-        limits = self.service.config.limits
-        workspace = self.service.workspace
-        partial = workspace.upload_file()
+        limits = self.limits
+        partial = self.assets.upload_file()
         digest, size, name = hashlib.sha256(), 0, None
         try:
             with open(partial, "wb") as out:
@@ -81,7 +82,7 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
                 context.abort(code, str(exc))
                 raise  # abort raises; this line only satisfies type checkers
             asset_id = digest.hexdigest()
-            workspace.keep_asset(partial, asset_id, info.format)
+            self.assets.keep_asset(partial, asset_id, info.format)
         finally:
             partial.unlink(missing_ok=True)
         log.info(
@@ -103,7 +104,7 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"asset id {request.id[:80]!r} is not a sha256 (64 lower-case hex digits)",
             )
-        found = self.service.workspace.stored_file(request.id)
+        found = self.assets.stored_file(request.id)
         if found is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no stored image or uploaded asset {request.id!r}")
         path, kind = found
@@ -123,7 +124,7 @@ class AssetServicer(asp_grpc.AssetServiceServicer):
                 kind=kind,
             )
             first = True
-            chunk = max(1 << 12, min(CHUNK_BYTES, self.service.config.limits.max_message_bytes - (1 << 12)))
+            chunk = max(1 << 12, min(CHUNK_BYTES, self.limits.max_message_bytes - (1 << 12)))
             while True:
                 data = source.read(chunk)
                 if not data and not first:

@@ -12,7 +12,6 @@ from plinth.clients.v1 import node_service_pb2 as ns
 from plinth.nodes.context import ImageRef
 from plinth.nodes.schema import Choice, Float, Int, NodeSchema, String
 from plinth.server.engine import events as ev
-from plinth.server.engine.executor import NodeRun
 from plinth.server.engine.graph import GraphError
 from plinth.server.jobs.job import Job, JobStatus
 
@@ -26,7 +25,7 @@ STATUS_TO_PB = {
 PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
 
 
-# Reads a stored output PNG by image id (Workspace.read_image); None when it is gone.
+# Reads a stored output PNG by image id (AssetStore.read_image); None when it is gone.
 ReadImage = Callable[[str], bytes | None]
 
 
@@ -121,7 +120,7 @@ def job(job: Job) -> gs.Job:
     )
 
 
-def node_run(run: NodeRun) -> gs.NodeRun:
+def node_run(run: ev.NodeRun) -> gs.NodeRun:
     return gs.NodeRun(class_type=run.class_type, status=run.status, seconds=run.seconds)
 
 

@@ -1,6 +1,7 @@
-"""GraphService: Submit, Watch, Run, GetJob, CancelJob, ListJobs over the PlinthService.
+"""GraphService: Submit, Watch, Run, GetJob, CancelJob, ListJobs over the job manager.
 
-Submit and Run answer UNAVAILABLE once the service is stopping. ListJobs' page token is the
+Submit and Run check what the request carries (plinth.server.api.uploads) before the job
+manager validates and queues it, and answer UNAVAILABLE once the server is stopping. ListJobs' page token is the
 store's cursor (the last job's row number), so pages stay put while new jobs arrive.
 """
 
@@ -18,18 +19,23 @@ from plinth.clients.v1 import graph_service_pb2 as gs
 from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
 from plinth.server.api import convert
 from plinth.server.api.errors import invalid_graph, queue_full
+from plinth.server.api.uploads import check_request
+from plinth.server.config import Limits
 from plinth.server.engine import events as ev
 from plinth.server.engine.graph import GraphValidationError
 from plinth.server.engine.validate import LimitExceeded
 from plinth.server.jobs.job import Job
-from plinth.server.service import PlinthService, QueueFull, ServiceStopping
+from plinth.server.jobs.manager import JobManager, NotAcceptingJobs, QueueFull
+from plinth.server.storage.assets import AssetStore
 
 MAX_PAGE = 500
 
 
 class GraphServicer(gs_grpc.GraphServiceServicer):
-    def __init__(self, service: PlinthService) -> None:
-        self.service = service
+    def __init__(self, jobs: JobManager, assets: AssetStore, limits: Limits) -> None:
+        self.jobs = jobs
+        self.assets = assets
+        self.limits = limits
 
     def _submit(self, request: gs.SubmitRequest, context: grpc.ServicerContext, call_deadline: bool = False) -> Job:
         """Validate and queue; with call_deadline (Run) the job also ends when the call's own
@@ -48,7 +54,8 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input image {image.name!r} sent twice")
             inputs[image.name] = image.data
         try:
-            return self.service.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes, deadline)
+            check_request(request.graph_json, inputs, self.limits)
+            return self.jobs.submit(request.graph_json, inputs, request.priority, request.omit_image_bytes, deadline)
         except LimitExceeded as exc:
             context.abort_with_status(invalid_graph(exc, grpc.StatusCode.RESOURCE_EXHAUSTED))
             raise  # abort_with_status raises; this line only satisfies type checkers
@@ -58,13 +65,13 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         except QueueFull as exc:
             context.abort_with_status(queue_full(exc))
             raise
-        except ServiceStopping as exc:
+        except NotAcceptingJobs as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
 
     def _job(self, job_id: str, context: grpc.ServicerContext) -> Job:
         try:
-            return self.service.get(job_id)
+            return self.jobs.get(job_id)
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}")
             raise
@@ -77,9 +84,9 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         gone = threading.Event()
         if not context.add_callback(gone.set):
             return  # the caller has already gone
-        max_inline = self.service.config.limits.max_message_bytes - (1 << 16)  # room for the envelope
+        max_inline = self.limits.max_message_bytes - (1 << 16)  # room for the envelope
         with_bytes = not job.omit_image_bytes
-        read_image = self.service.workspace.read_image
+        read_image = self.assets.read_image
         outputs: list[ev.Event] = []
         for event in job.watch(stop=gone, results_only=results_only):
             if results_only and isinstance(event.payload, ev.Output):
@@ -104,7 +111,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
 
         def cancel_if_abandoned() -> None:
             if not job.status.terminal:
-                self.service.cancel(job.id)
+                self.jobs.cancel(job.id)
 
         if not context.add_callback(cancel_if_abandoned):
             cancel_if_abandoned()
@@ -112,7 +119,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         yield from self._stream(job, context, request.results_only)
 
     def GetImage(self, request, context):
-        png = self.service.workspace.read_image(request.image_id)
+        png = self.assets.read_image(request.image_id)
         if png is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no stored image {request.image_id!r}")
         with Image.open(io.BytesIO(png)) as picture:
@@ -124,7 +131,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
 
     def CancelJob(self, request, context):
         self._job(request.job_id, context)
-        return convert.job(self.service.cancel(request.job_id))
+        return convert.job(self.jobs.cancel(request.job_id))
 
     def ListJobs(self, request, context):
         if request.page_size < 0:
@@ -136,7 +143,7 @@ class GraphServicer(gs_grpc.GraphServiceServicer):
         if unknown:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown status value(s) {unknown}")
         size = min(request.page_size or 100, MAX_PAGE)
-        jobs, cursor = self.service.jobs(
+        jobs, cursor = self.jobs.list(
             (convert.PB_TO_STATUS[s] for s in request.statuses), size, int(token) if token else None
         )
         return gs.ListJobsResponse(

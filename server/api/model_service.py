@@ -25,9 +25,9 @@ from plinth.clients.v1 import model_service_pb2 as ms
 from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
 from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.schema import Choice, Node
-from plinth.server.models.manager import ModelTooLarge
-from plinth.server.service import PlinthService
-from plinth.server.workspace import MODEL_FOLDERS, JobResources, PickleRefused, UnknownModel, UnsafeModelName
+from plinth.server.components import Components
+from plinth.server.model_manager import ModelTooLarge
+from plinth.server.storage.model_folders import MODEL_FOLDERS, PickleRefused, UnknownModel, UnsafeModelName
 
 log = logging.getLogger("plinth.models")
 
@@ -44,10 +44,10 @@ class _CaptureContext:
     """The NodeContext a loader node runs in for LoadModel: paths and fingerprints as in a job,
     but model() stops the node and hands back the handle instead of loading."""
 
-    def __init__(self, service: PlinthService) -> None:
-        resources = JobResources(service.workspace, service.models, {})
-        self.device, self.dtype = service.device, service.dtype
-        self.model_options = service.executor.model_options
+    def __init__(self, components: Components) -> None:
+        resources = components.resources()
+        self.device, self.dtype = components.device, components.dtype
+        self.model_options = components.executor.model_options
         self.graph: dict[str, Any] = {}
         self.extra_pnginfo: dict[str, Any] = {}
         self.node_id = ""
@@ -122,16 +122,16 @@ def _handles_in(value: Any, depth: int = 0) -> Iterator[ModelHandle]:
             yield from _handles_in(getattr(value, f.name), depth + 1)
 
 
-def model_handles(service: PlinthService, folder: str, name: str) -> list[ModelHandle]:
+def model_handles(components: Components, folder: str, name: str) -> list[ModelHandle]:
     """The handles the folder's loader node makes for `name`, as in a graph (same keys, same
     load functions). Raises LookupError when no node loads the folder."""
-    loader = loader_node(service.registry, folder)
+    loader = loader_node(components.registry, folder)
     if loader is None:
         raise LookupError(f"no node loads models from {folder}/")
     cls, input_name = loader
     found: list[ModelHandle] = []
     try:
-        found.extend(_handles_in(cls().run(_CaptureContext(service), **_node_inputs(cls, input_name, name))))
+        found.extend(_handles_in(cls().run(_CaptureContext(components), **_node_inputs(cls, input_name, name))))
     except _Asked as asked:
         found.append(asked.handle)
     prefix = f"{folder}/{name}@"
@@ -142,16 +142,16 @@ def model_handles(service: PlinthService, folder: str, name: str) -> list[ModelH
 
 
 class ModelServicer(ms_grpc.ModelServiceServicer):
-    def __init__(self, service: PlinthService) -> None:
-        self.service = service
+    def __init__(self, components: Components) -> None:
+        self.components = components
 
     def _describe(self, folder: str, name: str) -> ms.Model:
-        workspace = self.service.workspace
-        entry = {e.key: e for e in self.service.models.loaded()}.get(workspace.model_key(folder, name))
+        folders = self.components.folders
+        entry = {e.key: e for e in self.components.models.loaded()}.get(folders.model_key(folder, name))
         return ms.Model(
             folder=folder,
             name=name,
-            size_bytes=workspace.model_size(folder, name),
+            size_bytes=folders.model_size(folder, name),
             loaded=entry is not None,
             loaded_bytes=entry.nbytes if entry else 0,
             load_seconds=entry.load_seconds if entry else 0.0,
@@ -169,7 +169,7 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         """Abort unless `name` is a loadable model of `folder`."""
         self._folder(folder, context)
         try:
-            self.service.workspace.find_model(folder, name)
+            self.components.folders.find_model(folder, name)
         except UnsafeModelName as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except UnknownModel as exc:
@@ -179,11 +179,11 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
 
     def ListModels(self, request, context):
         folders = [self._folder(request.folder, context)] if request.folder else list(MODEL_FOLDERS)
-        workspace = self.service.workspace
-        loaded = {e.key: e for e in self.service.models.loaded()}
+        model_folders = self.components.folders
+        loaded = {e.key: e for e in self.components.models.loaded()}
         models = []
         for folder in folders:
-            for name, size, key in workspace.describe_models(folder):
+            for name, size, key in model_folders.describe_models(folder):
                 entry = loaded.get(key)
                 models.append(
                     ms.Model(
@@ -201,16 +201,16 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         folder, name = request.folder, request.name
         self._find(folder, name, context)
         try:
-            handles = model_handles(self.service, folder, name)
+            handles = model_handles(self.components, folder, name)
             for handle in handles:
-                self.service.models.get(handle)
+                self.components.models.get(handle)
         except ModelTooLarge as exc:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{exc} (model_budget_bytes = {self.service.models.budget_bytes} bytes)",
+                f"{exc} (model_budget_bytes = {self.components.models.budget_bytes} bytes)",
             )
         except torch.OutOfMemoryError as exc:
-            self.service.models.free_memory()
+            self.components.models.free_memory()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory loading {folder}/{name}: {exc}")
         except LookupError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -226,9 +226,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
         folder, name = request.folder, request.name
         self._folder(folder, context)
         prefix = f"{folder}/{name}@"
-        keys = [e.key for e in self.service.models.loaded() if e.key.startswith(prefix)]
+        keys = [e.key for e in self.components.models.loaded() if e.key.startswith(prefix)]
         try:
-            self.service.workspace.find_model(folder, name)
+            self.components.folders.find_model(folder, name)
         except UnsafeModelName as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (UnknownModel, PickleRefused) as exc:
@@ -238,9 +238,9 @@ class ModelServicer(ms_grpc.ModelServiceServicer):
                 )
                 context.abort(code, str(exc))
             for key in keys:
-                self.service.models.unload(key)
+                self.components.models.unload(key)
             return ms.Model(folder=folder, name=name)
         for key in keys:
-            self.service.models.unload(key)
+            self.components.models.unload(key)
         log.info("UnloadModel %s/%s: released %s", folder, name, ", ".join(keys) or "nothing (not loaded)")
         return self._describe(folder, name)

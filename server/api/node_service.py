@@ -5,15 +5,15 @@ from __future__ import annotations
 from plinth.clients.v1 import node_service_pb2 as ns
 from plinth.clients.v1 import node_service_pb2_grpc as ns_grpc
 from plinth.server.api import convert
-from plinth.server.service import PlinthService
+from plinth.server.components import Components
 
 
 class NodeServicer(ns_grpc.NodeServiceServicer):
-    def __init__(self, service: PlinthService) -> None:
-        self.service = service
+    def __init__(self, components: Components) -> None:
+        self.components = components
 
     def ListNodes(self, request, context):
-        choices = self.service.workspace.choices
+        choices = self.components.resources().choices
         return ns.ListNodesResponse(
-            nodes=[convert.node_schema(cls.schema, choices) for cls in self.service.registry.values()]
+            nodes=[convert.node_schema(cls.schema, choices) for cls in self.components.registry.values()]
         )

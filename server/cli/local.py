@@ -103,16 +103,16 @@ def init_models(args: argparse.Namespace) -> int:
 
 def list_models(args: argparse.Namespace) -> int:
     """`plinth models list` without --server: the local models directory, without torch."""
-    from plinth.server.workspace import MODEL_FOLDERS, Workspace
+    from plinth.server.storage.model_folders import MODEL_FOLDERS, ModelFolders
 
     settings = config(args)
     if args.folder and args.folder not in MODEL_FOLDERS:
         return usage(f"models list: unknown folder {args.folder!r}; the folders are {', '.join(MODEL_FOLDERS)}")
-    workspace = Workspace(settings.models_dir, settings.data_dir, allow_pickle=settings.allow_pickle)
+    folders = ModelFolders(settings.models_dir, settings.data_dir, allow_pickle=settings.allow_pickle)
     rows = [
         {"folder": folder, "name": name, "size_bytes": nbytes}
         for folder in ([args.folder] if args.folder else MODEL_FOLDERS)
-        for name, nbytes, _ in workspace.describe_models(folder)
+        for name, nbytes, _ in folders.describe_models(folder)
     ]
     if args.json:
         print(json.dumps(rows))

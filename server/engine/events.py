@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from plinth.nodes.context import ImageRef
 
 
+@dataclass
+class NodeRun:
+    """How one node of a job ran, reported with the terminal event."""
+
+    class_type: str
+    status: str  # "executed" or "cached"
+    seconds: float
+
+
 @dataclass(frozen=True)
 class Queued:
     position: int

@@ -49,16 +49,9 @@ class Resources(Protocol):
 
 
 @dataclass
-class NodeRun:
-    class_type: str
-    status: str  # "executed" or "cached"
-    seconds: float
-
-
-@dataclass
 class RunResult:
     status: str  # "completed", "failed" or "cancelled"
-    nodes: dict[str, NodeRun] = field(default_factory=dict)
+    nodes: dict[str, ev.NodeRun] = field(default_factory=dict)
     images: list[ImageRef] = field(default_factory=list)
     failure: ev.Failed | None = None
 
@@ -144,7 +137,7 @@ class Executor:
                 value = self.cache.get(node.key)
                 if value is not None:
                     control.emit(ev.NodeCached(node.id, node.class_type))
-                    result.nodes[node.id] = NodeRun(node.class_type, "cached", 0.0)
+                    result.nodes[node.id] = ev.NodeRun(node.class_type, "cached", 0.0)
                 else:
                     control.emit(ev.NodeStarted(node.id, node.class_type))
                     start = time.perf_counter()
@@ -152,7 +145,7 @@ class Executor:
                     seconds = time.perf_counter() - start
                     self.cache.put(node.key, value)
                     control.emit(ev.NodeFinished(node.id, node.class_type, seconds))
-                    result.nodes[node.id] = NodeRun(node.class_type, "executed", seconds)
+                    result.nodes[node.id] = ev.NodeRun(node.class_type, "executed", seconds)
                 outputs[node.id] = value
                 if node.output_node:  # one event per image, so a big batch never makes one huge message
                     images = list(value.get("images", []))

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
-from plinth.server.engine.executor import NodeRun
 from plinth.server.engine.validate import ExecutionPlan
-from plinth.server.workspace import JobResources
+
+if TYPE_CHECKING:
+    from plinth.server.jobs.resources import JobResources
 
 # The events a results-only watcher gets.
 RESULTS = (ev.Output, *ev.TERMINAL)
@@ -68,7 +69,7 @@ class Job:
     deadline: float = 0.0
     journal: JobJournal | None = None
     # Called with (job, event) after each event is added, under the job's lock: keep them quick
-    # (metrics). The service passes its own list, so observers added later see every job.
+    # (metrics). The job manager passes its own list, so observers added later see every job.
     observers: list[Callable[[Job, ev.Event], None]] = field(default_factory=list, repr=False)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: JobStatus = JobStatus.QUEUED
@@ -78,7 +79,7 @@ class Job:
     error: str = ""
     outputs: list[ImageRef] = field(default_factory=list)
     output_nodes: dict[str, str] = field(default_factory=dict)  # image id -> the node that made it
-    nodes: dict[str, NodeRun] = field(default_factory=dict)
+    nodes: dict[str, ev.NodeRun] = field(default_factory=dict)
     events: list[ev.Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,8 +107,13 @@ class Job:
 
     def is_cancelled(self) -> bool:
         if self.deadline and not self._cancel.is_set() and time.time() > self.deadline:
-            self.request_cancel(f"deadline exceeded ({self.deadline - self.created_at:.3g} s after submission)")
+            self.request_cancel(self.deadline_reason)
         return self._cancel.is_set()
+
+    @property
+    def deadline_reason(self) -> str:
+        """Why a job past its deadline was cancelled (the deadline's one wording)."""
+        return f"deadline exceeded ({self.deadline - self.created_at:.3g} s after submission)"
 
     # lifecycle
 
@@ -123,7 +129,23 @@ class Job:
         if self.journal is not None:
             self.journal.started(self)
 
-    def finish(self, status: JobStatus, terminal: ev.EventPayload, error: str = "") -> None:
+    def cancel(self, reason: str | None = None) -> None:
+        """End the job cancelled, with `reason` (also asking a node still running to stop), or
+        without one the reason its cancellation was requested with (request_cancel)."""
+        if reason is None:
+            reason = self.cancel_reason
+        else:
+            self.request_cancel(reason)
+        self._finish(JobStatus.CANCELLED, ev.Cancelled(reason), reason)
+
+    def fail(self, failure: ev.Failed) -> None:
+        """End the job failed; its error is the failure's message."""
+        self._finish(JobStatus.FAILED, failure, failure.message)
+
+    def complete(self, summary: ev.Completed) -> None:
+        self._finish(JobStatus.COMPLETED, summary)
+
+    def _finish(self, status: JobStatus, terminal: ev.EventPayload, error: str = "") -> None:
         """Record the final status, then send the one terminal event. The journal has it on disk
         before the status turns terminal here, so nothing (a watcher, eviction from memory) sees
         an end the store could lose."""

@@ -1,13 +1,14 @@
 """The job store: every job's record and events in SQLite, so they outlive the process.
 
-One file, data_dir/jobs.sqlite3, in WAL mode. Writes go through one writer thread that commits
+One file, data_dir/jobs.sqlite3, in WAL mode. Writes go through one writer thread
+(server/jobs/store_writer.py; rows are made and read back in store_rows.py) that commits
 whatever has piled up in one transaction: the worker hands over a progress event per sampler
 step and never waits for the disk. The two writes that matter for what a client was told wait
 for their commit: a job's insert (Submit returns its id only once it is stored) and its end
 (no watcher sees a terminal event the store could lose). With synchronous=NORMAL a commit
 survives the process being killed; a power cut may lose the last transactions.
 
-Output images are not in the database: they are content-addressed files (Workspace.save_image),
+Output images are not in the database: they are content-addressed files (AssetStore.save_image),
 and stored Output events keep only each image's id, filename, size and kind. Preview bytes and
 the images uploaded with a request are not kept at all.
 
@@ -27,19 +28,17 @@ import dataclasses
 import fcntl
 import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from plinth.nodes.context import ImageRef
 from plinth.server.engine import events as ev
-from plinth.server.engine.executor import NodeRun
 from plinth.server.jobs.job import Job, JobStatus, stopped_reason
+from plinth.server.jobs.store_rows import JOB_COLUMNS, event_payload, event_row, job_from_row
+from plinth.server.jobs.store_writer import StoreError, StoreWriter
 
 log = logging.getLogger("plinth.store")
 
@@ -70,19 +69,6 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
 """
-JOB_COLUMNS = "n, id, created_at, priority, status, omit_image_bytes, started_at, finished_at, error, outputs, nodes"
-PAYLOADS = {cls.__name__: cls for cls in get_args(ev.EventPayload)}
-# Most writes the writer thread puts in one transaction.
-BATCH = 2000
-# Seconds an unwaited write waits for others to share its commit: a job's events (a sampler
-# step each) go in a few transactions instead of one each, which took CPU from the run.
-LINGER = 0.005
-
-Statement = tuple[str, tuple[Any, ...]]
-
-
-class StoreError(RuntimeError):
-    """The job store cannot be used: closed, or its data directory held by another server."""
 
 
 class JobStore:
@@ -101,13 +87,7 @@ class JobStore:
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._read_lock = threading.Lock()
-        self._writes: queue.SimpleQueue[tuple[list[Statement], Future | None] | None] = queue.SimpleQueue()
-        self._closed = False
-        self._closing = threading.Lock()  # no write is queued behind the writer's stop
-        self._writer = threading.Thread(
-            target=self._write_loop, args=(_connect(self.path),), name="plinth-store", daemon=True
-        )
-        self._writer.start()
+        self._writer = StoreWriter(self.path, _connect(self.path))
 
     # startup
 
@@ -136,9 +116,9 @@ class JobStore:
                         "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
                         (JobStatus.FAILED.value, reason, now, job_id),
                     ),
-                    _event_row(failed),
+                    event_row(failed),
                 ]
-        self._write(statements, wait=True)
+        self._writer.write(statements, wait=True)
         return [job_id for job_id, _ in left]
 
     # writes (the JobJournal a live job records itself in)
@@ -146,7 +126,7 @@ class JobStore:
     def add(self, job: Job) -> None:
         """Store a new job; returns once committed, raises if it could not be."""
         graph = job.plan.graph
-        self._write(
+        self._writer.write(
             [
                 (
                     "INSERT INTO jobs (id, created_at, priority, status, omit_image_bytes, graph, workflow)"
@@ -167,11 +147,11 @@ class JobStore:
 
     def event(self, event: ev.Event) -> None:
         """Queue one event; the worker never waits for it (one a sampler step)."""
-        self._write([_event_row(event)], wait=False)
+        self._writer.write([event_row(event)], wait=False)
 
     def started(self, job: Job) -> None:
         """Queue the job's move to running (not waited for: recovery fails queued and running alike)."""
-        self._write(
+        self._writer.write(
             [("UPDATE jobs SET status = ?, started_at = ? WHERE id = ?", (job.status.value, job.started_at, job.id))],
             wait=False,
         )
@@ -192,7 +172,7 @@ class JobStore:
         ]
         nodes = {k: dataclasses.asdict(v) for k, v in job.nodes.items()}
         try:
-            self._write(
+            self._writer.write(
                 [
                     (
                         "UPDATE jobs SET status = ?, started_at = ?, finished_at = ?, error = ?, outputs = ?, nodes = ?"
@@ -207,7 +187,7 @@ class JobStore:
                             job.id,
                         ),
                     ),
-                    _event_row(event),
+                    event_row(event),
                 ],
                 wait=True,
             )
@@ -216,7 +196,7 @@ class JobStore:
 
     def flush(self) -> None:
         """Return once every write made before this call is committed."""
-        self._write([], wait=True)
+        self._writer.write([], wait=True)
 
     # reads
 
@@ -229,8 +209,8 @@ class JobStore:
             events = self._db.execute(
                 "SELECT seq, time, kind, payload FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
             ).fetchall()
-        job = _job(row)
-        job.events = [ev.Event(job_id, seq, t, _payload(kind, payload)) for seq, t, kind, payload in events]
+        job = job_from_row(row)
+        job.events = [ev.Event(job_id, seq, t, event_payload(kind, payload)) for seq, t, kind, payload in events]
         return job
 
     def list(
@@ -253,72 +233,15 @@ class JobStore:
         with self._read_lock:
             rows = self._db.execute(sql, (*params, limit + 1)).fetchall()
         page = rows[:limit]
-        return [_job(r) for r in page], (page[-1][0] if len(rows) > limit else None)
+        return [job_from_row(r) for r in page], (page[-1][0] if len(rows) > limit else None)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer and release the data directory."""
-        with self._closing:
-            if self._closed:
-                return
-            self._closed = True
-            self._writes.put(None)
-        self._writer.join()
+        if not self._writer.close():
+            return
         with self._read_lock:
             self._db.close()
         self._lock_file.close()
-
-    # the writer thread
-
-    def _write(self, statements: list[Statement], wait: bool) -> None:
-        done: Future | None = Future() if wait else None
-        with self._closing:
-            if self._closed:
-                if not statements:
-                    return  # a flush: close() committed everything
-                if wait:
-                    raise StoreError(f"the job store {self.path} is closed")
-                log.warning("job store closed; dropped %d write(s)", len(statements))
-                return
-            self._writes.put((statements, done))
-        if done is not None:
-            done.result()
-
-    def _write_loop(self, db: sqlite3.Connection) -> None:
-        """Take what is queued (up to BATCH writes) and commit it as one transaction; when that
-        fails, commit each write alone so one bad write does not lose the others."""
-        closing = False
-        while not closing:
-            batch = [self._writes.get()]
-            linger_until = time.monotonic() + LINGER
-            while len(batch) < BATCH and batch[-1] is not None:
-                # Unwaited writes (events) linger a little to share a commit; a waited one
-                # (a submit, a job's end) is committed at once with whatever is queued.
-                remaining = linger_until - time.monotonic() if batch[-1][1] is None else 0.0
-                try:
-                    batch.append(self._writes.get(timeout=remaining) if remaining > 0 else self._writes.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is None:
-                closing = True
-                batch.pop()
-            try:
-                _commit(db, [s for statements, _ in batch for s in statements])
-            except sqlite3.Error:
-                for statements, done in batch:
-                    try:
-                        _commit(db, statements)
-                    except sqlite3.Error as exc:
-                        log.exception("job store write failed")
-                        if done is not None:
-                            done.set_exception(exc)
-                        continue
-                    if done is not None:
-                        done.set_result(None)
-                continue
-            for _, done in batch:
-                if done is not None:
-                    done.set_result(None)
-        db.close()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -339,62 +262,3 @@ def _hold_lock(path: Path):
         handle.close()
         raise StoreError(f"{path.parent} is in use by another Plinth server (it holds {path})") from None
     return handle
-
-
-def _commit(db: sqlite3.Connection, statements: list[Statement]) -> None:
-    if not statements:
-        return
-    db.execute("BEGIN")
-    try:
-        for sql, params in statements:
-            db.execute(sql, params)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _event_row(event: ev.Event) -> Statement:
-    p = event.payload
-    if isinstance(p, ev.Output):
-        data: dict[str, Any] = {
-            "node_id": p.node_id,
-            "images": [
-                {"id": i.id, "filename": i.filename, "width": i.width, "height": i.height, "kind": i.kind}
-                for i in p.images
-            ],
-        }
-    else:
-        data = dataclasses.asdict(p)
-    return (
-        "INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
-        (event.job_id, event.seq, event.time, type(p).__name__, json.dumps(data)),
-    )
-
-
-def _payload(kind: str, payload: str) -> ev.EventPayload:
-    data = json.loads(payload)
-    if kind == "Output":
-        return ev.Output(data["node_id"], [ImageRef(png=b"", **i) for i in data["images"]])
-    return PAYLOADS[kind](**data)
-
-
-def _job(row: tuple) -> Job:
-    """A stored job without plan, request or events."""
-    _, job_id, created_at, priority, status, omit, started_at, finished_at, error, outputs, nodes = row
-    images = json.loads(outputs)
-    return Job(
-        None,
-        None,
-        priority,
-        omit_image_bytes=bool(omit),
-        id=job_id,
-        status=JobStatus(status),
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        error=error,
-        outputs=[ImageRef(i["id"], i["filename"], i["width"], i["height"], b"", i["kind"]) for i in images],
-        output_nodes={i["id"]: i["node_id"] for i in images},
-        nodes={k: NodeRun(**v) for k, v in json.loads(nodes).items()},
-    )

@@ -1,11 +1,7 @@
-"""The server's directories: models to load, images to keep, and what one job may see of them.
+"""The models directory: which names stand for which files, and what is listed in each folder.
 
 models/        checkpoints/ (diffusers folders, .safetensors), vae/, loras/, upscale_models/,
                controlnet/, ipadapter/, clip_vision/ (.safetensors), rembg/ (.onnx cutout models)
-data/images/   output PNGs, content-addressed: <sha256 of the file>.png
-data/inputs/   images a LoadImage may name besides those sent with the request: files put there
-               by hand, named by their file name, and uploaded assets (AssetService.Upload),
-               stored as <sha256>.png|.jpg|.webp and named by their id, the bare 64-hex sha256
 data/converted/  .safetensors copies of pickled model files (only with allow_pickle)
 
 Model names are paths relative to their folder and resolve inside it only: absolute paths,
@@ -21,15 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from plinth.nodes.context import ImageRef, ModelHandle, NodeInputError
+from plinth.nodes.context import NodeInputError
 from plinth.nodes.models.tiny_sd import NAME as TINY_SD
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.server.models.manager import ModelManager
 
 MODEL_SUFFIXES = (".safetensors",)
 # Model folders and the file types each holds (ComfyUI's folder names where it has them).
@@ -47,12 +40,6 @@ MODEL_FOLDERS = {
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Folders whose loaders read single .safetensors files, so a converted pickle loads there.
 PICKLE_FOLDERS = frozenset(f for f, suffixes in MODEL_FOLDERS.items() if ".safetensors" in suffixes)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# How an uploaded asset of each format is stored in data/inputs (<sha256><suffix>).
-ASSET_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
-ASSET_FORMATS = {suffix: kind for kind, suffix in ASSET_SUFFIXES.items()}
-UPLOAD_PREFIX = ".upload-"  # partial uploads in data/inputs, never listed
-STALE_UPLOAD_SECONDS = 3600.0
 
 
 class UnsafeModelName(NodeInputError):
@@ -67,23 +54,16 @@ class PickleRefused(NodeInputError):
     """A pickled model file, and allow_pickle is not set (gRPC FAILED_PRECONDITION)."""
 
 
-def is_sha256(value: str) -> bool:
-    """Whether `value` is a sha256 in lower-case hex: an output image's or an asset's id."""
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+class ModelFolders:
+    """Model names resolved inside the models directory, the folders' listings, and the
+    fingerprints and sizes the model manager and ModelService report."""
 
-
-class Workspace:
     def __init__(self, models_dir: Path, data_dir: Path, allow_pickle: bool = False) -> None:
         self.models_dir = Path(models_dir).resolve()
-        self.data_dir = Path(data_dir).resolve()
+        self.converted_dir = Path(data_dir).resolve() / "converted"
         self.allow_pickle = allow_pickle
-        self.images_dir = self.data_dir / "images"
-        self.inputs_dir = self.data_dir / "inputs"
-        self.converted_dir = self.data_dir / "converted"
-        for folder in (*(self.models_dir / f for f in MODEL_FOLDERS), self.images_dir, self.inputs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-
-    # models
+        for folder in MODEL_FOLDERS:
+            (self.models_dir / folder).mkdir(parents=True, exist_ok=True)
 
     def suffixes(self, source: str) -> tuple[str, ...]:
         """The file types listed in a model folder: its own, plus pickles with allow_pickle."""
@@ -233,78 +213,6 @@ class Workspace:
             out.append((name, _size(path), f"{source}/{name}@{_fingerprint(path)[:16]}"))
         return out
 
-    def choices(self, source: str) -> list[str]:
-        if source in MODEL_FOLDERS:
-            return self.models(source)
-        if source == "input_images":
-            names = set()
-            for path in self.inputs_dir.iterdir():
-                suffix = path.suffix.lower()
-                if path.name.startswith(".") or suffix not in IMAGE_SUFFIXES:
-                    continue
-                names.add(path.stem if is_sha256(path.stem) and path.suffix in ASSET_FORMATS else path.name)
-            return sorted(names)
-        raise KeyError(f"unknown choice source {source!r}")
-
-    # uploaded assets
-
-    def upload_file(self) -> Path:
-        """A fresh path for an upload in progress: hidden, never listed. Partial uploads a
-        crashed process left, untouched for STALE_UPLOAD_SECONDS, are removed here."""
-        cutoff = time.time() - STALE_UPLOAD_SECONDS
-        for stale in self.inputs_dir.glob(f"{UPLOAD_PREFIX}*"):
-            try:
-                if stale.stat().st_mtime < cutoff:
-                    stale.unlink(missing_ok=True)
-            except OSError:
-                pass
-        return self.inputs_dir / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}"
-
-    def keep_asset(self, upload: Path, digest: str, kind: str) -> Path:
-        """Move a finished, checked upload to its content address; the same bytes twice are one file."""
-        path = self.inputs_dir / f"{digest}{ASSET_SUFFIXES[kind]}"
-        if path.exists():
-            upload.unlink(missing_ok=True)
-        else:
-            os.replace(upload, path)
-        return path
-
-    def asset_path(self, asset_id: str) -> Path | None:
-        """The stored file of an uploaded asset, by id (its sha256), or None."""
-        if not is_sha256(asset_id):
-            return None
-        return next((p for s in ASSET_SUFFIXES.values() if (p := self.inputs_dir / f"{asset_id}{s}").is_file()), None)
-
-    def stored_file(self, image_id: str) -> tuple[Path, str] | None:
-        """An output image ("output") or an uploaded asset ("input") by id, or None."""
-        if not is_sha256(image_id):
-            return None
-        output = self.images_dir / f"{image_id}.png"
-        if output.is_file():
-            return output, "output"
-        asset = self.asset_path(image_id)
-        return (asset, "input") if asset is not None else None
-
-    # images
-
-    def save_image(self, png: bytes, width: int, height: int, prefix: str, kind: str) -> ImageRef:
-        """Keep an output PNG under its content hash; previews are not written to disk."""
-        digest = hashlib.sha256(png).hexdigest()
-        if kind == "output":
-            path = self.images_dir / f"{digest}.png"
-            if not path.exists():
-                tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
-                tmp.write_bytes(png)
-                os.replace(tmp, path)
-        safe_prefix = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix)[:64] or "image"
-        return ImageRef(digest, f"{safe_prefix}_{digest[:12]}.png", width, height, png, kind)
-
-    def read_image(self, image_id: str) -> bytes | None:
-        if not is_sha256(image_id):
-            return None
-        path = self.images_dir / f"{image_id}.png"
-        return path.read_bytes() if path.exists() else None
-
 
 def _files(path: Path) -> list[Path]:
     if path.is_file():
@@ -368,47 +276,3 @@ def convert_pickle(path: Path, target: Path) -> None:
         seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
     save_file(out, str(target), metadata={"format": "pt", "converted_from": path.name})
-
-
-class JobResources:
-    """One job's view: the workspace, the model manager and the images sent with the request.
-
-    Serves both validation (plinth.nodes.context.ValidationEnv) and execution (Resources).
-    """
-
-    def __init__(self, workspace: Workspace, models: ModelManager, inputs: dict[str, bytes]) -> None:
-        self.workspace = workspace
-        self.models = models
-        self.inputs = inputs
-        self.models_dir = workspace.models_dir
-        self.model_path = workspace.model_path
-        self.save_image = workspace.save_image
-
-    def model(self, handle: ModelHandle) -> Any:
-        return self.models.get(handle)
-
-    def choices(self, source: str) -> list[str]:
-        names = self.workspace.choices(source)
-        if source == "input_images":
-            names = sorted(set(names) | set(self.inputs))
-        return names
-
-    def fingerprint(self, source: str, name: str) -> str:
-        if source == "input_images":
-            try:
-                return hashlib.sha256(self.input_image(name)).hexdigest()
-            except NodeInputError:
-                return ""
-        return self.workspace.model_fingerprint(source, name)
-
-    def input_image(self, name: str) -> bytes:
-        """An image sent with the request, an uploaded asset by its id, or a file in data/inputs."""
-        if name in self.inputs:
-            return self.inputs[name]
-        asset = self.workspace.asset_path(name)
-        if asset is not None:
-            return asset.read_bytes()
-        path = self.workspace.inputs_dir / name
-        if "/" in name or "\\" in name or name.startswith(".") or not path.is_file():
-            raise NodeInputError(f"unknown input image {name!r}")
-        return path.read_bytes()
