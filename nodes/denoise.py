@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from plinth.nodes.conditioning import area_in_latent
-from plinth.nodes.context import NodeContext, NodeInputError
+from plinth.nodes.core.context import NodeContext, NodeInputError
+from plinth.nodes.core.types import Conditioning, ControlSpec, DiffusionModel, Latent
+from plinth.nodes.diffusers_schedulers import make_scheduler, takes_generator
 from plinth.nodes.models.checkpoint import StableDiffusion
 from plinth.nodes.patches import merged_call_kwargs, patched
 from plinth.nodes.resize import mask_planes, repeat_to_batch, resize
-from plinth.nodes.samplers import make_scheduler, takes_generator
-from plinth.nodes.types import Conditioning, ControlSpec, DiffusionModel, Latent
 
 # Multistep sigma-space schedulers whose history is sized by the step index: a run that
 # starts mid-schedule gets the schedule cut at its start instead of a begin index.

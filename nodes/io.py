@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
-from plinth.nodes.context import ImageRef, NodeContext, NodeInputError
-from plinth.nodes.schema import Choice, Link, Node, Output, String
+from plinth.nodes.core.context import ImageRef, NodeContext, NodeInputError
+from plinth.nodes.core.schema import Choice, Link, Node, Output, String
 
 
 def encode_png(image: torch.Tensor, graph: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:

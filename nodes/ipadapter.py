@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
+from plinth.nodes.core.types import DiffusionModel
 from plinth.nodes.resize import center_crop, repeat_to_batch, resize
-from plinth.nodes.schema import Choice, Float, Link, Node, Output
-from plinth.nodes.types import DiffusionModel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import torch
 
-from plinth.nodes.context import NodeContext
+from plinth.nodes.core.context import NodeContext
+from plinth.nodes.core.schema import Choice, Float, Int, Link, Node, Output
+from plinth.nodes.core.types import Latent, Vae
 from plinth.nodes.resize import center_crop, require_vae_size, resize
-from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
-from plinth.nodes.types import Latent, Vae
 
 MAX_RESOLUTION = 16384
 LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from plinth.nodes.context import ModelOptions, NodeContext, file_model
+from plinth.nodes.core.context import ModelOptions, NodeContext, file_model
+from plinth.nodes.core.schema import Choice, Node, Output
+from plinth.nodes.core.types import DiffusionModel, TextEncoder, Vae
 from plinth.nodes.models.checkpoint import load_checkpoint, load_vae
-from plinth.nodes.schema import Choice, Node, Output
-from plinth.nodes.types import DiffusionModel, TextEncoder, Vae
 
 
 def model_options(ctx: NodeContext) -> ModelOptions:

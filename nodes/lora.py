@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
-from plinth.nodes.schema import Choice, Float, Link, Node, Output
-from plinth.nodes.types import CheckpointPart, DiffusionModel, TextEncoder
+from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
+from plinth.nodes.core.types import CheckpointPart, DiffusionModel, TextEncoder
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"  # also the StableDiffusion attributes they patch
 _PART_LABELS = {UNET: "UNet", TEXT_ENCODER: "text encoder"}

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from plinth.nodes.context import NodeContext
+from plinth.nodes.core.context import NodeContext
 
 
 class ModelPatch(Protocol):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.core.context import NodeInputError
 
 CHUNK = 75
 # ComfyUI's prefix for a textual-inversion embedding in a prompt (case-sensitive, as there).

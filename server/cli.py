@@ -372,7 +372,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     from plinth.clients import PlinthError
 
     if args.markdown:
-        from plinth.nodes.registry import NODES
+        from plinth.nodes.core.registry import NODES
         from plinth.server.docs import nodes_markdown
 
         sys.stdout.write(nodes_markdown(NODES))

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from plinth.nodes.context import ModelOptions
-from plinth.nodes.registry import NODES
+from plinth.nodes.core.context import ModelOptions
+from plinth.nodes.core.registry import NODES
 from plinth.server.config import Config, ConfigError, Limits
 from plinth.server.engine import events as ev
 from plinth.server.engine.batching import Lockstep

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from plinth.nodes.context import ImageRef, ModelHandle, NodeInputError
+from plinth.nodes.core.context import ImageRef, ModelHandle, NodeInputError
 from plinth.nodes.models.tiny_sd import NAME as TINY_SD
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 from plinth.server.models.manager import ModelManager
@@ -214,7 +214,7 @@ class Workspace:
         return _fingerprint(path)
 
     def model_key(self, source: str, name: str) -> str:
-        """The model manager's key for a model, as plinth.nodes.context.file_model makes it."""
+        """The model manager's key for a model, as plinth.nodes.core.context.file_model makes it."""
         return f"{source}/{name}@{self.model_fingerprint(source, name)[:16]}"
 
     def model_size(self, source: str, name: str) -> int:
@@ -373,7 +373,7 @@ def convert_pickle(path: Path, target: Path) -> None:
 class JobResources:
     """One job's view: the workspace, the model manager and the images sent with the request.
 
-    Serves both validation (plinth.nodes.context.ValidationEnv) and execution (Resources).
+    Serves both validation (plinth.nodes.core.context.ValidationEnv) and execution (Resources).
     """
 
     def __init__(self, workspace: Workspace, models: ModelManager, inputs: dict[str, bytes]) -> None:

@@ -15,7 +15,7 @@ from support.lora_files import kohya, old_diffusers, peft, random_lora, tiny_mod
 from torch import nn
 
 from plinth.clients import JobFailed
-from plinth.nodes.context import ModelHandle, NodeInputError
+from plinth.nodes.core.context import ModelHandle, NodeInputError
 from plinth.nodes.lora import LoraPatch, parse_lora, read_lora
 from plinth.nodes.models.tiny_sd import TEXT, UNET
 from plinth.nodes.patches import patched

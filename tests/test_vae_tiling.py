@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plinth.nodes.context import ModelOptions
+from plinth.nodes.core.context import ModelOptions
+from plinth.nodes.core.types import Latent
 from plinth.nodes.latent import VAEDecode, VAEDecodeTiled, VAEEncodeTiled, tiled, vae_decode, vae_encode
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.nodes.types import Latent
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.core.context import NodeInputError
 
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
 UNET = "model.diffusion_model."

@@ -6,7 +6,7 @@ choice input listing that folder, one without links preferred: CheckpointLoaderS
 VAELoader, LoraLoader, UpscaleModelLoader, ControlNetLoader, IPAdapterModelLoader,
 CLIPVisionLoader, RemoveBackground) in a context whose model() hands back the ModelHandle the
 node asks for instead of loading it, and collects handles from the node's outputs too. Those
-handles, made by plinth.nodes.context.file_model, carry the node's own load function and key
+handles, made by plinth.nodes.core.context.file_model, carry the node's own load function and key
 (folder/name@fingerprint), and go to the model manager, so a later graph finds the model loaded.
 No per-folder table to keep in step with the nodes.
 """
@@ -23,8 +23,8 @@ import torch
 
 from plinth.clients.v1 import model_service_pb2 as ms
 from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
-from plinth.nodes.context import ModelHandle, NodeInputError
-from plinth.nodes.schema import Choice, Node
+from plinth.nodes.core.context import ModelHandle, NodeInputError
+from plinth.nodes.core.schema import Choice, Node
 from plinth.server.models.manager import ModelTooLarge
 from plinth.server.service import PlinthService
 from plinth.server.workspace import MODEL_FOLDERS, JobResources, PickleRefused, UnknownModel, UnsafeModelName

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from plinth.nodes.context import ImageRef, JobCancelled, ModelHandle, ModelOptions
+from plinth.nodes.core.context import ImageRef, JobCancelled, ModelHandle, ModelOptions
 from plinth.server.engine import events as ev
 from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.cache import OutputCache
@@ -64,7 +64,7 @@ class RunResult:
 
 
 class RunContext:
-    """The NodeContext a node sees while it runs (plinth.nodes.context.NodeContext)."""
+    """The NodeContext a node sees while it runs (plinth.nodes.core.context.NodeContext)."""
 
     def __init__(
         self,

@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, get_args
 
-from plinth.nodes.context import ImageRef
+from plinth.nodes.core.context import ImageRef
 from plinth.server.engine import events as ev
 from plinth.server.engine.executor import NodeRun
 from plinth.server.jobs.job import Job, JobStatus, stopped_reason

@@ -11,14 +11,14 @@ from plinth.nodes import (
     inpaint,
     io,
     ipadapter,
+    ksampler,
     latent,
     loaders,
     lora,
     mask,
-    sampling,
     upscale,
 )
-from plinth.nodes.schema import Node
+from plinth.nodes.core.schema import Node
 
 _MODULES = (
     loaders,
@@ -28,7 +28,7 @@ _MODULES = (
     ipadapter,
     latent,
     inpaint,
-    sampling,
+    ksampler,
     io,
     image,
     mask,

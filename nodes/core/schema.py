@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from plinth.nodes.context import NodeContext, ValidationEnv
+    from plinth.nodes.core.context import NodeContext, ValidationEnv
 
 # Types whose values are literals in the graph; every other type arrives through a link.
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
