@@ -25,7 +25,7 @@ from plinth.nodes.core.context import NodeContext, NodeInputError
 from plinth.nodes.core.types import Conditioning, ControlSpec, DiffusionModel, Latent
 from plinth.nodes.diffusers_schedulers import make_scheduler, takes_generator
 from plinth.nodes.models.checkpoint import StableDiffusion
-from plinth.nodes.patches import merged_call_kwargs, patched
+from plinth.nodes.patches.model_patch import merged_call_kwargs, patched
 from plinth.nodes.resize import mask_planes, repeat_to_batch, resize
 
 # Multistep sigma-space schedulers whose history is sized by the step index: a run that

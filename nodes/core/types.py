@@ -14,7 +14,7 @@ import torch
 
 from plinth.nodes.core.context import ModelHandle, NodeContext
 from plinth.nodes.models.checkpoint import StableDiffusion
-from plinth.nodes.patches import ModelPatch
+from plinth.nodes.patches.model_patch import ModelPatch
 
 
 @dataclass(frozen=True)
