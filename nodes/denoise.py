@@ -242,7 +242,7 @@ class Denoiser:
             kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = residuals
         # A plain call may be batched with other jobs' calls (server/engine/batching.py); one
         # under patches or ControlNet residuals runs here, on weights patched for this job only.
-        shared = getattr(self.ctx, "unet_forward", None)
+        shared = self.ctx.unet_forward
         if shared is not None and not kwargs and not self.model.patches:
             return shared(self.unet, sample, t, context).float()
         return self.unet(sample, t, encoder_hidden_states=context, **kwargs).sample.float()

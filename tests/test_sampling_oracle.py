@@ -65,7 +65,9 @@ def oracle(monkeypatch):
 
     monkeypatch.setattr(denoise_module, "make_scheduler", make)
     sd = types.SimpleNamespace(unet=unet, latent_channels=4, latent_scale=SCALE, scheduler_config=BASE, vae_scale=8)
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, progress=lambda i, n: None)
+    ctx = types.SimpleNamespace(
+        device=torch.device("cpu"), dtype=torch.float32, progress=lambda i, n: None, unet_forward=None
+    )
     model = DiffusionModel(ModelHandle("oracle", lambda: None))
     cond = [ConditioningEntry(torch.zeros(1, 77, 8))]
 
