@@ -57,7 +57,8 @@ def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         picture = Image.open(io.BytesIO(data))
         first_only = picture.format == "MPO"
-        frames, masks = [], []
+        frames: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         for index, frame in enumerate(ImageSequence.Iterator(picture)):
             if (index + 1) * frame.width * frame.height > MAX_DECODED_PIXELS:
                 raise NodeInputError(

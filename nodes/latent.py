@@ -141,11 +141,12 @@ def tiled(
     8/1 for a decoder, 1/8 for an encoder) blended with weights that ramp across the overlaps.
     No state is set on any model: tiling is per call."""
     height, width = x.shape[-2:]
-    out = weight = None
+    out: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
     for y in _starts(height, tile, overlap):
         for x0 in _starts(width, tile, overlap):
             part = fn(x[..., y : y + tile, x0 : x0 + tile])
-            if out is None:
+            if out is None or weight is None:
                 out = torch.zeros(*part.shape[:2], height * up // down, width * up // down)
                 weight = torch.zeros(1, 1, *out.shape[-2:])
             ramp = overlap * up // down
@@ -153,6 +154,8 @@ def tiled(
             oy, ox = y * up // down, x0 * up // down
             out[..., oy : oy + part.shape[-2], ox : ox + part.shape[-1]] += part * w
             weight[..., oy : oy + part.shape[-2], ox : ox + part.shape[-1]] += w
+    if out is None or weight is None:
+        raise ValueError(f"nothing to tile in an input of size {height}x{width}")
     return out / weight
 
 

@@ -95,10 +95,10 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
             if ids:
                 words.append([(i, weight) for i in ids])
     windows: list[list[tuple[int, float]]] = [[]]
-    for word in words:
-        if len(windows[-1]) + len(word) > CHUNK and len(word) <= CHUNK and windows[-1]:
+    for word_tokens in words:
+        if len(windows[-1]) + len(word_tokens) > CHUNK and len(word_tokens) <= CHUNK and windows[-1]:
             windows.append([])
-        for token in word:
+        for token in word_tokens:
             if len(windows[-1]) == CHUNK:
                 windows.append([])
             windows[-1].append(token)

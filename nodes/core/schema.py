@@ -7,6 +7,7 @@ and its outputs in OUTPUTS. Nothing here imports torch, so schemas can be read c
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -28,8 +29,10 @@ class InputSpec:
     optional: bool = False
     tooltip: str = ""
     name: str = ""
+    # The value an omitted input takes, where has_default says it has one (widgets redeclare it typed).
+    default: Any = None
 
-    def __set_name__(self, owner: type, name: str) -> None:
+    def __set_name__(self, owner: builtins.type, name: str) -> None:
         self.name = name
 
     @property
@@ -272,7 +275,11 @@ class Node:
 def _check_run_parameters(cls: type[Node], declared: list[str]) -> None:
     """TypeError unless cls.run takes (self, ctx, <each declared input by name, in order>)."""
     parameters = list(inspect.signature(cls.run).parameters.values())[2:]
-    variadic = [str(p) for p in parameters if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    variadic = [
+        ("*" if p.kind == p.VAR_POSITIONAL else "**") + p.name
+        for p in parameters
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     if variadic:
         raise TypeError(f"{cls.__name__}.run() must name each declared input, not take {variadic[0]}")
     names = [p.name for p in parameters]

@@ -95,9 +95,11 @@ def load_clip_vision(path: Path, device: torch.device, dtype: torch.dtype) -> An
     from transformers.initialization import no_init_weights
 
     if path.is_dir():
-        model, info = CLIPVisionModelWithProjection.from_pretrained(
+        # With output_loading_info a (model, info) pair, which from_pretrained's annotation omits.
+        loaded: Any = CLIPVisionModelWithProjection.from_pretrained(
             path, local_files_only=True, output_loading_info=True
         )
+        model, info = loaded
         if info["missing_keys"]:
             raise NodeInputError(f"{path.name}: weights missing from the folder: {sorted(info['missing_keys'])[:5]}")
     else:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from plinth.nodes.core.context import NodeInputError
 from plinth.nodes.models.clip_vision import HEAD_DIM, ClipVisionOutput, load_strict, read_safetensors
+
+if TYPE_CHECKING:
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 
 # Weights that mark a plus adapter's Resampler and that its sizes are read from.
 RESAMPLER_KEYS = {"latents", "proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"}
@@ -60,7 +63,9 @@ def _resampler_key(key: str) -> list[str]:
     return [key]
 
 
-def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, torch.nn.Module, int]:
+def _image_projection(
+    proj: dict[str, torch.Tensor], name: str
+) -> tuple[str, ImageProjection | IPAdapterPlusImageProjection, int]:
     """(kind, module, input width) for the image_proj weights of a plain or plus adapter."""
     from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 
@@ -73,17 +78,17 @@ def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, to
                 f"not a whole number of {cross}-wide tokens"
             )
         embed = proj["proj.weight"].shape[1]
-        module = ImageProjection(image_embed_dim=embed, cross_attention_dim=cross, num_image_text_embeds=tokens)
+        plain = ImageProjection(image_embed_dim=embed, cross_attention_dim=cross, num_image_text_embeds=tokens)
         state = {k.replace("proj.", "image_embeds.", 1) if k.startswith("proj.") else k: v for k, v in proj.items()}
-        load_strict(module, state, name, "plain IP-Adapter image projection")
-        return "plain", module, embed
+        load_strict(plain, state, name, "plain IP-Adapter image projection")
+        return "plain", plain, embed
     if RESAMPLER_KEYS <= proj.keys():
         hidden = proj["latents"].shape[2]
         heads, rest = divmod(proj["layers.0.0.to_q.weight"].shape[0], HEAD_DIM)
         if rest or not heads:
             raise NodeInputError(f"{name}: Resampler attention width is not a multiple of {HEAD_DIM}")
         embed = proj["proj_in.weight"].shape[1]
-        module = IPAdapterPlusImageProjection(
+        plus = IPAdapterPlusImageProjection(
             embed_dims=embed,
             output_dims=proj["proj_out.weight"].shape[0],
             hidden_dims=hidden,
@@ -98,8 +103,8 @@ def _image_projection(proj: dict[str, torch.Tensor], name: str) -> tuple[str, to
             names = _resampler_key(key)
             for new, part in zip(names, value.chunk(len(names)), strict=False):
                 state[new] = part
-        load_strict(module, state, name, "plus IP-Adapter Resampler")
-        return "plus", module, embed
+        load_strict(plus, state, name, "plus IP-Adapter Resampler")
+        return "plus", plus, embed
     raise NodeInputError(
         f"{name}: unsupported IP-Adapter variant; plain (image_proj.proj) and plus "
         "(image_proj.latents) SD1.x adapters load, FaceID and full-face ones do not"
@@ -129,8 +134,9 @@ class IPAdapterWeights:
     def matching_layers(self, unet: torch.nn.Module) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
         """(attention module, to_k_ip, to_v_ip) for each cross-attention layer of `unet`, or an
         error naming why this adapter does not belong to this model."""
-        found = []
-        for index, key in enumerate(unet.attn_processors):
+        found: list[tuple[int, Any]] = []  # (position among the processors, diffusers Attention)
+        processors = cast(dict[str, Any], unet.attn_processors)  # a UNet2DConditionModel property
+        for index, key in enumerate(processors):
             attn = unet.get_submodule(key.removesuffix(".processor"))
             if getattr(attn, "is_cross_attention", False):
                 found.append((index, attn))
@@ -155,6 +161,8 @@ def load_ipadapter(
     path: Path, device: torch.device, dtype: torch.dtype, state: dict[str, Any] | None = None
 ) -> IPAdapterWeights:
     """Parse an IP-Adapter .safetensors (or an already read `state`, flattened or nested)."""
+    from diffusers.models.embeddings import ImageProjection
+
     proj, ip = split_ipadapter_state(read_safetensors(path) if state is None else state, path.name)
     kind, module, embed = _image_projection(proj, path.name)
     layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -170,7 +178,8 @@ def load_ipadapter(
     if incomplete:
         raise NodeInputError(f"{path.name}: layers {incomplete} lack to_k_ip or to_v_ip")
     cross = {pair["to_k_ip"].shape[1] for pair in layers.values()}
-    out = (module.norm if kind == "plain" else module.norm_out).normalized_shape[0]  # image token width
+    norm = module.norm if isinstance(module, ImageProjection) else module.norm_out
+    out = norm.normalized_shape[0]  # image token width
     if cross != {out}:
         raise NodeInputError(f"{path.name}: image tokens are {out} wide but the layers read {sorted(cross)}")
     return IPAdapterWeights(

@@ -174,7 +174,7 @@ def parse_lora(
         if "alpha" in entry:
             if entry["alpha"].numel() != 1:
                 raise NodeInputError(f"{name}: {label}.alpha is not a single number")
-            alpha = float(entry["alpha"].flatten()[0])
+            alpha: float | None = float(entry["alpha"].flatten()[0])
         else:
             alpha = _config_alpha(config, part, path)
         layers.setdefault(part, {})[path] = LoraLayer(label, down, up, alpha)
@@ -237,6 +237,7 @@ def _fit(file: str, layer: LoraLayer, path: str, module: nn.Module) -> LoraLayer
     """The layer with down/up shaped for `module` (1x1 convs and linears may be written either
     way), or NodeInputError when it cannot apply there."""
     down, up = layer.down, layer.up
+    want: tuple[tuple[int, ...], tuple[int, ...]]
     if isinstance(module, nn.Linear):
         down, up = (t.flatten(1) if t.ndim == 4 and t.shape[2:] == (1, 1) else t for t in (down, up))
         want = ((layer.rank, module.in_features), (module.out_features, layer.rank))

@@ -23,6 +23,7 @@ from plinth.nodes.models.lora import LoraFile, LoraLayer
 def _delta_hook(module: nn.Module, layer: LoraLayer, strength: float) -> Callable[..., torch.Tensor]:
     """A forward hook adding strength * scale * up(down(x)), in the module's dtype and device."""
     weight = module.weight
+    assert isinstance(weight, torch.Tensor), "LoRA layers resolve to Linear and Conv2d modules only"
     down = layer.down.to(weight.device, weight.dtype)
     up = (layer.up.float() * (strength * layer.scale)).to(weight.device, weight.dtype)
     if isinstance(module, nn.Conv2d):
