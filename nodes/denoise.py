@@ -9,6 +9,11 @@ call after every model call, and a cancellation check there too.
 
 Noisy latents handed between samplers (KSamplerAdvanced's leftover noise) are kept as
 x0 + sigma * noise, the form ComfyUI uses, whatever space the scheduler works in.
+
+Over 300 lines on purpose: the schedule, the guided model call (areas, ControlNet residuals,
+inpainting input, patches) and the loop share one Denoiser's state, and a later issue replaces
+this module, diffusers_schedulers.py and ksampler.py with a sampling core; splitting it now
+would only be undone then.
 """
 
 from __future__ import annotations
