@@ -1,7 +1,7 @@
 """IP-Adapter nodes: a reference image steers an SD1.x UNet (its style, or its content) alongside the prompt.
 
-Nodes: CLIPVisionLoader and CLIPVisionEncode (ComfyUI core), IPAdapterModelLoader and
-IPAdapterAdvanced (the names of cubiq/ComfyUI_IPAdapter_plus, so exported graphs carry over).
+Nodes: IPAdapterModelLoader and IPAdapterAdvanced (the names of cubiq/ComfyUI_IPAdapter_plus,
+so exported graphs carry over); the CLIP vision encoder they need comes from clip_vision.py.
 The files they load are read by plinth.nodes.models.clip_vision and plinth.nodes.models.ipadapter;
 the patch that runs an adapter during sampling is plinth.nodes.patches.ipadapter_attention.
 """
@@ -15,45 +15,10 @@ import torch
 from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.core.types import DiffusionModel
-from plinth.nodes.models.clip_vision import ClipVisionOutput, encode_image, encode_pixels, load_clip_vision
+from plinth.nodes.models.clip_vision import encode_image, encode_pixels
 from plinth.nodes.models.ipadapter import IPAdapterWeights, load_ipadapter
 from plinth.nodes.patches.ipadapter_attention import IPAdapterPatch
 from plinth.nodes.resize import repeat_to_batch
-
-
-class CLIPVisionLoader(Node):
-    """Load a CLIP vision encoder (transformers layout) from models/clip_vision: a .safetensors
-    file, its architecture read off the weights, or a folder with config.json."""
-
-    CATEGORY = "loaders"
-    DISPLAY_NAME = "Load CLIP Vision"
-    OUTPUTS = (Output("CLIP_VISION"),)
-
-    clip_name = Choice(source="clip_vision")
-
-    def run(self, ctx: NodeContext, clip_name: str) -> tuple[ModelHandle]:
-        device, dtype = ctx.device, ctx.dtype
-        handle = file_model(ctx, "clip_vision", clip_name, lambda path: load_clip_vision(path, device, dtype))
-        ctx.model(handle)  # a wrong file fails here, at the node that names it
-        return (handle,)
-
-
-class CLIPVisionEncode(Node):
-    """Encode images with a CLIP vision model: projected image embeddings and the penultimate
-    hidden states (crop "center" keeps the aspect and cuts the middle, "none" squeezes)."""
-
-    CATEGORY = "conditioning"
-    DISPLAY_NAME = "CLIP Vision Encode"
-    OUTPUTS = (Output("CLIP_VISION_OUTPUT"),)
-
-    clip_vision = Link("CLIP_VISION")
-    image = Link("IMAGE")
-    crop = Choice(options=("center", "none"), default="center")
-
-    def run(
-        self, ctx: NodeContext, clip_vision: ModelHandle, image: torch.Tensor, crop: str
-    ) -> tuple[ClipVisionOutput]:
-        return (encode_image(ctx.model(clip_vision), image, crop == "center"),)
 
 
 class IPAdapterModelLoader(Node):

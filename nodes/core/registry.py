@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from plinth.nodes import (
+    clip_vision,
     color,
     conditioning,
     controlnet,
@@ -25,6 +26,7 @@ _MODULES = (
     lora,
     conditioning,
     controlnet,
+    clip_vision,
     ipadapter,
     latent,
     inpaint,
