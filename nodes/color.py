@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from plinth.nodes.context import NodeContext, NodeInputError
+from plinth.nodes.core.context import NodeContext, NodeInputError
+from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.resize import fit_mask
-from plinth.nodes.schema import Choice, Float, Link, Node, Output
 
 # sRGB (D65) to CIE XYZ, and the D65 white point.
 RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))

@@ -7,10 +7,10 @@ from dataclasses import replace
 import torch
 
 from plinth.nodes import prompt
-from plinth.nodes.context import NodeContext, NodeInputError
-from plinth.nodes.patches import patched
-from plinth.nodes.schema import Float, Int, Link, Node, Output, String
-from plinth.nodes.types import Conditioning, ConditioningEntry, TextEncoder
+from plinth.nodes.core.context import NodeContext, NodeInputError
+from plinth.nodes.core.schema import Float, Int, Link, Node, Output, String
+from plinth.nodes.core.types import Conditioning, ConditioningEntry, TextEncoder
+from plinth.nodes.patches.model_patch import patched
 
 MAX_RESOLUTION = 16384
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
+from plinth.nodes.core.types import Conditioning, ConditioningEntry, ControlSpec, Vae
 from plinth.nodes.models.single_file import SD15_CONFIG
-from plinth.nodes.schema import Choice, Float, Link, Node, Output
-from plinth.nodes.types import Conditioning, ConditioningEntry, ControlSpec, Vae
 
 ORIGINAL_PREFIX = "control_model."
 HINT_WIDTHS = (16, 32, 96, 256)  # SD1.5 ControlNets' hint encoder (conditioning_embedding_out_channels)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from plinth.nodes.context import NodeContext, file_model
+from plinth.nodes.core.context import NodeContext, file_model
+from plinth.nodes.core.schema import Boolean, Choice, Float, Int, Link, Node, Output
 from plinth.nodes.resize import resize, resize_image
-from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))

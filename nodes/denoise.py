@@ -9,6 +9,11 @@ call after every model call, and a cancellation check there too.
 
 Noisy latents handed between samplers (KSamplerAdvanced's leftover noise) are kept as
 x0 + sigma * noise, the form ComfyUI uses, whatever space the scheduler works in.
+
+Over 300 lines on purpose: the schedule, the guided model call (areas, ControlNet residuals,
+inpainting input, patches) and the loop share one Denoiser's state, and a later issue replaces
+this module, diffusers_schedulers.py and ksampler.py with a sampling core; splitting it now
+would only be undone then.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from typing import Any
 import torch
 
 from plinth.nodes.conditioning import area_in_latent
-from plinth.nodes.context import NodeContext, NodeInputError
+from plinth.nodes.core.context import NodeContext, NodeInputError
+from plinth.nodes.core.types import Conditioning, ControlSpec, DiffusionModel, Latent
+from plinth.nodes.diffusers_schedulers import make_scheduler, takes_generator
 from plinth.nodes.models.checkpoint import StableDiffusion
-from plinth.nodes.patches import merged_call_kwargs, patched
+from plinth.nodes.patches.model_patch import merged_call_kwargs, patched
 from plinth.nodes.resize import mask_planes, repeat_to_batch, resize
-from plinth.nodes.samplers import make_scheduler, takes_generator
-from plinth.nodes.types import Conditioning, ControlSpec, DiffusionModel, Latent
 
 # Multistep sigma-space schedulers whose history is sized by the step index: a run that
 # starts mid-schedule gets the schedule cut at its start instead of a begin index.
@@ -215,7 +220,9 @@ class Denoiser:
             for part, pred in zip(whole, preds.chunk(len(whole)), strict=False):
                 total += part.strength * pred
                 weight += part.strength
-        for part in (p for p in parts if p.area is not None):
+        for part in parts:
+            if part.area is None:
+                continue
             h, w, y, x = area_in_latent(part.area, x_in.shape[2], x_in.shape[3])
             region = (slice(None), slice(None), slice(y, y + h), slice(x, x + w))
             pred = self._call(x_in[region], t, [part], region)
@@ -231,10 +238,9 @@ class Denoiser:
         length = math.lcm(*(p.embeds.shape[1] for p in parts))
         context = torch.cat([p.embeds.repeat(batch, length // p.embeds.shape[1], 1) for p in parts])
         sample = torch.cat([x_in] * len(parts)).to(self.dtype)
-        if any(p.concat is not None for p in parts):
-            sample = torch.cat(
-                [sample, torch.cat([p.concat[region] if region else p.concat for p in parts]).to(self.dtype)], dim=1
-            )
+        concats = [p.concat for p in parts if p.concat is not None]  # all parts or none: one UNet
+        if concats:
+            sample = torch.cat([sample, torch.cat([c[region] if region else c for c in concats]).to(self.dtype)], dim=1)
         rows = [p.positive for p in parts for _ in range(batch)]
         kwargs = merged_call_kwargs(self.ctx, self.model.patches, rows, self.progress(t))
         residuals = self._control_residuals(x_in, t, parts, context, region)
@@ -242,7 +248,7 @@ class Denoiser:
             kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = residuals
         # A plain call may be batched with other jobs' calls (server/engine/batching.py); one
         # under patches or ControlNet residuals runs here, on weights patched for this job only.
-        shared = getattr(self.ctx, "unet_forward", None)
+        shared = self.ctx.unet_forward
         if shared is not None and not kwargs and not self.model.patches:
             return shared(self.unet, sample, t, context).float()
         return self.unet(sample, t, encoder_hidden_states=context, **kwargs).sample.float()
@@ -254,26 +260,27 @@ class Denoiser:
         parts: Sequence[Part],
         context: torch.Tensor,
         region: tuple[slice, ...] | None,
-    ):
+    ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         """Sum of the active ControlNets' residuals, per part (zeros for parts without)."""
         progress = self.progress(t)
         active = [[c for c in p.controls if c.start_percent <= progress <= c.end_percent] for p in parts]
         if not any(active):
             return None
         batch = x_in.shape[0]
-        per_part = []
+        per_part: list[tuple[list[torch.Tensor], torch.Tensor] | None] = []
         for index, controls in enumerate(active):
             rows = slice(index * batch, (index + 1) * batch)
-            down, mid = None, None
+            summed: tuple[list[torch.Tensor], torch.Tensor] | None = None
             for spec in controls:
                 d, m = self._control(spec, x_in, t, context[rows], region)
-                down = d if down is None else [a + b for a, b in zip(down, d, strict=False)]
-                mid = m if mid is None else mid + m
-            per_part.append((down, mid))
-        template = next(r for r in per_part if r[0] is not None)
-        zero_down = [torch.zeros_like(r) for r in template[0]]
-        downs = [torch.cat([(r[0] or zero_down)[i] for r in per_part]) for i in range(len(zero_down))]
-        mid = torch.cat([r[1] if r[1] is not None else torch.zeros_like(template[1]) for r in per_part])
+                summed = (
+                    (d, m) if summed is None else ([a + b for a, b in zip(summed[0], d, strict=False)], summed[1] + m)
+                )
+            per_part.append(summed)
+        template_down, template_mid = next(r for r in per_part if r is not None)
+        zero_down = [torch.zeros_like(r) for r in template_down]
+        downs = [torch.cat([(r[0] if r else zero_down)[i] for r in per_part]) for i in range(len(zero_down))]
+        mid = torch.cat([r[1] if r else torch.zeros_like(template_mid) for r in per_part])
         return downs, mid
 
     def _control(
@@ -283,7 +290,7 @@ class Denoiser:
         t: torch.Tensor,
         context: torch.Tensor,
         region: tuple[slice, ...] | None,
-    ):
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         controlnet = self.ctx.model(spec.controlnet)
         batch, _, h, w = x_in.shape
         hint = repeat_to_batch(control_hint(spec.hint, h, w, self.sd.vae_scale).to(self.ctx.device), batch)
@@ -319,7 +326,7 @@ class Denoiser:
         else:
             x = scheduler.add_noise(clean, noise, timesteps[:1])
         mask = (
-            mask_planes(latents.noise_mask.to(device), *clean.shape[-2:], clean.shape[0]).clamp(0, 1)
+            mask_planes(latents.noise_mask.to(device), clean.shape[-2], clean.shape[-1], clean.shape[0]).clamp(0, 1)
             if latents.noise_mask is not None
             else None
         )
@@ -345,11 +352,12 @@ class Denoiser:
                 else:
                     x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
                 on_step(i + 1, len(timesteps))
-        leftover = stops_early and plan.leftover_noise and self._next_t is not None
-        if mask is not None and leftover:
-            x = x * mask + self.noised(clean, noise, self._next_t) * (1 - mask)
-        if leftover:
-            x = self.to_comfy_noisy(x, self._stop, self._next_t)
+        next_t = self._next_t if stops_early and plan.leftover_noise else None
+        leftover = next_t is not None
+        if next_t is not None:
+            if mask is not None:
+                x = x * mask + self.noised(clean, noise, next_t) * (1 - mask)
+            x = self.to_comfy_noisy(x, self._stop, next_t)
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"sampling with {plan.sampler_name}/{plan.scheduler} produced non-finite values")
         out = (x / self.sd.latent_scale).cpu()

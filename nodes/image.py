@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from plinth.nodes.context import NodeContext
+from plinth.nodes.core.context import NodeContext
+from plinth.nodes.core.schema import Boolean, Choice, Float, Int, Link, Node, Output
 from plinth.nodes.io import decode_image
 from plinth.nodes.resize import fit_mask, repeat_to_batch, resize_image
-from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
 LIMIT = 16384
 # Luma weights (ITU-R BT.601), the grey ComfyUI's Canny (through kornia) works on.

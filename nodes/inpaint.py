@@ -8,11 +8,11 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from plinth.nodes.context import NodeContext
-from plinth.nodes.latent import vae_encode
+from plinth.nodes.core.context import NodeContext
+from plinth.nodes.core.schema import Boolean, Int, Link, Node, Output
+from plinth.nodes.core.types import Conditioning, ConditioningEntry, Latent, Vae
 from plinth.nodes.resize import crop_to_multiple_with_mask, mask_planes, repeat_to_batch, require_vae_size
-from plinth.nodes.schema import Boolean, Int, Link, Node, Output
-from plinth.nodes.types import Conditioning, ConditioningEntry, Latent, Vae
+from plinth.nodes.vae_codec import vae_encode
 
 
 def grey_out(ctx: NodeContext, vae: Vae, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
-from plinth.nodes.context import ImageRef, NodeContext, NodeInputError
-from plinth.nodes.schema import Choice, Link, Node, Output, String
+from plinth.nodes.core.context import ImageRef, NodeContext, NodeInputError
+from plinth.nodes.core.schema import Choice, Link, Node, Output, String
 
 
 def encode_png(image: torch.Tensor, graph: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:
@@ -57,7 +57,8 @@ def decode_image(data: bytes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         picture = Image.open(io.BytesIO(data))
         first_only = picture.format == "MPO"
-        frames, masks = [], []
+        frames: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         for index, frame in enumerate(ImageSequence.Iterator(picture)):
             if (index + 1) * frame.width * frame.height > MAX_DECODED_PIXELS:
                 raise NodeInputError(

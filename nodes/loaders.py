@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from plinth.nodes.context import ModelOptions, NodeContext, file_model
+from plinth.nodes.core.context import NodeContext, file_model
+from plinth.nodes.core.schema import Choice, Node, Output
+from plinth.nodes.core.types import DiffusionModel, TextEncoder, Vae
 from plinth.nodes.models.checkpoint import load_checkpoint, load_vae
-from plinth.nodes.schema import Choice, Node, Output
-from plinth.nodes.types import DiffusionModel, TextEncoder, Vae
-
-
-def model_options(ctx: NodeContext) -> ModelOptions:
-    """The server's model set-up settings; defaults for a context without them (small test
-    contexts)."""
-    return getattr(ctx, "model_options", None) or ModelOptions()
 
 
 class CheckpointLoaderSimple(Node):
@@ -25,7 +19,7 @@ class CheckpointLoaderSimple(Node):
     ckpt_name = Choice(source="checkpoints")
 
     def run(self, ctx: NodeContext, ckpt_name: str) -> tuple:
-        models_dir, device, dtype, options = ctx.models_dir, ctx.device, ctx.dtype, model_options(ctx)
+        models_dir, device, dtype, options = ctx.models_dir, ctx.device, ctx.dtype, ctx.model_options
         handle = file_model(
             ctx, "checkpoints", ckpt_name, lambda path: load_checkpoint(path, models_dir, device, dtype, options)
         )
@@ -43,5 +37,5 @@ class VAELoader(Node):
     vae_name = Choice(source="vae")
 
     def run(self, ctx: NodeContext, vae_name: str) -> tuple[Vae]:
-        device, dtype, options = ctx.device, ctx.dtype, model_options(ctx)
+        device, dtype, options = ctx.device, ctx.dtype, ctx.model_options
         return (Vae(file_model(ctx, "vae", vae_name, lambda path: load_vae(path, device, dtype, options))),)

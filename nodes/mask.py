@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from plinth.nodes.context import NodeContext, NodeInputError
+from plinth.nodes.core.context import NodeContext, NodeInputError
+from plinth.nodes.core.schema import Boolean, Choice, Float, Int, Link, Node, Output
 from plinth.nodes.resize import batch_mask
-from plinth.nodes.schema import Boolean, Choice, Float, Int, Link, Node, Output
 
 CHANNELS = ("red", "green", "blue", "alpha")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.core.context import NodeInputError
 
 CHUNK = 75
 # ComfyUI's prefix for a textual-inversion embedding in a prompt (case-sensitive, as there).
@@ -95,10 +95,10 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
             if ids:
                 words.append([(i, weight) for i in ids])
     windows: list[list[tuple[int, float]]] = [[]]
-    for word in words:
-        if len(windows[-1]) + len(word) > CHUNK and len(word) <= CHUNK and windows[-1]:
+    for word_tokens in words:
+        if len(windows[-1]) + len(word_tokens) > CHUNK and len(word_tokens) <= CHUNK and windows[-1]:
             windows.append([])
-        for token in word:
+        for token in word_tokens:
             if len(windows[-1]) == CHUNK:
                 windows.append([])
             windows[-1].append(token)

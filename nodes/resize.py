@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.core.context import NodeInputError
 
 
 def resize(

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
+from plinth.nodes.core.schema import Choice, Float, Int, Link, Node, Output
 from plinth.nodes.latent import MAX_RESOLUTION
 from plinth.nodes.resize import resize_image
-from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
 
 log = logging.getLogger("plinth.nodes.upscale")
 

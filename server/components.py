@@ -15,9 +15,9 @@ from functools import partial
 
 import torch
 
-from plinth.nodes.context import ModelOptions
-from plinth.nodes.registry import NODES
-from plinth.nodes.schema import Node
+from plinth.nodes.core.context import ModelOptions
+from plinth.nodes.core.registry import NODES
+from plinth.nodes.core.schema import Node
 from plinth.server.config import Config, batch_jobs, model_budget, offload_budget, pick_device
 from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.cache import OutputCache

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from plinth.nodes.schema import Choice, Node
+from plinth.nodes.core.schema import Choice, Node
 
 HEADER = """# Nodes
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from plinth.nodes.context import ModelHandle
+from plinth.nodes.core.context import ModelHandle
 
 log = logging.getLogger("plinth.models")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from plinth.nodes.registry import NODES
+from plinth.nodes.core.registry import NODES
 
 COMFY = json.loads((Path(__file__).parent / "data" / "comfyui-core-nodes.json").read_text())
 

@@ -19,9 +19,9 @@ from PIL import Image
 from support import controlnet_files, files
 
 from plinth.clients import JobFailed
-from plinth.nodes.context import ModelHandle, NodeInputError
 from plinth.nodes.controlnet import ControlNetApplyAdvanced, _template, build_controlnet, infer_config, load_controlnet
-from plinth.nodes.types import ConditioningEntry, ControlSpec
+from plinth.nodes.core.context import ModelHandle, NodeInputError
+from plinth.nodes.core.types import ConditioningEntry, ControlSpec
 
 CPU = torch.device("cpu")
 BROKEN = "broken.safetensors"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plinth.nodes.registry import NODES
+from plinth.nodes.core.registry import NODES
 from plinth.server.engine.cache import OutputCache
 from plinth.server.engine.graph import GraphValidationError, LinkRef, parse_graph
 from plinth.server.engine.validate import validate

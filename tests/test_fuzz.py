@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from plinth.clients.v1 import graph_service_pb2 as gs
 from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
-from plinth.nodes.registry import NODES
+from plinth.nodes.core.registry import NODES
 
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 CLASS_TYPES = sorted(NODES) + ["NoSuchNode", "", "ksampler"]

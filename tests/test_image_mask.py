@@ -13,7 +13,7 @@ from conftest import node_output
 from support.files import png
 
 from plinth.clients import PlinthError
-from plinth.nodes.context import JobCancelled
+from plinth.nodes.core.context import JobCancelled
 from plinth.nodes.image import canny, composite, outpaint_mask
 from plinth.nodes.mask import GrowMask, batch_mask, feather, grow
 

@@ -21,8 +21,9 @@ from PIL import Image
 from support import files, ipadapter_files
 
 from plinth.clients import JobFailed, PlinthError
-from plinth.nodes.context import NodeInputError
-from plinth.nodes.ipadapter import clip_vision_config, encode_image, load_clip_vision, load_ipadapter
+from plinth.nodes.core.context import NodeInputError
+from plinth.nodes.models.clip_vision import clip_vision_config, encode_image, load_clip_vision
+from plinth.nodes.models.ipadapter import load_ipadapter
 
 CPU = torch.device("cpu")
 CLIP = "tiny-clip-vision.safetensors"

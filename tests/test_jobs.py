@@ -355,7 +355,7 @@ def test_run_without_a_listener_streams_only_the_results_and_still_says_how_each
 
 
 def test_packed_outputs_split_where_the_bytes_would_not_fit_a_message():
-    from plinth.nodes.context import ImageRef
+    from plinth.nodes.core.context import ImageRef
     from plinth.server.api.convert import packed_outputs
     from plinth.server.engine import events as ev
 

@@ -15,10 +15,11 @@ from support.lora_files import kohya, old_diffusers, peft, random_lora, tiny_mod
 from torch import nn
 
 from plinth.clients import JobFailed
-from plinth.nodes.context import ModelHandle, NodeInputError
-from plinth.nodes.lora import LoraPatch, parse_lora, read_lora
+from plinth.nodes.core.context import ModelHandle, NodeInputError
+from plinth.nodes.models.lora import parse_lora, read_lora
 from plinth.nodes.models.tiny_sd import TEXT, UNET
-from plinth.nodes.patches import patched
+from plinth.nodes.patches.lora_hooks import LoraPatch
+from plinth.nodes.patches.model_patch import patched
 
 SEED = 7070  # a seed no other test file samples with, so its base images are this file's own
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from plinth.nodes.context import ModelHandle, ModelOptions
+from plinth.nodes.core.context import ModelHandle, ModelOptions
 from plinth.nodes.models import checkpoint
 from plinth.nodes.models.checkpoint import ModelSetupError, StableDiffusion, load_checkpoint, use_xformers
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd

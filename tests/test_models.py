@@ -6,7 +6,7 @@ import pytest
 import torch
 from support.sd_original_layout import build_random_sd, small_sd15_configs, write_original_checkpoint
 
-from plinth.nodes.context import ModelHandle, NodeInputError
+from plinth.nodes.core.context import ModelHandle, NodeInputError
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 from plinth.server.model_manager import ModelManager, ModelTooLarge

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from plinth.nodes.conditioning import area_in_latent
-from plinth.nodes.context import ModelHandle, NodeInputError
+from plinth.nodes.core.context import ModelHandle, NodeInputError
+from plinth.nodes.core.types import Vae
 from plinth.nodes.inpaint import InpaintModelConditioning, VAEEncodeForInpaint, grey_out
 from plinth.nodes.io import decode_image
 from plinth.nodes.latent import VAEEncode
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 from plinth.nodes.prompt import encode
-from plinth.nodes.types import Vae
 
 CPU = torch.device("cpu")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from plinth.nodes.diffusers_schedulers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 from plinth.nodes.models.checkpoint import SD15_CONFIG
-from plinth.nodes.samplers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 
 BASE = {
     "beta_start": 0.00085,

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from plinth.nodes import denoise as denoise_module
-from plinth.nodes.context import ModelHandle
+from plinth.nodes.core.context import ModelHandle
+from plinth.nodes.core.types import ConditioningEntry, DiffusionModel, Latent
 from plinth.nodes.denoise import Denoiser, SamplingPlan
+from plinth.nodes.diffusers_schedulers import SAMPLERS, check_combination
 from plinth.nodes.models.checkpoint import SD15_CONFIG
-from plinth.nodes.samplers import SAMPLERS, check_combination
-from plinth.nodes.types import ConditioningEntry, DiffusionModel, Latent
 
 SCALE = 0.18215
 BASE = json.loads((SD15_CONFIG / "scheduler" / "scheduler_config.json").read_text())
@@ -65,7 +65,9 @@ def oracle(monkeypatch):
 
     monkeypatch.setattr(denoise_module, "make_scheduler", make)
     sd = types.SimpleNamespace(unet=unet, latent_channels=4, latent_scale=SCALE, scheduler_config=BASE, vae_scale=8)
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, progress=lambda i, n: None)
+    ctx = types.SimpleNamespace(
+        device=torch.device("cpu"), dtype=torch.float32, progress=lambda i, n: None, unet_forward=None
+    )
     model = DiffusionModel(ModelHandle("oracle", lambda: None))
     cond = [ConditioningEntry(torch.zeros(1, 77, 8))]
 

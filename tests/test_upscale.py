@@ -16,7 +16,7 @@ from PIL import Image
 from support import files, upscaler_files
 
 from plinth.clients import JobFailed, PlinthError
-from plinth.nodes.context import JobCancelled, NodeInputError
+from plinth.nodes.core.context import JobCancelled, NodeInputError
 from plinth.nodes.upscale import load_upscaler, upscale_image, upscale_tiled
 
 ESRGAN = "tiny-RealESRGAN_x4plus.safetensors"

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plinth.nodes.context import ModelOptions
-from plinth.nodes.latent import VAEDecode, VAEDecodeTiled, VAEEncodeTiled, tiled, vae_decode, vae_encode
+from plinth.nodes.core.context import ModelOptions
+from plinth.nodes.core.types import Latent
+from plinth.nodes.latent import VAEDecode, VAEDecodeTiled, VAEEncodeTiled
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.nodes.types import Latent
+from plinth.nodes.vae_codec import tiled, vae_decode, vae_encode
 
 CPU = torch.device("cpu")
 
@@ -102,10 +103,10 @@ def test_tiled_encode_is_close_to_the_whole_encode(vae, latent):
 
 
 def test_vae_decode_falls_back_to_tiles_when_out_of_memory(vae, latent, caplog, monkeypatch):
-    from plinth.nodes import latent as latent_nodes
+    from plinth.nodes import vae_codec
 
-    monkeypatch.setattr(latent_nodes, "FALLBACK_TILE", 128)
-    monkeypatch.setattr(latent_nodes, "FALLBACK_OVERLAP", 32)
+    monkeypatch.setattr(vae_codec, "FALLBACK_TILE", 128)
+    monkeypatch.setattr(vae_codec, "FALLBACK_OVERLAP", 32)
     decode = vae.decode
 
     class Tight:  # "runs out of memory" above 16x16 latents

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from plinth.nodes.registry import NODES
-from plinth.nodes.schema import Choice, Int, Node, Output
+from plinth.nodes.core.registry import NODES
+from plinth.nodes.core.schema import Choice, Int, Node, Output
 from plinth.server.engine.graph import GraphValidationError
 from plinth.server.engine.workflow import is_editor_workflow, to_api_format
 

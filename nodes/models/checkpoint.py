@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ModelOptions, NodeInputError
+from plinth.nodes.core.context import ModelOptions, NodeInputError
 from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file, load_vae_file
 from plinth.nodes.models.tokenizer import load_tokenizer, write_tokenizer_files
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.core.context import NodeInputError
 
 SD15_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15"
 UNET = "model.diffusion_model."
@@ -89,8 +89,8 @@ def infer_configs(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any
 def load_vae_file(path: Path) -> Any:
     """An AutoencoderKL from a VAE-only .safetensors: the original layout (encoder.down.*, as
     vae-ft-mse files have; a first_stage_model. prefix is accepted) or diffusers' layout."""
-    from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # see load_single_file
 
     state = _read(path)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout
@@ -124,8 +124,12 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 def load_single_file(path: Path) -> tuple[Any, Any, Any]:
     """(unet, vae, text_encoder) from an original-layout SD1.x .safetensors file."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    # From the defining modules: for `from diffusers import ...` mypy reads diffusers' dummy
+    # placeholder classes (no torch Module, no save_pretrained).
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     state = _read(path)

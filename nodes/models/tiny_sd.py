@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from plinth.nodes.models.checkpoint import SD15_CONFIG, tokenizer_dir
 NAME = "tiny-sd"
 SEED = 20261128
 
-UNET = dict(
+UNET: dict[str, Any] = dict(
     sample_size=8,
     in_channels=4,
     out_channels=4,
@@ -33,7 +34,7 @@ UNET = dict(
     attention_head_dim=8,
     norm_num_groups=32,
 )
-VAE = dict(
+VAE: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     latent_channels=4,
@@ -45,7 +46,7 @@ VAE = dict(
     sample_size=64,
     scaling_factor=0.18215,
 )
-TEXT = dict(
+TEXT: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=64,
     intermediate_size=128,
@@ -65,7 +66,10 @@ def ensure_tiny_sd(models_dir: Path) -> Path:
     target = models_dir / "checkpoints" / NAME
     if (target / "model_index.json").exists():
         return target
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    # From the defining modules: for `from diffusers import ...` mypy reads diffusers' dummy
+    # placeholder classes (no torch Module, no save_pretrained).
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     staging = target.with_name(f".{NAME}.tmp-{os.getpid()}")

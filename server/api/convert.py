@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from plinth.clients.v1 import common_pb2
 from plinth.clients.v1 import graph_service_pb2 as gs
 from plinth.clients.v1 import node_service_pb2 as ns
-from plinth.nodes.context import ImageRef
-from plinth.nodes.schema import Choice, Float, Int, NodeSchema, String
+from plinth.nodes.core.context import ImageRef
+from plinth.nodes.core.schema import Choice, Float, Int, NodeSchema, String
 from plinth.server.engine import events as ev
 from plinth.server.engine.graph import GraphError
 from plinth.server.jobs.job import Job, JobStatus

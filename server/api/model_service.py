@@ -6,7 +6,7 @@ choice input listing that folder, one without links preferred: CheckpointLoaderS
 VAELoader, LoraLoader, UpscaleModelLoader, ControlNetLoader, IPAdapterModelLoader,
 CLIPVisionLoader, RemoveBackground) in a context whose model() hands back the ModelHandle the
 node asks for instead of loading it, and collects handles from the node's outputs too. Those
-handles, made by plinth.nodes.context.file_model, carry the node's own load function and key
+handles, made by plinth.nodes.core.context.file_model, carry the node's own load function and key
 (folder/name@fingerprint), and go to the model manager, so a later graph finds the model loaded.
 No per-folder table to keep in step with the nodes.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,8 +24,8 @@ import torch
 
 from plinth.clients.v1 import model_service_pb2 as ms
 from plinth.clients.v1 import model_service_pb2_grpc as ms_grpc
-from plinth.nodes.context import ModelHandle, NodeInputError
-from plinth.nodes.schema import Choice, Node
+from plinth.nodes.core.context import ImageRef, ModelHandle, NodeInputError
+from plinth.nodes.core.schema import Choice, Node
 from plinth.server.components import Components
 from plinth.server.model_manager import ModelTooLarge
 from plinth.server.storage.model_folders import MODEL_FOLDERS, PickleRefused, UnknownModel, UnsafeModelName
@@ -51,12 +52,18 @@ class _CaptureContext:
         self.graph: dict[str, Any] = {}
         self.extra_pnginfo: dict[str, Any] = {}
         self.node_id = ""
+        self.unet_forward = None
         self.models_dir = resources.models_dir
-        self.model_path = resources.model_path
-        self.model_fingerprint = resources.fingerprint
+        self._resources = resources
 
     def model(self, handle: ModelHandle) -> Any:
         raise _Asked(handle)
+
+    def model_path(self, source: str, name: str) -> Path:
+        return self._resources.model_path(source, name)
+
+    def model_fingerprint(self, source: str, name: str) -> str:
+        return self._resources.fingerprint(source, name)
 
     def check_cancelled(self) -> None:
         pass
@@ -67,7 +74,7 @@ class _CaptureContext:
     def input_image(self, name: str) -> bytes:
         raise NodeInputError("a loader node run for LoadModel has no images")
 
-    def save_image(self, *args: Any) -> Any:
+    def save_image(self, png: bytes, width: int, height: int, prefix: str, kind: str) -> ImageRef:
         raise NodeInputError("a loader node run for LoadModel stores no images")
 
 

@@ -124,7 +124,7 @@ def list_models(args: argparse.Namespace) -> int:
 
 def nodes_markdown() -> int:
     """`plinth nodes --markdown`: the docs/nodes.md table from this install's registry."""
-    from plinth.nodes.registry import NODES
+    from plinth.nodes.core.registry import NODES
     from plinth.server.docs import nodes_markdown as markdown
 
     sys.stdout.write(markdown(NODES))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ImageRef
+from plinth.nodes.core.context import ImageRef
 
 SMALL_OBJECT = 64  # bytes charged for a value that holds no tensor or image
 

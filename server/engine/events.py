@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from plinth.nodes.context import ImageRef
+from plinth.nodes.core.context import ImageRef
 
 
 @dataclass

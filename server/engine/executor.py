@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from plinth.nodes.context import ImageRef, JobCancelled, ModelHandle, ModelOptions
+from plinth.nodes.core.context import ImageRef, JobCancelled, ModelHandle, ModelOptions, UnetForward
 from plinth.server.engine import events as ev
 from plinth.server.engine.batching import Lockstep
 from plinth.server.engine.cache import OutputCache
@@ -57,7 +56,7 @@ class RunResult:
 
 
 class RunContext:
-    """The NodeContext a node sees while it runs (plinth.nodes.context.NodeContext)."""
+    """The NodeContext a node sees while it runs (plinth.nodes.core.context.NodeContext)."""
 
     def __init__(
         self,
@@ -67,6 +66,7 @@ class RunContext:
         device: torch.device,
         dtype: torch.dtype,
         model_options: ModelOptions,
+        unet_forward: UnetForward | None = None,
     ) -> None:
         self._resources = resources
         self._control = control
@@ -75,18 +75,24 @@ class RunContext:
         self.device = device
         self.dtype = dtype
         self.model_options = model_options
-        # Set when the job runs side by side with others (server/engine/batching.py): the
-        # sampler's plain UNet calls go through it to be batched with theirs.
-        self.unet_forward: Callable[..., torch.Tensor] | None = None
+        self.unet_forward = unet_forward
         self.models_dir = resources.models_dir
         self.node_id = ""
-        self.input_image: Callable[[str], bytes] = resources.input_image
-        self.model_path: Callable[[str, str], Path] = resources.model_path
-        self.model_fingerprint: Callable[[str, str], str] = resources.fingerprint
-        self.save_image = resources.save_image
 
     def model(self, handle: ModelHandle) -> Any:
         return self._resources.model(handle)
+
+    def model_path(self, source: str, name: str) -> Path:
+        return self._resources.model_path(source, name)
+
+    def model_fingerprint(self, source: str, name: str) -> str:
+        return self._resources.fingerprint(source, name)
+
+    def input_image(self, name: str) -> bytes:
+        return self._resources.input_image(name)
+
+    def save_image(self, png: bytes, width: int, height: int, prefix: str, kind: str) -> ImageRef:
+        return self._resources.save_image(png, width, height, prefix, kind)
 
     def check_cancelled(self) -> None:
         if self._control.is_cancelled():
@@ -121,9 +127,15 @@ class Executor:
         """Run the plan; emits Started, per-node and Output events but not the terminal event,
         which the caller sends once it has recorded the result. With `lockstep` the run is one
         of several side by side (inside lockstep.member()) and its UNet calls are batched."""
-        ctx = RunContext(resources, control, plan.graph.raw, self.device, self.dtype, self.model_options)
-        if lockstep is not None:
-            ctx.unet_forward = lockstep.forward
+        ctx = RunContext(
+            resources,
+            control,
+            plan.graph.raw,
+            self.device,
+            self.dtype,
+            self.model_options,
+            lockstep.forward if lockstep is not None else None,
+        )
         if plan.graph.workflow is not None:
             ctx.extra_pnginfo["workflow"] = plan.graph.workflow
         result = RunResult("completed")

@@ -14,8 +14,8 @@ from typing import Any
 
 import networkx as nx
 
-from plinth.nodes.context import ValidationEnv
-from plinth.nodes.schema import WIDGET_TYPES, Choice, Int, Node
+from plinth.nodes.core.context import ValidationEnv
+from plinth.nodes.core.schema import WIDGET_TYPES, Choice, Int, Node
 from plinth.server.config import Limits
 from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, LinkRef
 

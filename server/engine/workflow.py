@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from plinth.nodes.schema import Choice, Int, Node
+from plinth.nodes.core.schema import Choice, Int, Node
 from plinth.server.engine.graph import GraphError, GraphValidationError
 
 # LiteGraph node modes: 2 is "never" (ComfyUI's mute), 4 is ComfyUI's bypass.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
-from plinth.nodes.context import ImageRef
+from plinth.nodes.core.context import ImageRef
 from plinth.server.engine import events as ev
 from plinth.server.engine.validate import ExecutionPlan
 

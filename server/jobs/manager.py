@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from plinth.nodes.schema import Node
+from plinth.nodes.core.schema import Node
 from plinth.server.config import Limits
 from plinth.server.engine import events as ev
 from plinth.server.engine.graph import Graph, load_json, parse_graph

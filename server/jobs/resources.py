@@ -1,7 +1,7 @@
 """One job's view of the server's storage and models: the model folders, the asset store, the
 model manager and the images sent with the request.
 
-Serves both validation (plinth.nodes.context.ValidationEnv) and execution
+Serves both validation (plinth.nodes.core.context.ValidationEnv) and execution
 (plinth.server.engine.executor.Resources); ModelService and NodeService use one without
 request images for the same listings.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from plinth.nodes.context import ModelHandle, NodeInputError
+from plinth.nodes.core.context import ModelHandle, NodeInputError
 from plinth.server.model_manager import ModelManager
 from plinth.server.storage.assets import AssetStore
 from plinth.server.storage.model_folders import MODEL_FOLDERS, ModelFolders

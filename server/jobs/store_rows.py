@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any, get_args
 
-from plinth.nodes.context import ImageRef
+from plinth.nodes.core.context import ImageRef
 from plinth.server.engine import events as ev
 from plinth.server.jobs.job import Job, JobStatus
 from plinth.server.jobs.store_writer import Statement

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from plinth.nodes.context import ImageRef, NodeInputError
+from plinth.nodes.core.context import ImageRef, NodeInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # How an uploaded asset of each format is stored in data/inputs (<sha256><suffix>).

@@ -20,7 +20,7 @@ import os
 import uuid
 from pathlib import Path
 
-from plinth.nodes.context import NodeInputError
+from plinth.nodes.core.context import NodeInputError
 from plinth.nodes.models.tiny_sd import NAME as TINY_SD
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 
@@ -194,7 +194,7 @@ class ModelFolders:
         return _fingerprint(path)
 
     def model_key(self, source: str, name: str) -> str:
-        """The model manager's key for a model, as plinth.nodes.context.file_model makes it."""
+        """The model manager's key for a model, as plinth.nodes.core.context.file_model makes it."""
         return f"{source}/{name}@{self.model_fingerprint(source, name)[:16]}"
 
     def model_size(self, source: str, name: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from plinth.nodes import (
+    clip_vision,
     color,
     conditioning,
     controlnet,
@@ -11,24 +12,25 @@ from plinth.nodes import (
     inpaint,
     io,
     ipadapter,
+    ksampler,
     latent,
     loaders,
     lora,
     mask,
-    sampling,
     upscale,
 )
-from plinth.nodes.schema import Node
+from plinth.nodes.core.schema import Node
 
 _MODULES = (
     loaders,
     lora,
     conditioning,
     controlnet,
+    clip_vision,
     ipadapter,
     latent,
     inpaint,
-    sampling,
+    ksampler,
     io,
     image,
     mask,

@@ -1,5 +1,6 @@
-"""Model patches: changes a MODEL or CLIP carries (LoRA, IP-Adapter, ...) that are put on the
-shared torch modules only while one node runs, and taken off afterwards.
+"""The protocol every model patch follows, and applying a stack of them. A patch is a change a
+MODEL or CLIP carries (LoRA, IP-Adapter, ...), put on the shared torch modules only while one
+node runs and taken off afterwards.
 
 Loaded weights are shared by every job and graph (the model manager holds one copy), so a patch
 never edits them for good: `applied()` installs hooks or processors for the duration of a
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from plinth.nodes.context import NodeContext
+from plinth.nodes.core.context import NodeContext
 
 
 class ModelPatch(Protocol):

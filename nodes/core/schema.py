@@ -7,13 +7,15 @@ and its outputs in OUTPUTS. Nothing here imports torch, so schemas can be read c
 
 from __future__ import annotations
 
+import builtins
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from plinth.nodes.context import NodeContext, ValidationEnv
+    from plinth.nodes.core.context import NodeContext, ValidationEnv
 
 # Types whose values are literals in the graph; every other type arrives through a link.
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
@@ -27,8 +29,10 @@ class InputSpec:
     optional: bool = False
     tooltip: str = ""
     name: str = ""
+    # The value an omitted input takes, where has_default says it has one (widgets redeclare it typed).
+    default: Any = None
 
-    def __set_name__(self, owner: type, name: str) -> None:
+    def __set_name__(self, owner: builtins.type, name: str) -> None:
         self.name = name
 
     @property
@@ -213,6 +217,12 @@ class Node:
     run(ctx, **inputs) receives literal inputs coerced to their Python types and linked inputs
     as the upstream node's output value, and returns a tuple with one value per OUTPUTS entry.
     Output nodes return a dict of UI results instead (e.g. {"images": [ImageRef, ...]}).
+
+    Each node's run() names its declared inputs as typed parameters, in declaration order;
+    defining a class whose run() misses one, adds one or reorders them raises TypeError, so a
+    node cannot drift from its schema. For the type checker the base declares run only as
+    `Callable[..., Any]`: no single base signature fits every node's parameters, and a typed
+    base would make every override "incompatible with the supertype".
     """
 
     CLASS_TYPE: ClassVar[str] = ""
@@ -246,11 +256,40 @@ class Node:
             output_node=cls.OUTPUT_NODE,
             origin=cls.ORIGIN,
         )
+        if cls.run is not Node.run:
+            _check_run_parameters(cls, [spec.name for spec in cls.schema.inputs])
 
-    def run(self, ctx: NodeContext, **inputs: Any) -> Any:
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        run: Callable[..., Any]
+    else:
+
+        def run(self, ctx: NodeContext, **inputs: Any) -> Any:
+            raise NotImplementedError
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
         """Checks across literal inputs, as (input, code, reason); run after per-input checks."""
         return []
+
+
+def _check_run_parameters(cls: type[Node], declared: list[str]) -> None:
+    """TypeError unless cls.run takes (self, ctx, <each declared input by name, in order>)."""
+    parameters = list(inspect.signature(cls.run).parameters.values())[2:]
+    variadic = [
+        ("*" if p.kind == p.VAR_POSITIONAL else "**") + p.name
+        for p in parameters
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if variadic:
+        raise TypeError(f"{cls.__name__}.run() must name each declared input, not take {variadic[0]}")
+    names = [p.name for p in parameters]
+    missing = [name for name in declared if name not in names]
+    extra = [name for name in names if name not in declared]
+    problems = [f"missing {', '.join(missing)}"] if missing else []
+    problems += [f"not declared as inputs: {', '.join(extra)}"] if extra else []
+    if not problems and names != declared:
+        problems = [f"in another order than declared ({', '.join(declared)})"]
+    if problems:
+        raise TypeError(
+            f"{cls.__name__}.run() parameters after self and ctx must be its declared inputs: {'; '.join(problems)}"
+        )

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from plinth.nodes.context import ModelHandle, NodeContext
+from plinth.nodes.core.context import ModelHandle, NodeContext
 from plinth.nodes.models.checkpoint import StableDiffusion
-from plinth.nodes.patches import ModelPatch
+from plinth.nodes.patches.model_patch import ModelPatch
 
 
 @dataclass(frozen=True)

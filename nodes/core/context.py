@@ -81,16 +81,31 @@ class ValidationEnv(Protocol):
         """A string that changes when the named model file or input image changes."""
 
 
+# A UNet call shared with other jobs: (unet, sample, timestep, encoder_hidden_states) -> noise
+# prediction, as server/engine/batching.py's Lockstep.forward takes it.
+UnetForward = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class NodeContext(Protocol):
-    """What a running node may use."""
+    """What a running node may use: every attribute and method a node reads is declared here,
+    so a context (the server's, LoadModel's capture context, a test's fake) knows what to give."""
 
     device: torch.device
+    """Where models run and tensors are computed."""
     dtype: torch.dtype
+    """The dtype models are loaded in."""
     graph: dict[str, Any]
-    # More PNG text chunks for saved images: "workflow" holds the editor file a graph came from.
+    """The whole API-format graph being run (ComfyUI's hidden "prompt" input)."""
     extra_pnginfo: dict[str, Any]
+    """More PNG text chunks for saved images: "workflow" holds the editor file a graph came from."""
     models_dir: Path
+    """The models folder (loaders find shared files such as the tokenizer there)."""
     model_options: ModelOptions
+    """How loader nodes set models up on the device, from the server's config."""
+    unet_forward: UnetForward | None
+    """Set when the job runs side by side with others (server/engine/batching.py): the sampler
+    sends its plain UNet calls (no patches, no ControlNet residuals) through it, to be batched
+    with the other jobs' calls. None: the sampler calls the UNet itself."""
 
     def model(self, handle: ModelHandle) -> Any:
         """The loaded model for `handle`, loading it through the model manager on a miss."""

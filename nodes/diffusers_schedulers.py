@@ -1,5 +1,9 @@
 """ComfyUI's sampler and scheduler names, each mapped to a diffusers scheduler configuration.
 
+Named for what it holds: the translation table into diffusers' scheduler classes (the nodes are
+in ksampler.py, the loop that drives a scheduler in denoise.py). A later sampling core is to
+replace this table, the loop and the nodes' use of them together.
+
 ComfyUI splits a sampler (the solver) from a scheduler (the spacing of noise levels); diffusers
 folds both into one scheduler class plus flags. The mapping follows diffusers' own table
 (docs/source/en/api/schedulers/overview.md). Outputs are not bit-exact with ComfyUI's k-diffusion

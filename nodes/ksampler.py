@@ -1,15 +1,20 @@
-"""Sampler nodes: KSampler and KSamplerAdvanced, on the shared denoising loop."""
+"""Sampler nodes: KSampler and KSamplerAdvanced, on the shared denoising loop.
+
+Named after the nodes it declares: the sampler/scheduler names they offer come from
+diffusers_schedulers.py and the loop they run is denoise.py's Denoiser; this module only turns
+the nodes' inputs into a SamplingPlan.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
 
-from plinth.nodes.context import NodeContext
+from plinth.nodes.core.context import NodeContext
+from plinth.nodes.core.schema import Choice, Float, Int, Link, Node, Output
+from plinth.nodes.core.types import Conditioning, DiffusionModel, Latent
 from plinth.nodes.denoise import Denoiser, SamplingPlan
-from plinth.nodes.samplers import SAMPLERS, SCHEDULERS, check_combination
-from plinth.nodes.schema import Choice, Float, Int, Link, Node, Output
-from plinth.nodes.types import Conditioning, DiffusionModel, Latent
+from plinth.nodes.diffusers_schedulers import SAMPLERS, SCHEDULERS, check_combination
 
 
 def _check_pair(inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
