@@ -5,16 +5,16 @@ as a random SD1.5-layout file under that name."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import node_output
 from support.files import png
+from support.live_server import node_output
+from support.paths import DATA
 from support.sd_original_layout import build_random_sd, small_sd15_configs, write_original_checkpoint
 
-API = Path(__file__).parent / "data" / "comfyui_api"
+API = DATA / "comfyui_api"
 
 
 @pytest.fixture(scope="module")

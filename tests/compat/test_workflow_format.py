@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.paths import DATA
 
 from plinth.nodes.registry import NODES
 from plinth.nodes.schema import Choice, Int, Node, Output
 from plinth.server.engine.graph import GraphValidationError
 from plinth.server.engine.workflow import is_editor_workflow, to_api_format
 
-WORKFLOWS = Path(__file__).resolve().parent / "data" / "workflows"
+WORKFLOWS = DATA / "workflows"
 
 
 def load(name: str) -> dict[str, Any]:

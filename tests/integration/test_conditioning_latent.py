@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import node_output
 from support.files import png
+from support.live_server import node_output
 
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd

@@ -14,9 +14,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GRAPHS
 from PIL import Image
 from support import controlnet_files, files
+from support.paths import GRAPHS
 
 from plinth.clients import JobFailed
 from plinth.nodes.context import ModelHandle, NodeInputError

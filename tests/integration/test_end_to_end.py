@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GRAPHS, executed
 from PIL import Image
+from support.live_server import executed
+from support.paths import GRAPHS
 
 
 def pixels_hash(image: Image.Image) -> str:

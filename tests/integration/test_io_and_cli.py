@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GRAPHS
 from PIL import Image
+from support.paths import GRAPHS
 
 LOAD_AND_SAVE = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "product.png"}},

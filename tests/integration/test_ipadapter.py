@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import executed
 from PIL import Image
 from support import files, ipadapter_files
+from support.live_server import executed
 
 from plinth.clients import JobFailed, PlinthError
 from plinth.nodes.context import NodeInputError

@@ -61,7 +61,7 @@ def test_auto_takes_xformers_only_on_cuda_with_the_package(monkeypatch):
 def test_the_gpu_extra_lists_xformers():
     import tomllib
 
-    from conftest import REPO
+    from support.paths import REPO
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(req.startswith("xformers") for req in extras["gpu"])

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GRAPHS, node_output
 from PIL import Image
 from support import files
+from support.live_server import node_output
+from support.paths import GRAPHS
 from support.saved_graphs import INPUTS, product_photo, reference_photo, write_graph_models
 
 from plinth.nodes.resize import resize_image
