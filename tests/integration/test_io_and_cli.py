@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from support.graph_builder import node_of
 from support.paths import GRAPHS
 
 LOAD_AND_SAVE = {
@@ -245,14 +246,14 @@ def test_serve_exposes_metrics_and_stops_gracefully_on_sigterm(models_dir, tmp_p
 
 
 def test_cli_jobs_list_get_and_cancel(server, client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 8181
+    node_of(txt2img, "KSampler").inputs["seed"] = 8181
     done = client.run(txt2img).job_id
     listed = plinth("jobs", "list", "--server", server.address, "--status", "completed", "--json")
     assert listed.returncode == 0, listed.stderr
     assert done in {j["job_id"] for j in json.loads(listed.stdout)}
     got = plinth("jobs", "get", done, "--server", server.address)
     assert got.returncode == 0 and done in got.stdout and "completed" in got.stdout
-    txt2img["3"]["inputs"].update(seed=8182, steps=400)
+    node_of(txt2img, "KSampler").inputs.update(seed=8182, steps=400)
     running = client.submit(txt2img)
     cancelled = plinth("jobs", "cancel", running, "--server", server.address, "--json")
     assert cancelled.returncode == 0, cancelled.stderr

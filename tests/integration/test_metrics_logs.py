@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.graph_builder import linked, node_of
 from test_jobs import truncated_png
 
 from plinth.server import logs
@@ -57,11 +58,12 @@ def metrics_http(server):
 
 def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2img, metrics_http):
     metrics, port = metrics_http
-    txt2img["6"]["inputs"]["text"] += ", metrics test"  # nothing from other tests in the cache
-    txt2img["5"]["inputs"]["batch_size"] = 1
-    txt2img["3"]["inputs"]["seed"] = 5151
+    sampler = node_of(txt2img, "KSampler")
+    linked(txt2img, sampler, "positive").inputs["text"] += ", metrics test"  # nothing from other tests in the cache
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
+    sampler.inputs["seed"] = 5151
     first = client.run(txt2img)
-    txt2img["3"]["inputs"]["seed"] = 5152
+    sampler.inputs["seed"] = 5152
     reseeded = client.run(txt2img)
     cached = client.run(txt2img)
     jobs = [replay(metrics, server, r.job_id) for r in (first, reseeded, cached)]
@@ -168,8 +170,8 @@ def test_live_hook_when_the_service_has_observers(server, client, txt2img):
         pytest.skip("the service has no observers hook yet")
     metrics = Metrics(server.service)
     try:
-        txt2img["3"]["inputs"]["seed"] = 5153
-        txt2img["5"]["inputs"]["batch_size"] = 1
+        node_of(txt2img, "KSampler").inputs["seed"] = 5153
+        node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
         client.run(txt2img)
         assert b'plinth_jobs_total{status="completed"} 1.0' in metrics.render()
     finally:

@@ -49,8 +49,7 @@ class GraphBuilder:
 
     def find(self, class_type: str) -> Node:
         """The one node of `class_type` already in the graph (an error when there are none or several)."""
-        (node,) = nodes_of(self._graph, class_type)
-        return node
+        return node_of(self._graph, class_type)
 
     def build(self) -> dict[str, dict[str, Any]]:
         """The API-format graph: a copy, so the builder can go on without changing it."""
@@ -60,6 +59,12 @@ class GraphBuilder:
 def nodes_of(graph: dict[str, dict[str, Any]], class_type: str) -> list[Node]:
     """The nodes of `class_type` in `graph`, in the graph's order, as live handles."""
     return [Node(graph, node_id) for node_id, node in graph.items() if node["class_type"] == class_type]
+
+
+def node_of(graph: dict[str, dict[str, Any]], class_type: str) -> Node:
+    """The one node of `class_type` in `graph` (an error when there are none or several)."""
+    (node,) = nodes_of(graph, class_type)
+    return node
 
 
 def linked(graph: dict[str, dict[str, Any]], node: Node, input_name: str) -> Node:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support.graph_builder import GraphBuilder, linked, nodes_of
+from support.graph_builder import GraphBuilder, linked, node_of, nodes_of
 
 
 def test_builder_numbers_nodes_and_links_outputs_in_api_format():
@@ -58,3 +58,9 @@ def test_find_refuses_a_class_type_that_is_not_there_once():
         b.find("CLIPTextEncode")
     with pytest.raises(ValueError):
         b.find("KSampler")
+
+
+def test_node_of_is_the_one_node_of_a_class_type(txt2img):
+    assert node_of(txt2img, "KSampler") == nodes_of(txt2img, "KSampler")[0]
+    with pytest.raises(ValueError):
+        node_of(txt2img, "CLIPTextEncode")
