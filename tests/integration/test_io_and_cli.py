@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from support.graph_builder import node_of
+from support.live_server import output_cache
 from support.paths import GRAPHS
 
 LOAD_AND_SAVE = {
@@ -33,7 +34,7 @@ def test_load_image_round_trips_pixels_and_reads_mask_from_alpha(server, client)
     out = np.asarray(result.images[0].convert("RGB"))
     assert out.shape == (24, 40, 3)
     assert (out[6:18, 10:30] == (200, 30, 30)).all()
-    image, mask = server.service.cache.get(
+    image, mask = output_cache(server).get(
         next(n.key for n in server.service.get(result.job_id).plan.nodes if n.id == "1")
     )
     assert tuple(image.shape) == (1, 24, 40, 3) and tuple(mask.shape) == (1, 24, 40)

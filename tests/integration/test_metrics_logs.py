@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.graph_builder import linked, node_of
+from support.live_server import output_cache
 from test_jobs import truncated_png
 
 from plinth.server import logs
@@ -68,9 +69,9 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
     cached = client.run(txt2img)
     jobs = [replay(metrics, server, r.job_id) for r in (first, reseeded, cached)]
 
-    hits_before, misses_before = server.service.cache.hits, server.service.cache.misses
+    hits_before, misses_before = output_cache(server).hits, output_cache(server).misses
     samples = scrape(port)
-    hits_after, misses_after = server.service.cache.hits, server.service.cache.misses
+    hits_after, misses_after = output_cache(server).hits, output_cache(server).misses
 
     assert sample(samples, "plinth_jobs_total", status="completed") == 3
     assert sample(samples, "plinth_jobs_total", status="failed") == 0
@@ -106,8 +107,8 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
     # state read from the service at scrape time
     assert hits_before <= sample(samples, "plinth_cache_hits_total") <= hits_after
     assert misses_before <= sample(samples, "plinth_cache_misses_total") <= misses_after
-    assert sample(samples, "plinth_cache_bytes") == server.service.cache.bytes_used > 0
-    assert sample(samples, "plinth_cache_entries") == len(server.service.cache)
+    assert sample(samples, "plinth_cache_bytes") == output_cache(server).bytes_used > 0
+    assert sample(samples, "plinth_cache_entries") == len(output_cache(server))
     assert sample(samples, "plinth_model_memory_bytes") == server.service.models.bytes_used > 0
     assert sample(samples, "plinth_model_loads_total") == server.service.models.loads >= 1
     assert sample(samples, "plinth_queue_depth") == 0
