@@ -47,6 +47,11 @@ class GraphBuilder:
         self._graph[node_id] = {"class_type": class_type, "inputs": dict(inputs)}
         return Node(self._graph, node_id)
 
+    def replace(self, node: Node, class_type: str, **inputs: Any) -> Node:
+        """Put a node of another class in `node`'s place: same id, so links to it still hold."""
+        self._graph[node.id] = {"class_type": class_type, "inputs": dict(inputs)}
+        return Node(self._graph, node.id)
+
     def find(self, class_type: str) -> Node:
         """The one node of `class_type` already in the graph (an error when there are none or several)."""
         return node_of(self._graph, class_type)

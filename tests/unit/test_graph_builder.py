@@ -64,3 +64,12 @@ def test_node_of_is_the_one_node_of_a_class_type(txt2img):
     assert node_of(txt2img, "KSampler") == nodes_of(txt2img, "KSampler")[0]
     with pytest.raises(ValueError):
         node_of(txt2img, "CLIPTextEncode")
+
+
+def test_replace_keeps_the_id_so_links_to_the_node_still_hold(txt2img):
+    b = GraphBuilder(txt2img)
+    decode = b.find("VAEDecode")
+    tiled = b.replace(decode, "VAEDecodeTiled", samples=b.find("KSampler").out(0), tile_size=64)
+    graph = b.build()
+    assert tiled.id == decode.id and graph[tiled.id]["class_type"] == "VAEDecodeTiled"
+    assert graph[b.find("SaveImage").id]["inputs"]["images"] == tiled.out(0)
