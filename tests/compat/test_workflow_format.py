@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import pytest
+from support.graph_builder import node_of
 from support.paths import DATA
 
 from plinth.nodes.registry import NODES
@@ -55,7 +56,7 @@ def conversion_errors(workflow: dict[str, Any], registry=NODES) -> list:
 @pytest.fixture
 def expected(txt2img) -> dict[str, Any]:
     """What the test workflows mean: graphs/txt2img.json with a batch of one."""
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     return txt2img
 
 
