@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from support.files import png
+from support.graph_builder import GraphBuilder, linked, node_of
 from support.live_server import node_output
 
 from plinth.nodes.models.checkpoint import load_checkpoint
@@ -63,17 +64,17 @@ def test_long_prompts_are_encoded_window_by_window(tiny):
 
 
 def test_clip_skip_and_conditioning_nodes_run(client, txt2img):
-    g = txt2img
-    g["3"]["inputs"].update(seed=21, steps=2)
-    g["5"]["inputs"]["batch_size"] = 1
-    base = client.run(g).images[0]
-    g["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -2}}
-    g["6"]["inputs"]["clip"] = ["10", 0]
-    skipped = client.run(g).images[0]
+    b = GraphBuilder(txt2img)
+    sampler, checkpoint = b.find("KSampler"), b.find("CheckpointLoaderSimple")
+    positive, negative = linked(sampler.graph, sampler, "positive"), linked(sampler.graph, sampler, "negative")
+    sampler.inputs.update(seed=21, steps=2)
+    b.find("EmptyLatentImage").inputs["batch_size"] = 1
+    base = client.run(b.build()).images[0]
+    positive.inputs["clip"] = b.add("CLIPSetLastLayer", clip=checkpoint.out(1), stop_at_clip_layer=-2).out(0)
+    skipped = client.run(b.build()).images[0]
     assert not np.array_equal(np.asarray(base), np.asarray(skipped))
-    g["14"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["7", 0]}}
-    g["3"]["inputs"]["negative"] = ["14", 0]
-    result = client.run(g)
+    sampler.inputs["negative"] = b.add("ConditioningZeroOut", conditioning=negative.out(0)).out(0)
+    result = client.run(b.build())
     assert result.status == "completed"
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(skipped))
 
@@ -82,21 +83,19 @@ def test_an_area_conditions_only_its_part_of_the_image(server, client, txt2img):
     """One euler step on a 128x64 image with a second prompt on the left half: the right half's
     latent is the plain run's (each latent cell's prediction comes from the prompts covering
     it), the left half's is not, and a full-frame area gives yet another result."""
-    g = txt2img
-    g["5"]["inputs"].update(width=128, height=64, batch_size=1)
-    g["3"]["inputs"].update(seed=21, steps=1, sampler_name="euler")
-    plain = client.run(g)
-    g["11"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "marble plinth", "clip": ["4", 1]}}
-    g["12"] = {
-        "class_type": "ConditioningSetArea",
-        "inputs": {"conditioning": ["11", 0], "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0},
-    }
-    g["13"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["12", 0]}}
-    g["3"]["inputs"]["positive"] = ["13", 0]
-    half = client.run(g)
-    g["12"]["inputs"]["width"] = 128
-    full = client.run(g)
-    plain, half, full = (node_output(server, r.job_id, "3")[0].samples for r in (plain, half, full))
+    b = GraphBuilder(txt2img)
+    sampler, checkpoint = b.find("KSampler"), b.find("CheckpointLoaderSimple")
+    b.find("EmptyLatentImage").inputs.update(width=128, height=64, batch_size=1)
+    sampler.inputs.update(seed=21, steps=1, sampler_name="euler")
+    plain = client.run(b.build())
+    second = b.add("CLIPTextEncode", text="marble plinth", clip=checkpoint.out(1))
+    area = b.add("ConditioningSetArea", conditioning=second.out(0), width=64, height=64, x=0, y=0, strength=1.0)
+    first = linked(sampler.graph, sampler, "positive").out(0)
+    sampler.inputs["positive"] = b.add("ConditioningCombine", conditioning_1=first, conditioning_2=area.out(0)).out(0)
+    half = client.run(b.build())
+    area.inputs["width"] = 128
+    full = client.run(b.build())
+    plain, half, full = (node_output(server, r.job_id, sampler.id)[0].samples for r in (plain, half, full))
     assert plain.shape == (1, 4, 8, 16)
     assert torch.allclose(half[..., 8:], plain[..., 8:], atol=1e-4)  # latent cells 8.. are pixels 64..
     assert (half[..., :8] - plain[..., :8]).abs().max() > 1e-2
@@ -106,32 +105,36 @@ def test_an_area_conditions_only_its_part_of_the_image(server, client, txt2img):
 def test_clip_skip_deeper_than_the_model_fails_clearly(client, txt2img):
     from plinth.clients import JobFailed
 
-    txt2img["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -5}}
-    txt2img["6"]["inputs"]["clip"] = ["10", 0]
+    b = GraphBuilder(txt2img)
+    sampler = b.find("KSampler")
+    skip = b.add("CLIPSetLastLayer", clip=b.find("CheckpointLoaderSimple").out(1), stop_at_clip_layer=-5)
+    linked(sampler.graph, sampler, "positive").inputs["clip"] = skip.out(0)
     with pytest.raises(JobFailed, match="2 layers"):
-        client.run(txt2img)
+        client.run(b.build())
 
 
 # latents
 
 
 def img2img_graph(txt2img, denoise=0.6):
-    g = txt2img
-    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "product.png"}}
-    g["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["4", 2]}}
-    g["3"]["inputs"].update(latent_image=["21", 0], denoise=denoise, steps=3, seed=5)
-    del g["5"]
-    return g
+    b = GraphBuilder(txt2img)
+    image = b.add("LoadImage", image="product.png")
+    encode = b.add("VAEEncode", pixels=image.out(0), vae=b.find("CheckpointLoaderSimple").out(2))
+    b.find("KSampler").inputs.update(latent_image=encode.out(0), denoise=denoise, steps=3, seed=5)
+    graph = b.build()
+    del graph[node_of(graph, "EmptyLatentImage").id]
+    return graph
 
 
 def test_noise_mask_keeps_the_unmasked_latent_exactly(server, client, txt2img):
-    g = img2img_graph(txt2img, denoise=1.0)
-    g["22"] = {"class_type": "LoadImage", "inputs": {"image": "mask.png"}}
-    g["23"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["21", 0], "mask": ["22", 1]}}
-    g["3"]["inputs"]["latent_image"] = ["23", 0]
-    result = client.run(g, inputs={"product.png": png(product_photo()), "mask.png": png(product_photo(alpha=True))})
-    before = node_output(server, result.job_id, "21")[0].samples
-    after = node_output(server, result.job_id, "3")[0].samples
+    b = GraphBuilder(img2img_graph(txt2img, denoise=1.0))
+    sampler, encode = b.find("KSampler"), b.find("VAEEncode")
+    mask = b.add("LoadImage", image="mask.png")
+    sampler.inputs["latent_image"] = b.add("SetLatentNoiseMask", samples=encode.out(0), mask=mask.out(1)).out(0)
+    inputs = {"product.png": png(product_photo()), "mask.png": png(product_photo(alpha=True))}
+    result = client.run(b.build(), inputs=inputs)
+    before = node_output(server, result.job_id, encode.id)[0].samples
+    after = node_output(server, result.job_id, sampler.id)[0].samples
     # mask = 1 - alpha: 1 (sample) on the left half, 0 (keep) on the right; latent cells are 8 px
     assert torch.equal(after[..., 5:], before[..., 5:])
     assert (after[..., :3] - before[..., :3]).abs().mean() > 0.1
@@ -142,28 +145,23 @@ def test_img2img_denoise_controls_how_much_changes(server, client, txt2img):
     for denoise in (0.3, 0.9):
         g = img2img_graph(copy.deepcopy(txt2img), denoise)
         result = client.run(g, inputs={"product.png": png(product_photo())})
-        before = node_output(server, result.job_id, "21")[0].samples
-        after = node_output(server, result.job_id, "3")[0].samples
+        before = node_output(server, result.job_id, node_of(g, "VAEEncode").id)[0].samples
+        after = node_output(server, result.job_id, node_of(g, "KSampler").id)[0].samples
         distances[denoise] = float((after - before).abs().mean())
     assert 0 < distances[0.3] < distances[0.9]
 
 
 def test_latent_resize_and_batch_nodes(server, client, txt2img):
-    g = txt2img
-    g["5"]["inputs"].update(width=64, height=48, batch_size=2)
-    g["30"] = {
-        "class_type": "LatentUpscaleBy",
-        "inputs": {"samples": ["3", 0], "upscale_method": "bislerp", "scale_by": 1.5},
-    }
-    g["31"] = {
-        "class_type": "LatentUpscale",
-        "inputs": {"samples": ["30", 0], "upscale_method": "bilinear", "width": 0, "height": 96, "crop": "disabled"},
-    }
-    g["32"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["31", 0], "amount": 3}}
-    g["33"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["32", 0], "batch_index": 1, "length": 4}}
-    g["8"]["inputs"]["samples"] = ["33", 0]
-    result = client.run(g)
-    assert [n.shape for n in (node_output(server, result.job_id, i)[0].samples for i in ("30", "31", "32", "33"))] == [
+    b = GraphBuilder(txt2img)
+    b.find("EmptyLatentImage").inputs.update(width=64, height=48, batch_size=2)
+    by = b.add("LatentUpscaleBy", samples=b.find("KSampler").out(0), upscale_method="bislerp", scale_by=1.5)
+    to = b.add("LatentUpscale", samples=by.out(0), upscale_method="bilinear", width=0, height=96, crop="disabled")
+    repeat = b.add("RepeatLatentBatch", samples=to.out(0), amount=3)
+    pick = b.add("LatentFromBatch", samples=repeat.out(0), batch_index=1, length=4)
+    b.find("VAEDecode").inputs["samples"] = pick.out(0)
+    result = client.run(b.build())
+    ids = (by.id, to.id, repeat.id, pick.id)
+    assert [n.shape for n in (node_output(server, result.job_id, i)[0].samples for i in ids)] == [
         (2, 4, 9, 12),
         (2, 4, 12, 16),
         (6, 4, 12, 16),
