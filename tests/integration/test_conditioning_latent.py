@@ -174,80 +174,76 @@ def test_ksampler_advanced_in_two_halves_equals_one_run(server, client, txt2img)
     # single-step solvers: a multistep one restarts its history at the split (see the oracle
     # tests in test_sampling_oracle.py for every solver's chain)
     for sampler in ("euler", "heun"):
-        g = copy.deepcopy(txt2img)
-        g["5"]["inputs"]["batch_size"] = 1
-        common = {k: g["3"]["inputs"][k] for k in ("model", "cfg", "positive", "negative")}
+        b = GraphBuilder(txt2img)
+        latent, plain = b.find("EmptyLatentImage"), b.find("KSampler")
+        latent.inputs["batch_size"] = 1
+        common = {k: plain.inputs[k] for k in ("model", "cfg", "positive", "negative")}
         common.update(noise_seed=9, steps=4, sampler_name=sampler, scheduler="normal")
-        g["3"] = {
-            "class_type": "KSamplerAdvanced",
-            "inputs": {
-                **common,
-                "add_noise": "enable",
-                "latent_image": ["5", 0],
-                "start_at_step": 0,
-                "end_at_step": 10000,
-                "return_with_leftover_noise": "disable",
-            },
-        }
-        g["40"] = {
-            "class_type": "KSamplerAdvanced",
-            "inputs": {
-                **common,
-                "add_noise": "enable",
-                "latent_image": ["5", 0],
-                "start_at_step": 0,
-                "end_at_step": 2,
-                "return_with_leftover_noise": "enable",
-            },
-        }
-        g["41"] = {
-            "class_type": "KSamplerAdvanced",
-            "inputs": {
-                **common,
-                "add_noise": "disable",
-                "latent_image": ["40", 0],
-                "start_at_step": 2,
-                "end_at_step": 10000,
-                "return_with_leftover_noise": "disable",
-            },
-        }
-        g["42"] = {"class_type": "VAEDecode", "inputs": {"samples": ["41", 0], "vae": ["4", 2]}}
-        g["43"] = {"class_type": "PreviewImage", "inputs": {"images": ["42", 0]}}
-        result = client.run(g)
-        whole = node_output(server, result.job_id, "3")[0].samples
-        halves = node_output(server, result.job_id, "41")[0].samples
+        one_run = b.replace(
+            plain,
+            "KSamplerAdvanced",
+            **common,
+            add_noise="enable",
+            latent_image=latent.out(0),
+            start_at_step=0,
+            end_at_step=10000,
+            return_with_leftover_noise="disable",
+        )
+        first_half = b.add(
+            "KSamplerAdvanced",
+            **common,
+            add_noise="enable",
+            latent_image=latent.out(0),
+            start_at_step=0,
+            end_at_step=2,
+            return_with_leftover_noise="enable",
+        )
+        second_half = b.add(
+            "KSamplerAdvanced",
+            **common,
+            add_noise="disable",
+            latent_image=first_half.out(0),
+            start_at_step=2,
+            end_at_step=10000,
+            return_with_leftover_noise="disable",
+        )
+        decode = b.add("VAEDecode", samples=second_half.out(0), vae=b.find("CheckpointLoaderSimple").out(2))
+        b.add("PreviewImage", images=decode.out(0))
+        result = client.run(b.build())
+        whole = node_output(server, result.job_id, one_run.id)[0].samples
+        halves = node_output(server, result.job_id, second_half.id)[0].samples
         assert torch.allclose(whole, halves, atol=1e-4), sampler
-        early = node_output(server, result.job_id, "40")[0].samples
+        early = node_output(server, result.job_id, first_half.id)[0].samples
         assert not torch.allclose(early, whole, atol=1e-2)
 
 
 def test_ksampler_advanced_full_range_equals_ksampler(server, client, txt2img):
-    g = txt2img
-    g["5"]["inputs"]["batch_size"] = 1
-    k = g["3"]["inputs"]
-    g["50"] = {
-        "class_type": "KSamplerAdvanced",
-        "inputs": {
-            "model": k["model"],
-            "add_noise": "enable",
-            "noise_seed": k["seed"],
-            "steps": k["steps"],
-            "cfg": k["cfg"],
-            "sampler_name": k["sampler_name"],
-            "scheduler": k["scheduler"],
-            "positive": k["positive"],
-            "negative": k["negative"],
-            "latent_image": k["latent_image"],
-            "start_at_step": 0,
-            "end_at_step": 10000,
-            "return_with_leftover_noise": "disable",
-        },
-    }
-    g["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["4", 2]}}
-    g["52"] = {"class_type": "PreviewImage", "inputs": {"images": ["51", 0]}}
-    result = client.run(g)
+    b = GraphBuilder(txt2img)
+    b.find("EmptyLatentImage").inputs["batch_size"] = 1
+    sampler = b.find("KSampler")
+    k = sampler.inputs
+    advanced = b.add(
+        "KSamplerAdvanced",
+        model=k["model"],
+        add_noise="enable",
+        noise_seed=k["seed"],
+        steps=k["steps"],
+        cfg=k["cfg"],
+        sampler_name=k["sampler_name"],
+        scheduler=k["scheduler"],
+        positive=k["positive"],
+        negative=k["negative"],
+        latent_image=k["latent_image"],
+        start_at_step=0,
+        end_at_step=10000,
+        return_with_leftover_noise="disable",
+    )
+    decode = b.add("VAEDecode", samples=advanced.out(0), vae=b.find("CheckpointLoaderSimple").out(2))
+    b.add("PreviewImage", images=decode.out(0))
+    result = client.run(b.build())
     assert torch.equal(
-        node_output(server, result.job_id, "3")[0].samples, node_output(server, result.job_id, "50")[0].samples
+        node_output(server, result.job_id, sampler.id)[0].samples,
+        node_output(server, result.job_id, advanced.id)[0].samples,
     )
 
 
@@ -274,40 +270,40 @@ def inpaint_checkpoint(models_dir):
 
 @pytest.mark.parametrize("checkpoint", ["tiny-sd", "inpaint"])
 def test_inpaint_model_conditioning_keeps_the_unmasked_area(server, client, txt2img, inpaint_checkpoint, checkpoint):
-    g = txt2img
-    g["4"]["inputs"]["ckpt_name"] = inpaint_checkpoint if checkpoint == "inpaint" else "tiny-sd"
-    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
-    g["21"] = {
-        "class_type": "InpaintModelConditioning",
-        "inputs": {
-            "positive": ["6", 0],
-            "negative": ["7", 0],
-            "vae": ["4", 2],
-            "pixels": ["20", 0],
-            "mask": ["20", 1],
-            "noise_mask": True,
-        },
-    }
-    g["3"]["inputs"].update(positive=["21", 0], negative=["21", 1], latent_image=["21", 2], steps=2)
-    del g["5"]
+    b = GraphBuilder(txt2img)
+    sampler, loader = b.find("KSampler"), b.find("CheckpointLoaderSimple")
+    loader.inputs["ckpt_name"] = inpaint_checkpoint if checkpoint == "inpaint" else "tiny-sd"
+    photo = b.add("LoadImage", image="photo.png")
+    conditioning = b.add(
+        "InpaintModelConditioning",
+        positive=linked(sampler.graph, sampler, "positive").out(0),
+        negative=linked(sampler.graph, sampler, "negative").out(0),
+        vae=loader.out(2),
+        pixels=photo.out(0),
+        mask=photo.out(1),
+        noise_mask=True,
+    )
+    latent = conditioning.out(2)
+    sampler.inputs.update(positive=conditioning.out(0), negative=conditioning.out(1), latent_image=latent, steps=2)
+    g = b.build()
+    del g[node_of(g, "EmptyLatentImage").id]
     result = client.run(g, inputs={"photo.png": png(product_photo(alpha=True))})
-    before = node_output(server, result.job_id, "21")[2].samples
-    after = node_output(server, result.job_id, "3")[0].samples
+    before = node_output(server, result.job_id, conditioning.id)[2].samples
+    after = node_output(server, result.job_id, sampler.id)[0].samples
     assert torch.equal(after[..., 5:], before[..., 5:])
     assert not torch.equal(after[..., :3], before[..., :3])
 
 
 def test_vae_encode_for_inpaint_greys_the_mask_and_grows_it(server, client, txt2img, tiny):
-    g = txt2img
-    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
-    g["21"] = {
-        "class_type": "VAEEncodeForInpaint",
-        "inputs": {"pixels": ["20", 0], "vae": ["4", 2], "mask": ["20", 1], "grow_mask_by": 6},
-    }
-    g["3"]["inputs"].update(latent_image=["21", 0], steps=2)
-    del g["5"]
+    b = GraphBuilder(txt2img)
+    photo = b.add("LoadImage", image="photo.png")
+    vae = b.find("CheckpointLoaderSimple").out(2)
+    encode = b.add("VAEEncodeForInpaint", pixels=photo.out(0), vae=vae, mask=photo.out(1), grow_mask_by=6)
+    b.find("KSampler").inputs.update(latent_image=encode.out(0), steps=2)
+    g = b.build()
+    del g[node_of(g, "EmptyLatentImage").id]
     result = client.run(g, inputs={"photo.png": png(product_photo(alpha=True))})
-    latent = node_output(server, result.job_id, "21")[0]
+    latent = node_output(server, result.job_id, encode.id)[0]
     mask = latent.noise_mask[0, 0]
     assert mask.shape == (64, 64)
     assert mask[:, :32].min() == 1 and mask[:, 36:].max() == 0 and mask[:, 32:35].min() == 1  # grown by 3 px
@@ -337,12 +333,11 @@ def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny
     save_file(original, str(models_dir / "vae" / "tiny-original.safetensors"))
     images = {}
     for name in ("checkpoint", "tiny-diffusers.safetensors", "tiny-original.safetensors"):
-        g = copy.deepcopy(txt2img)
-        g["3"]["inputs"]["seed"] = 61
+        b = GraphBuilder(txt2img)
+        b.find("KSampler").inputs["seed"] = 61
         if name != "checkpoint":
-            g["60"] = {"class_type": "VAELoader", "inputs": {"vae_name": name}}
-            g["8"]["inputs"]["vae"] = ["60", 0]
-        images[name] = [np.asarray(i) for i in client.run(g).images]
+            b.find("VAEDecode").inputs["vae"] = b.add("VAELoader", vae_name=name).out(0)
+        images[name] = [np.asarray(i) for i in client.run(b.build()).images]
     assert all(
         np.array_equal(a, b) for a, b in zip(images["checkpoint"], images["tiny-diffusers.safetensors"], strict=False)
     )
@@ -352,15 +347,16 @@ def test_vae_loader_loads_both_layouts(server, client, txt2img, models_dir, tiny
 
 
 def test_a_latent_taken_from_a_batch_keeps_its_noise(server, client, txt2img):
-    g = txt2img
-    g["5"]["inputs"]["batch_size"] = 4
-    g["3"]["inputs"].update(seed=77, steps=2)
-    g["60"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["5", 0], "batch_index": 2, "length": 1}}
-    g["61"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "latent_image": ["60", 0]}}
-    g["62"] = {"class_type": "VAEDecode", "inputs": {"samples": ["61", 0], "vae": ["4", 2]}}
-    g["63"] = {"class_type": "PreviewImage", "inputs": {"images": ["62", 0]}}
-    result = client.run(g)
-    batch = node_output(server, result.job_id, "3")[0].samples
-    picked = node_output(server, result.job_id, "61")[0].samples
+    b = GraphBuilder(txt2img)
+    latent, sampler = b.find("EmptyLatentImage"), b.find("KSampler")
+    latent.inputs["batch_size"] = 4
+    sampler.inputs.update(seed=77, steps=2)
+    third = b.add("LatentFromBatch", samples=latent.out(0), batch_index=2, length=1)
+    alone = b.add("KSampler", **{**sampler.inputs, "latent_image": third.out(0)})
+    decode = b.add("VAEDecode", samples=alone.out(0), vae=b.find("CheckpointLoaderSimple").out(2))
+    b.add("PreviewImage", images=decode.out(0))
+    result = client.run(b.build())
+    batch = node_output(server, result.job_id, sampler.id)[0].samples
+    picked = node_output(server, result.job_id, alone.id)[0].samples
     assert torch.allclose(picked[0], batch[2], atol=1e-3)  # variant 3 of 4, re-run on its own
     assert not torch.allclose(picked[0], batch[0], atol=1e-1)
