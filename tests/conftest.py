@@ -1,5 +1,26 @@
-"""Shared fixtures: one real Plinth server on 127.0.0.1 (port 0) for the session, its client,
-and the saved demo graph. Models are made once per session in a temporary models directory."""
+"""Conventions: which test goes where.
+
+- tests/unit: no server and no gRPC. Nodes run as functions on a small context, engine pieces
+  (parsing, planning, cache, batching on a JobManager/service object), config, the job store,
+  pure functions. Fast; run them first.
+- tests/integration: anything that talks to a real Plinth server over gRPC (the shared session
+  server from tests/support/live_server.py, or a module's own server), or the `plinth` CLI
+  against one. Each module starts with an empty output cache (an autouse fixture), so tests never
+  pick seeds only to miss another module's cached outputs.
+- tests/compat: ComfyUI compatibility: editor-format workflows converted to the API format, graphs
+  written in ComfyUI itself, and the node-schema contract against tests/data/comfyui-core-nodes.json.
+  These may use the shared server too (tests/compat/conftest.py registers it).
+- tests/support: helpers, never tests (model-file writers, paths, the live server, GraphBuilder).
+  tests/data: files the tests read.
+
+Graphs in tests are built with support.graph_builder.GraphBuilder, and nodes of a saved graph are
+found by class_type (support.graph_builder.nodes_of), not by hard-coded node ids.
+
+Test module basenames are unique across folders (no __init__.py: pytest's default import mode and
+pytest-xdist rely on that). The suite runs in CI as `python -m pytest -n 2`.
+
+Shared fixtures here: the tiny-sd models directory (made once per session) and a fresh copy of the
+saved demo graph."""
 
 from __future__ import annotations
 
@@ -9,10 +30,9 @@ import os
 from pathlib import Path
 
 import pytest
+from support.paths import GRAPHS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parent.parent
-GRAPHS = REPO / "graphs"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -33,47 +53,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from plinth.server.app import PlinthServer
-    from plinth.server.config import Config, Limits
-
-    # long-running jobs for the cancel tests sample 400 steps
-    config = Config(
-        models_dir=models_dir,
-        data_dir=tmp_path_factory.mktemp("data"),
-        device="cpu",
-        port=0,
-        limits=Limits(max_steps=1000),
-    )
-    with PlinthServer(config) as running:
-        yield running
-
-
-@pytest.fixture(scope="session")
-def client(server):
-    from plinth.clients import Client
-
-    with Client(server.address, timeout=120) as c:
-        yield c
-
-
 @pytest.fixture
 def txt2img() -> dict:
     """A fresh copy of graphs/txt2img.json for each test to change."""
     return copy.deepcopy(json.loads((GRAPHS / "txt2img.json").read_text()))
-
-
-def executed(result) -> set[str]:
-    """class_types of the nodes a run executed (not taken from the cache)."""
-    return {n.class_type for n in result.nodes.values() if n.status == "executed"}
-
-
-def node_output(server, job, node_id: str):
-    """A node's output value in a finished job (its id or the client's result), from the
-    server's output cache: the exact tensors, before any PNG encoding."""
-    job = server.components.jobs.get(getattr(job, "job_id", job))
-    key = next(n.key for n in job.plan.nodes if n.id == node_id)
-    value = server.components.cache.get(key)
-    assert value is not None, f"node {node_id} output not cached"
-    return value

@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GRAPHS, node_output
 from PIL import Image
 from support import files
+from support.graph_builder import linked, node_of, nodes_of
+from support.live_server import node_output
+from support.paths import GRAPHS
 from support.saved_graphs import INPUTS, product_photo, reference_photo, write_graph_models
 
 from plinth.nodes.resize import resize_image
@@ -48,11 +50,13 @@ def outputs_by_prefix(result) -> dict[str, list[Image.Image]]:
 
 
 def test_background_replacement_keeps_the_product_pixels_and_changes_the_backdrop(server, client, graph_models):
-    result = client.run(load("background_replace.json"), inputs={"product.png": INPUTS["product.png"]})
+    graph = load("background_replace.json")
+    result = client.run(graph, inputs={"product.png": INPUTS["product.png"]})
     out = outputs_by_prefix(result)
     composite = pixels(out["background"][0])
     original = product_photo().astype(np.int16)
-    product = node_output(server, result.job_id, "11")[0][0].numpy()  # the cutout mask, 1 = product
+    cutout = node_of(graph, "PlainBackgroundCutout").id
+    product = node_output(server, result.job_id, cutout)[0][0].numpy()  # the cutout mask, 1 = product
     assert (product == 1).sum() > 400  # the product's core (its soft edge is below 1)
     assert np.array_equal(composite[product == 1], original[product == 1])
     assert np.abs(composite[product > 0.99] - original[product > 0.99]).max() <= 1
@@ -107,20 +111,22 @@ def encode(vae, image: torch.Tensor) -> torch.Tensor:
 
 def test_background_replacement_of_a_photo_not_a_multiple_of_8(server, client, graph_models, tiny_vae):
     photo = odd_sized_photo()
-    result = client.run(load("background_replace.json"), inputs={"product.png": files.png(photo)})
+    graph = load("background_replace.json")
+    result = client.run(graph, inputs={"product.png": files.png(photo)})
     out = outputs_by_prefix(result)
     assert out["background"][0].size == (64, 64) and out["background_2x"][0].size == (128, 128)
     expected = scaled(photo)
-    product = node_output(server, result.job_id, "11")[0][0]  # the cutout mask, 1 = product
+    cutout = node_of(graph, "PlainBackgroundCutout").id
+    product = node_output(server, result.job_id, cutout)[0][0]  # the cutout mask, 1 = product
     assert product.shape == (64, 64) and (product == 1).sum() > 300
-    composite = node_output(server, result.job_id, "14")[0][0]
+    composite = node_output(server, result.job_id, node_of(graph, "ImageCompositeMasked").id)[0][0]
     assert torch.equal(composite[product == 1], expected[product == 1])  # exact, and in place
     assert np.array_equal(
         np.asarray(out["background"][0])[product.numpy() == 1],
         (expected.numpy() * 255).clip(0, 255).astype(np.uint8)[product.numpy() == 1],
     )
     # the sampler's latent and noise mask come from the very same pixels
-    conditioned = node_output(server, result.job_id, "13")[2]
+    conditioned = node_output(server, result.job_id, node_of(graph, "InpaintModelConditioning").id)[2]
     assert torch.equal(conditioned.noise_mask[0, 0], 1 - product)
     assert torch.allclose(conditioned.samples, encode(tiny_vae, expected), atol=1e-5)
 
@@ -129,15 +135,15 @@ def test_background_replacement_of_a_photo_not_a_multiple_of_8(server, client, g
 def test_outpaint_of_a_photo_not_a_multiple_of_8(server, client, graph_models, feathering):
     photo = odd_sized_photo()
     graph = load("outpaint_ad_formats.json")
-    for pad in ("20", "30"):
-        graph[pad]["inputs"]["feathering"] = feathering
+    for pad in nodes_of(graph, "ImagePadForOutpaint"):
+        pad.inputs["feathering"] = feathering
     result = client.run(graph, inputs={"product.png": files.png(photo)})
     out = outputs_by_prefix(result)
     expected = scaled(photo)
-    for prefix, node, pad, size, (x, y) in (
-        ("ad_4x5", "24", "20", (64, 80), (0, 8)),
-        ("ad_16x9", "34", "30", (112, 64), (24, 0)),
-    ):
+    for prefix, size, (x, y) in (("ad_4x5", (64, 80), (0, 8)), ("ad_16x9", (112, 64), (24, 0))):
+        (save,) = (n for n in nodes_of(graph, "SaveImage") if n.inputs["filename_prefix"] == prefix)
+        composite = linked(graph, save, "images")  # the ImageCompositeMasked of this format
+        node, pad = composite.id, linked(graph, composite, "source").id
         assert out[prefix][0].size == size
         canvas = node_output(server, result.job_id, node)[0][0]
         region = canvas[y : y + 64, x : x + 64]
@@ -161,12 +167,13 @@ def test_upscale_graph_gives_four_times_the_size(client, graph_models):
 
 
 def test_restyle_keeps_the_size_and_changes_the_look(server, client, graph_models):
-    result = client.run(load("restyle_keep_shape.json"), inputs={"product.png": INPUTS["product.png"]})
+    graph = load("restyle_keep_shape.json")
+    result = client.run(graph, inputs={"product.png": INPUTS["product.png"]})
     out = outputs_by_prefix(result)
     restyled = pixels(out["restyled"][0])
     assert restyled.shape == (64, 64, 3)
     assert np.abs(restyled - product_photo()).mean() > 5
-    edges = node_output(server, result.job_id, "11")[0]
+    edges = node_output(server, result.job_id, node_of(graph, "Canny").id)[0]
     assert edges.max() == 1 and edges.mean() < 0.5  # the product outline, on black
 
 
@@ -199,9 +206,10 @@ def test_img2img_keeps_part_of_the_photo(server, client):
     changes = {}
     for denoise in (0.55, 1.0):
         graph = load("img2img.json")
-        graph["3"]["inputs"]["denoise"] = denoise
+        sampler = node_of(graph, "KSampler")
+        sampler.inputs["denoise"] = denoise
         result = client.run(graph, inputs={"product.png": INPUTS["product.png"]})
-        encoded = node_output(server, result.job_id, "11")[0].samples
-        sampled = node_output(server, result.job_id, "3")[0].samples
+        encoded = node_output(server, result.job_id, node_of(graph, "VAEEncode").id)[0].samples
+        sampled = node_output(server, result.job_id, sampler.id)[0].samples
         changes[denoise] = float((sampled - encoded).abs().mean())
     assert changes[0.55] < changes[1.0]

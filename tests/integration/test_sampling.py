@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support.graph_builder import GraphBuilder, node_of
 
 from plinth.nodes.diffusers_schedulers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 from plinth.nodes.models.checkpoint import SD15_CONFIG
@@ -40,17 +41,17 @@ def test_every_pair_runs_on_its_diffusers_scheduler(server, txt2img, sampler, sc
     assert type(made).__name__ == SAMPLERS[sampler][0]
     for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
         assert bool(made.config.get(flag)) == (SCHEDULERS[scheduler].get(flag, False)), flag
-    txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler=scheduler, steps=3, seed=31)
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "KSampler").inputs.update(sampler_name=sampler, scheduler=scheduler, steps=3, seed=31)
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     job = run(server.components.jobs, txt2img)
     assert np.isfinite(images(job)[0]).all()
 
 
 def test_samplers_differ(server, txt2img):
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     outs = {}
     for sampler in ("euler", "euler_ancestral", "dpmpp_2m", "uni_pc"):
-        txt2img["3"]["inputs"].update(sampler_name=sampler, scheduler="normal", steps=4, seed=5)
+        node_of(txt2img, "KSampler").inputs.update(sampler_name=sampler, scheduler="normal", steps=4, seed=5)
         outs[sampler] = images(run(server.components.jobs, txt2img))[0]
     values = list(outs.values())
     assert all(not np.array_equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
@@ -59,24 +60,25 @@ def test_samplers_differ(server, txt2img):
 def test_sigma_schedule_with_a_timestep_sampler_is_a_validation_error(client, txt2img):
     from plinth.clients import PlinthError
 
-    txt2img["3"]["inputs"].update(sampler_name="ddpm", scheduler="karras")
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs.update(sampler_name="ddpm", scheduler="karras")
     with pytest.raises(PlinthError) as info:
         client.submit(txt2img)
-    assert [(e.node_id, e.input, e.code) for e in info.value.errors] == [("3", "scheduler", "invalid_combination")]
+    assert [(e.node_id, e.input, e.code) for e in info.value.errors] == [
+        (sampler.id, "scheduler", "invalid_combination")
+    ]
 
 
 def hires_graph(txt2img, denoise, seed=77):
     """KSampler -> KSampler(denoise) -> decode, and the first pass decoded alongside."""
-    g = txt2img
-    g["5"]["inputs"]["batch_size"] = 1
-    g["3"]["inputs"].update(seed=seed, steps=4)
-    g["20"] = {
-        "class_type": "KSampler",
-        "inputs": {**g["3"]["inputs"], "seed": seed + 1, "denoise": denoise, "latent_image": ["3", 0]},
-    }
-    g["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
-    g["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "second"}}
-    return g
+    b = GraphBuilder(txt2img)
+    b.find("EmptyLatentImage").inputs["batch_size"] = 1
+    first = b.find("KSampler")
+    first.inputs.update(seed=seed, steps=4)
+    second = b.add("KSampler", **{**first.inputs, "seed": seed + 1, "denoise": denoise, "latent_image": first.out(0)})
+    decode = b.add("VAEDecode", samples=second.out(0), vae=b.find("CheckpointLoaderSimple").out(2))
+    b.add("SaveImage", images=decode.out(0), filename_prefix="second")
+    return b.build()
 
 
 def test_denoise_below_one_keeps_part_of_the_given_latent(server, txt2img):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from support import files, lora_files
+from support.graph_builder import GraphBuilder, linked
+from support.live_server import output_cache
 from support.lora_files import kohya, old_diffusers, peft, random_lora, tiny_modules
 from torch import nn
 
@@ -255,24 +257,24 @@ def loras(models_dir):
 def with_loras(graph: dict, *loras: tuple[str, float, float]) -> dict:
     """Chain LoraLoader nodes (name, strength_model, strength_clip) between the checkpoint and
     its users (the sampler and both prompts)."""
-    model, clip = ["4", 0], ["4", 1]
-    for index, (name, strength_model, strength_clip) in enumerate(loras):
-        node = str(20 + index)
-        graph[node] = {
-            "class_type": "LoraLoader",
-            "inputs": {
-                "model": model,
-                "clip": clip,
-                "lora_name": name,
-                "strength_model": strength_model,
-                "strength_clip": strength_clip,
-            },
-        }
-        model, clip = [node, 0], [node, 1]
-    graph["3"]["inputs"]["model"] = model
-    graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = clip
-    graph["3"]["inputs"]["seed"] = SEED
-    return graph
+    b = GraphBuilder(graph)
+    checkpoint, sampler = b.find("CheckpointLoaderSimple"), b.find("KSampler")
+    model, clip = checkpoint.out(0), checkpoint.out(1)
+    for name, strength_model, strength_clip in loras:
+        lora = b.add(
+            "LoraLoader",
+            model=model,
+            clip=clip,
+            lora_name=name,
+            strength_model=strength_model,
+            strength_clip=strength_clip,
+        )
+        model, clip = lora.out(0), lora.out(1)
+    sampler.inputs["model"] = model
+    for prompt in ("positive", "negative"):
+        linked(sampler.graph, sampler, prompt).inputs["clip"] = clip
+    sampler.inputs["seed"] = SEED
+    return b.build()
 
 
 def pixels(client, graph: dict) -> list[np.ndarray]:
@@ -339,7 +341,7 @@ def test_a_plain_run_after_a_lora_run_is_the_base_image(server, client, loras, t
         client,
         with_loras(copy.deepcopy(txt2img), ("style_kohya.safetensors", 1.0, 1.0), ("detail.safetensors", -2.0, 0.5)),
     )
-    server.components.cache.clear()  # make the plain graph run again instead of coming from the cache
+    output_cache(server).clear()  # make the plain graph run again instead of coming from the cache
     again = client.run(with_loras(copy.deepcopy(txt2img)))
     assert {"KSampler", "CLIPTextEncode"} <= {n.class_type for n in again.nodes.values() if n.status == "executed"}
     assert same([np.asarray(i) for i in again.images], base)
@@ -347,16 +349,22 @@ def test_a_plain_run_after_a_lora_run_is_the_base_image(server, client, loras, t
 
 
 def test_model_only_lora_changes_the_image_and_keeps_prompts_cached(client, loras, txt2img):
-    graph = with_loras(copy.deepcopy(txt2img))
-    base = pixels(client, graph)
-    graph["20"] = {
-        "class_type": "LoraLoaderModelOnly",
-        "inputs": {"model": ["4", 0], "lora_name": "style_kohya.safetensors", "strength_model": 1.0},
-    }
-    graph["3"]["inputs"]["model"] = ["20", 0]
+    b = GraphBuilder(with_loras(copy.deepcopy(txt2img)))
+    base = pixels(client, b.build())
+    sampler = b.find("KSampler")
+    lora = b.add(
+        "LoraLoaderModelOnly",
+        model=b.find("CheckpointLoaderSimple").out(0),
+        lora_name="style_kohya.safetensors",
+        strength_model=1.0,
+    )
+    sampler.inputs["model"] = lora.out(0)
+    graph = b.build()
     result = client.run(graph)
     status = {nid: n.status for nid, n in result.nodes.items()}
-    assert status["6"] == status["7"] == "cached" and status["20"] == status["3"] == "executed"
+    positive, negative = linked(graph, sampler, "positive"), linked(graph, sampler, "negative")
+    assert status[positive.id] == status[negative.id] == "cached"
+    assert status[lora.id] == status[sampler.id] == "executed"
     assert not same([np.asarray(i) for i in result.images], base)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import node_output
 from support.files import png
+from support.live_server import node_output
 
 from plinth.clients import PlinthError
 from plinth.nodes.core.context import JobCancelled

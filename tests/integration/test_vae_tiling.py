@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.graph_builder import GraphBuilder
 
 from plinth.nodes.core.context import ModelOptions
 from plinth.nodes.core.types import Latent
@@ -158,32 +159,15 @@ def test_tiled_nodes_have_comfyuis_inputs():
 
 
 def test_tiled_nodes_run_in_a_graph(client, txt2img):
-    graph = dict(txt2img)
-    graph["5"] = {**txt2img["5"], "inputs": {"width": 192, "height": 128, "batch_size": 1}}
-    graph["8"] = {
-        "class_type": "VAEDecodeTiled",
-        "inputs": {
-            "samples": ["3", 0],
-            "vae": ["4", 2],
-            "tile_size": 64,
-            "overlap": 32,
-            "temporal_size": 64,
-            "temporal_overlap": 8,
-        },
-    }
-    graph["11"] = {
-        "class_type": "VAEEncodeTiled",
-        "inputs": {
-            "pixels": ["8", 0],
-            "vae": ["4", 2],
-            "tile_size": 64,
-            "overlap": 32,
-            "temporal_size": 64,
-            "temporal_overlap": 8,
-        },
-    }
-    graph["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}}
-    graph["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}}
+    b = GraphBuilder(txt2img)
+    b.find("EmptyLatentImage").inputs.update(width=192, height=128, batch_size=1)
+    vae = b.find("CheckpointLoaderSimple").out(2)
+    tiles = {"tile_size": 64, "overlap": 32, "temporal_size": 64, "temporal_overlap": 8}
+    decode = b.replace(b.find("VAEDecode"), "VAEDecodeTiled", samples=b.find("KSampler").out(0), vae=vae, **tiles)
+    encode = b.add("VAEEncodeTiled", pixels=decode.out(0), vae=vae, **tiles)
+    again = b.add("VAEDecode", samples=encode.out(0), vae=vae)
+    b.add("PreviewImage", images=again.out(0))
+    graph = b.build()
     result = client.run(graph)
     assert result.status == "completed"
     sizes = {np.asarray(image).shape for image in result.images}

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+from support.graph_builder import node_of
 
 from plinth.clients import AsyncClient, JobFailed, PlinthError
 
@@ -41,20 +42,25 @@ def check_order(events):
 
 
 def test_events_come_in_the_documented_order(client, txt2img):
-    txt2img["3"]["inputs"].update(seed=8080, steps=3)
+    sampler, save = node_of(txt2img, "KSampler"), node_of(txt2img, "SaveImage")
+    sampler.inputs.update(seed=8080, steps=3)
     result = client.run(txt2img, results_only=False)
     check_order(result.events)
     progress = [e.progress for e in result.events if e.WhichOneof("kind") == "progress"]
-    assert [(p.node_id, p.step, p.total) for p in progress] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
+    assert [(p.node_id, p.step, p.total) for p in progress] == [
+        (sampler.id, 1, 3),
+        (sampler.id, 2, 3),
+        (sampler.id, 3, 3),
+    ]
     output = [e for e in result.events if e.WhichOneof("kind") == "output"]
-    assert [(e.output.node_id, len(e.output.images)) for e in output] == [("9", 1), ("9", 1)]  # one per image
+    assert [(e.output.node_id, len(e.output.images)) for e in output] == [(save.id, 1), (save.id, 1)]  # one per image
     cached = client.run(txt2img, results_only=False)
     check_order(cached.events)
     assert set(kinds(cached.events)) == {"queued", "started", "node_cached", "output", "completed"}
 
 
 def test_watch_from_the_first_event_after_the_job_ended(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 9090
+    node_of(txt2img, "KSampler").inputs["seed"] = 9090
     job_id = client.submit(txt2img)
     live = list(client.watch(job_id))
     late = list(client.watch(job_id))
@@ -63,11 +69,12 @@ def test_watch_from_the_first_event_after_the_job_ended(client, txt2img):
 
 
 def test_get_and_list_jobs(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 1111
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["seed"] = 1111
     result = client.run(txt2img)
     job = client.get_job(result.job_id)
     assert job.status == 3  # JOB_STATUS_COMPLETED
-    assert {k: v.class_type for k, v in job.nodes.items()}["3"] == "KSampler"
+    assert {k: v.class_type for k, v in job.nodes.items()}[sampler.id] == "KSampler"
     assert len(job.outputs) == 2 and not job.outputs[0].png and job.outputs[0].width == 64
     completed = client.list_jobs(statuses=["completed"], page_size=1)
     assert len(completed.jobs) == 1 and completed.next_page_token
@@ -78,8 +85,8 @@ def test_get_and_list_jobs(client, txt2img):
 
 
 def long_graph(txt2img, seed, steps=400):
-    txt2img["3"]["inputs"].update(seed=seed, steps=steps)
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "KSampler").inputs.update(seed=seed, steps=steps)
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     return txt2img
 
 
@@ -157,11 +164,11 @@ def test_limits_and_a_full_queue_are_resource_exhausted(server, client, txt2img)
     with pytest.raises(PlinthError) as info:
         client.submit(LOAD_AND_PREVIEW, inputs={"photo.png": huge.getvalue()})
     assert info.value.code == "RESOURCE_EXHAUSTED" and "decompression bomb" in info.value.errors[0].message
-    txt2img["5"]["inputs"].update(width=4096, height=4096)
+    node_of(txt2img, "EmptyLatentImage").inputs.update(width=4096, height=4096)
     with pytest.raises(PlinthError) as info:
         client.submit(txt2img)
     assert info.value.code == "RESOURCE_EXHAUSTED" and info.value.errors[0].input == "width"
-    txt2img["5"]["inputs"].update(width=64, height=64)
+    node_of(txt2img, "EmptyLatentImage").inputs.update(width=64, height=64)
     limits = server.components.jobs.limits
     server.components.jobs.limits = Limits(max_queue=0, max_steps=1000)
     try:
@@ -173,7 +180,7 @@ def test_limits_and_a_full_queue_are_resource_exhausted(server, client, txt2img)
 
 
 def test_async_client_runs_a_graph(server, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 1414
+    node_of(txt2img, "KSampler").inputs["seed"] = 1414
 
     async def go():
         async with AsyncClient(server.address) as aclient:
@@ -213,8 +220,9 @@ def test_health_says_serving(client, server):
 
 
 def test_preview_images_are_streamed_but_not_kept_as_outputs(server, client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 1515
-    txt2img["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    node_of(txt2img, "KSampler").inputs["seed"] = 1515
+    decode, save = node_of(txt2img, "VAEDecode"), node_of(txt2img, "SaveImage")
+    txt2img[save.id] = {"class_type": "PreviewImage", "inputs": {"images": decode.out(0)}}
     result = client.run(txt2img)
     assert [r.kind for r in result.image_refs] == ["preview", "preview"]
     assert len(result.images) == 2
@@ -243,7 +251,7 @@ def test_queued_is_always_the_first_event(server, txt2img):
 def test_outputs_without_bytes_are_fetched_by_id(client, txt2img):
     from plinth.clients import PlinthError
 
-    txt2img["3"]["inputs"]["seed"] = 1616
+    node_of(txt2img, "KSampler").inputs["seed"] = 1616
     full = client.run(txt2img)
     slim = client.run(txt2img, omit_image_bytes=True)
     assert slim.images == [] and [r.png for r in slim.image_refs] == [b"", b""]
@@ -282,8 +290,8 @@ def test_many_errors_still_come_back_as_invalid_argument(client, txt2img):
 
 @pytest.mark.parametrize("node_id", ["\u00b2", "x" * 5000, "1" * 5000])
 def test_odd_node_ids_are_handled(client, txt2img, node_id):
-    txt2img[node_id] = txt2img.pop("9")
-    txt2img["3"]["inputs"]["seed"] = 1818
+    txt2img[node_id] = txt2img.pop(node_of(txt2img, "SaveImage").id)
+    node_of(txt2img, "KSampler").inputs["seed"] = 1818
     assert client.run(txt2img).status == "completed"
 
 
@@ -328,7 +336,7 @@ def test_an_output_too_big_for_one_message_comes_without_its_bytes(models_dir, t
     config = Config(
         models_dir=models_dir, data_dir=tmp_path, device="cpu", port=0, limits=Limits(max_message_bytes=150_000)
     )
-    txt2img["5"]["inputs"].update(width=256, height=256, batch_size=2)
+    node_of(txt2img, "EmptyLatentImage").inputs.update(width=256, height=256, batch_size=2)
     with PlinthServer(config) as small, Client(small.address, timeout=120) as client:
         result = client.run(txt2img)  # each ~150 KB PNG alone would not fit
         assert result.status == "completed" and [r.png for r in result.image_refs] == [b"", b""]
@@ -336,16 +344,17 @@ def test_an_output_too_big_for_one_message_comes_without_its_bytes(models_dir, t
 
 
 def test_run_without_a_listener_streams_only_the_results_and_still_says_how_each_node_ran(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 6060
+    sampler, save = node_of(txt2img, "KSampler"), node_of(txt2img, "SaveImage")
+    sampler.inputs["seed"] = 6060
     full = client.run(txt2img, results_only=False)
-    txt2img["3"]["inputs"]["seed"] = 6061
+    sampler.inputs["seed"] = 6061
     lean = client.run(txt2img)  # no on_event: results_only
     assert kinds(lean.events) == ["output", "completed"]  # both images in one Output event
-    assert [r.node_id for r in lean.events[0].output.images] == ["9", "9"]
+    assert [r.node_id for r in lean.events[0].output.images] == [save.id, save.id]
     assert {k: (v.class_type, v.status) for k, v in lean.nodes.items()} == {
         k: (v.class_type, v.status) for k, v in full.nodes.items()
     }
-    assert lean.nodes["3"].status == "executed" and lean.nodes["3"].seconds > 0
+    assert lean.nodes[sampler.id].status == "executed" and lean.nodes[sampler.id].seconds > 0
     assert len(lean.images) == 2
     # a listener gets every event, and the terminal one carries the same summary
     seen = []

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import node_output
 from support.cutout_files import write_tiny_u2net
 from support.files import png
+from support.live_server import node_output
 
 from plinth.nodes.color import lab_to_srgb, srgb_to_lab, transfer_colors
 from plinth.nodes.cutout import CutoutModel, plain_background_mask, preprocessing_for

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from support.certs import Certs, have_openssl, make_certs
+from support.graph_builder import node_of
 
 from plinth.clients import AsyncClient, Client, PlinthError
 from plinth.clients.client import TLS
@@ -79,7 +80,7 @@ def mtls_server(models_dir: Path, certs: Certs, tmp_path_factory: pytest.TempPat
 
 
 def test_right_token_lists_nodes_and_runs_txt2img(token_server, txt2img):
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     with Client(token_server.address, timeout=120, token=TOKEN) as client:
         assert any(schema.class_type == "KSampler" for schema in client.list_nodes())
         result = client.run(txt2img)

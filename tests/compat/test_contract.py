@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import REPO
+from support.paths import DATA, REPO
 
 from plinth.nodes.core.registry import NODES
 
-COMFY = json.loads((Path(__file__).parent / "data" / "comfyui-core-nodes.json").read_text())
+COMFY = json.loads((DATA / "comfyui-core-nodes.json").read_text())
 
 
 def test_committed_stubs_match_the_protos():

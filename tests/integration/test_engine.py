@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.graph_builder import GraphBuilder, linked, node_of
 
 from plinth.nodes.core.registry import NODES
 from plinth.server.engine.cache import OutputCache
@@ -27,33 +28,41 @@ def test_links_and_literals_are_told_apart():
 
 
 def test_only_nodes_that_feed_outputs_run(txt2img):
-    txt2img["50"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    plan = validate(parse_graph(txt2img), NODES, Env())
+    b = GraphBuilder(txt2img)
+    unused = b.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    sampler = b.find("KSampler")
+    order = [b.find("CheckpointLoaderSimple"), linked(txt2img, sampler, "positive"), sampler]
+    order += [b.find("VAEDecode"), b.find("SaveImage")]
+    plan = validate(parse_graph(b.build()), NODES, Env())
     ids = [n.id for n in plan.nodes]
-    assert "50" not in ids
-    assert ids.index("4") < ids.index("6") < ids.index("3") < ids.index("8") < ids.index("9")
+    assert unused.id not in ids
+    assert [ids.index(node.id) for node in order] == sorted(ids.index(node.id) for node in order)
 
 
 def test_keys_depend_on_inputs_and_ancestry_not_ids(txt2img):
+    sampler = node_of(txt2img, "KSampler")
     keys = {n.id: n.key for n in validate(parse_graph(txt2img), NODES, Env()).nodes}
-    txt2img["3"]["inputs"]["seed"] += 1
+    sampler.inputs["seed"] += 1
     changed = {n.id: n.key for n in validate(parse_graph(txt2img), NODES, Env()).nodes}
-    assert {i for i in keys if keys[i] != changed[i]} == {"3", "8", "9"}
-    assert keys["6"] != keys["7"]  # different prompts
+    rerun = {sampler.id, node_of(txt2img, "VAEDecode").id, node_of(txt2img, "SaveImage").id}
+    assert {i for i in keys if keys[i] != changed[i]} == rerun
+    positive, negative = linked(txt2img, sampler, "positive"), linked(txt2img, sampler, "negative")
+    assert keys[positive.id] != keys[negative.id]  # different prompts
 
 
 def test_defaults_fill_missing_widgets_and_ints_coerce(txt2img):
-    del txt2img["3"]["inputs"]["denoise"]
-    txt2img["3"]["inputs"]["steps"] = 2.0
+    node = node_of(txt2img, "KSampler")
+    del node.inputs["denoise"]
+    node.inputs["steps"] = 2.0
     plan = validate(parse_graph(txt2img), NODES, Env())
-    sampler = next(n for n in plan.nodes if n.id == "3")
+    sampler = next(n for n in plan.nodes if n.id == node.id)
     assert sampler.literals["denoise"] == 1.0
     assert sampler.literals["steps"] == 2 and isinstance(sampler.literals["steps"], int)
 
 
 @pytest.mark.parametrize("value", [2.5, True, None, float("nan"), [1]])
 def test_bad_ints_are_refused(txt2img, value):
-    txt2img["3"]["inputs"]["steps"] = value
+    node_of(txt2img, "KSampler").inputs["steps"] = value
     with pytest.raises(GraphValidationError) as info:
         validate(parse_graph(txt2img), NODES, Env())
     assert info.value.errors[0].input == "steps"
@@ -77,14 +86,15 @@ def test_limits_name_every_input_past_them(txt2img):
 
     limits = Limits(max_pixels=64 * 64, max_steps=10, max_batch=2, max_nodes=20)
     validate(parse_graph(txt2img), NODES, Env(), limits)  # the demo graph fits
-    txt2img["5"]["inputs"].update(width=128, height=64, batch_size=3)
-    txt2img["3"]["inputs"]["steps"] = 11
+    latent, sampler = node_of(txt2img, "EmptyLatentImage"), node_of(txt2img, "KSampler")
+    latent.inputs.update(width=128, height=64, batch_size=3)
+    sampler.inputs["steps"] = 11
     with pytest.raises(LimitExceeded) as info:
         validate(parse_graph(txt2img), NODES, Env(), limits)
     assert {(e.node_id, e.input, e.code) for e in info.value.errors} == {
-        ("5", "width", "limit_exceeded"),
-        ("5", "batch_size", "limit_exceeded"),
-        ("3", "steps", "limit_exceeded"),
+        (latent.id, "width", "limit_exceeded"),
+        (latent.id, "batch_size", "limit_exceeded"),
+        (sampler.id, "steps", "limit_exceeded"),
     }
     with pytest.raises(LimitExceeded, match="7 nodes; the limit is 6"):
         validate(parse_graph(txt2img), NODES, Env(), Limits(max_nodes=6))
@@ -100,7 +110,7 @@ def test_running_out_of_memory_fails_the_job_with_where_and_what_to_change(serve
     monkeypatch.setattr(VAEDecode, "run", exhausted)
     freed = []
     monkeypatch.setattr(server.components.models, "free_memory", lambda: freed.append(True) or 0)
-    txt2img["3"]["inputs"]["seed"] = 8_675_309  # nothing cached downstream of the sampler
+    node_of(txt2img, "KSampler").inputs["seed"] = 8_675_309  # nothing cached downstream of the sampler
     with pytest.raises(JobFailed) as failed:
         client.run(txt2img)
     message = str(failed.value)

@@ -8,7 +8,6 @@ real ip-adapter_sd15 with ViT-H takes.
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 
@@ -16,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import executed
 from PIL import Image
 from support import files, ipadapter_files
+from support.graph_builder import GraphBuilder, node_of
+from support.live_server import executed, output_cache
 
 from plinth.clients import JobFailed, PlinthError
 from plinth.nodes.core.context import NodeInputError
@@ -66,18 +66,15 @@ def png(seed: int, size: int = 64) -> bytes:
 def with_ipadapter(graph: dict, adapter: str = PLAIN, clip: str | None = CLIP, **inputs) -> dict:
     """The txt2img graph with KSampler's model passed through IPAdapterAdvanced, the reference
     image coming in as ref.png."""
-    graph = copy.deepcopy(graph)
-    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "ref.png"}}
-    graph["22"] = {"class_type": "IPAdapterModelLoader", "inputs": {"ipadapter_file": adapter}}
-    graph["23"] = {
-        "class_type": "IPAdapterAdvanced",
-        "inputs": {"model": ["4", 0], "ipadapter": ["22", 0], "image": ["20", 0], **inputs},
-    }
+    b = GraphBuilder(graph)
+    image = b.add("LoadImage", image="ref.png")
+    loader = b.add("IPAdapterModelLoader", ipadapter_file=adapter)
+    model = b.find("CheckpointLoaderSimple").out(0)
+    apply = b.add("IPAdapterAdvanced", model=model, ipadapter=loader.out(0), image=image.out(0), **inputs)
     if clip is not None:
-        graph["21"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": clip}}
-        graph["23"]["inputs"]["clip_vision"] = ["21", 0]
-    graph["3"]["inputs"]["model"] = ["23", 0]
-    return graph
+        apply.inputs["clip_vision"] = b.add("CLIPVisionLoader", clip_name=clip).out(0)
+    b.find("KSampler").inputs["model"] = apply.out(0)
+    return b.build()
 
 
 def pixels(client, graph: dict, ref: int = 1, **images: bytes) -> np.ndarray:
@@ -114,10 +111,10 @@ def test_several_reference_images_concatenate_their_tokens(client, ip_dir, txt2i
 def test_ip_adapter_run_leaves_the_shared_unet_as_it_was(client, server, ip_dir, txt2img):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    txt2img["3"]["inputs"]["seed"] = 4242
+    node_of(txt2img, "KSampler").inputs["seed"] = 4242
     base = pixels(client, txt2img)
     pixels(client, with_ipadapter(txt2img, weight=1.0))
-    server.components.cache.clear()  # so the plain graph below really samples again
+    output_cache(server).clear()  # so the plain graph below really samples again
     result = client.run(txt2img)
     assert "KSampler" in executed(result)
     assert np.array_equal(np.stack([np.asarray(i) for i in result.images]), base)
@@ -128,7 +125,7 @@ def test_ip_adapter_run_leaves_the_shared_unet_as_it_was(client, server, ip_dir,
 
 
 def test_schedule_window_bounds_where_the_adapter_acts(client, ip_dir, txt2img):
-    txt2img["3"]["inputs"]["steps"] = 3
+    node_of(txt2img, "KSampler").inputs["steps"] = 3
     base = pixels(client, txt2img)
     full = pixels(client, with_ipadapter(txt2img, weight=1.0))
     # 3 euler steps (timesteps 999, 499.5, 0) sit at 0.001, 0.5005 and 1.0 of the schedule
@@ -139,8 +136,9 @@ def test_schedule_window_bounds_where_the_adapter_acts(client, ip_dir, txt2img):
 
 def test_image_negative_replaces_the_blank_unconditional_image(client, ip_dir, txt2img):
     blank = pixels(client, with_ipadapter(txt2img, weight=1.0))
-    graph = with_ipadapter(txt2img, weight=1.0, image_negative=["24", 0])
-    graph["24"] = {"class_type": "LoadImage", "inputs": {"image": "neg.png"}}
+    b = GraphBuilder(with_ipadapter(txt2img, weight=1.0))
+    b.find("IPAdapterAdvanced").inputs["image_negative"] = b.add("LoadImage", image="neg.png").out(0)
+    graph = b.build()
     assert not np.array_equal(pixels(client, graph, **{"neg.png": png(7)}), blank)
 
 
@@ -155,41 +153,48 @@ def test_exported_graph_inputs_with_other_behaviour_are_refused(client, ip_dir, 
         (dict(weight_type="style transfer"), ("weight_type", "value_not_in_list")),
         (dict(start_at=0.8, end_at=0.2), ("end_at", "custom_validation_failed")),
     ):
+        graph = with_ipadapter(txt2img, **inputs)
         with pytest.raises(PlinthError) as refused:
-            client.run(with_ipadapter(txt2img, **inputs), inputs={"ref.png": png(1)})
-        assert refusal in {(e.input, e.code) for e in refused.value.errors if e.node_id == "23"}
+            client.run(graph, inputs={"ref.png": png(1)})
+        apply = node_of(graph, "IPAdapterAdvanced").id
+        assert refusal in {(e.input, e.code) for e in refused.value.errors if e.node_id == apply}
     # cubiq's defaults are what Plinth does, so a graph exported with them runs
     graph = with_ipadapter(txt2img, weight=0.5, weight_type="linear", combine_embeds="concat", embeds_scaling="V only")
     assert pixels(client, graph).shape == (2, 64, 64, 3)
 
 
 @pytest.mark.parametrize(
-    "change, node, message",
+    "change, class_type, message",
     [
-        (dict(clip=None), "23", "clip_vision input linked to a CLIPVisionLoader"),
-        (dict(clip="not-clip.safetensors"), "21", "not a CLIP vision model"),
-        (dict(clip="clip-vision-proj48.safetensors"), "23", "reads CLIP vision image embeddings 32 wide"),
-        (dict(adapter="damaged.safetensors"), "22", "not a readable .safetensors file"),
-        (dict(adapter="faceid-like.safetensors"), "22", "unsupported IP-Adapter variant"),
-        (dict(adapter="sdxl-like.safetensors"), "23", "made for another base model"),
-        (dict(adapter="too-few-layers.safetensors"), "23", "made for another base model"),
+        (dict(clip=None), "IPAdapterAdvanced", "clip_vision input linked to a CLIPVisionLoader"),
+        (dict(clip="not-clip.safetensors"), "CLIPVisionLoader", "not a CLIP vision model"),
+        (
+            dict(clip="clip-vision-proj48.safetensors"),
+            "IPAdapterAdvanced",
+            "reads CLIP vision image embeddings 32 wide",
+        ),
+        (dict(adapter="damaged.safetensors"), "IPAdapterModelLoader", "not a readable .safetensors file"),
+        (dict(adapter="faceid-like.safetensors"), "IPAdapterModelLoader", "unsupported IP-Adapter variant"),
+        (dict(adapter="sdxl-like.safetensors"), "IPAdapterAdvanced", "made for another base model"),
+        (dict(adapter="too-few-layers.safetensors"), "IPAdapterAdvanced", "made for another base model"),
     ],
 )
-def test_wrong_files_fail_clearly_and_the_server_keeps_serving(client, ip_dir, txt2img, change, node, message):
+def test_wrong_files_fail_clearly_and_the_server_keeps_serving(client, ip_dir, txt2img, change, class_type, message):
+    graph = with_ipadapter(txt2img, weight=1.0, **change)
     with pytest.raises(JobFailed) as failed:
-        client.run(with_ipadapter(txt2img, weight=1.0, **change), inputs={"ref.png": png(1)})
+        client.run(graph, inputs={"ref.png": png(1)})
     assert message in failed.value.result.error
-    assert f"in node {node} " in failed.value.result.error
+    assert f"in node {node_of(graph, class_type).id} " in failed.value.result.error
     assert len(client.run(txt2img).images) == 2
 
 
 def test_one_ip_adapter_per_model(client, ip_dir, txt2img):
-    graph = with_ipadapter(txt2img, weight=1.0)
-    graph["25"] = {
-        "class_type": "IPAdapterAdvanced",
-        "inputs": {"model": ["23", 0], "ipadapter": ["22", 0], "image": ["20", 0], "clip_vision": ["21", 0]},
-    }
-    graph["3"]["inputs"]["model"] = ["25", 0]
+    b = GraphBuilder(with_ipadapter(txt2img, weight=1.0))
+    first = b.find("IPAdapterAdvanced")
+    shared = {name: first.inputs[name] for name in ("ipadapter", "image", "clip_vision")}
+    second = b.add("IPAdapterAdvanced", model=first.out(0), **shared)
+    b.find("KSampler").inputs["model"] = second.out(0)
+    graph = b.build()
     with pytest.raises(JobFailed) as failed:
         client.run(graph, inputs={"ref.png": png(1)})
     assert "one IP-Adapter per model" in failed.value.result.error

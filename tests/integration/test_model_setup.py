@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from support.graph_builder import GraphBuilder, linked
 
 from plinth.nodes.core.context import ModelHandle, ModelOptions
 from plinth.nodes.models import checkpoint
@@ -61,7 +62,7 @@ def test_auto_takes_xformers_only_on_cuda_with_the_package(monkeypatch):
 def test_the_gpu_extra_lists_xformers():
     import tomllib
 
-    from conftest import REPO
+    from support.paths import REPO
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(req.startswith("xformers") for req in extras["gpu"])
@@ -165,8 +166,10 @@ def test_load_model_then_two_graphs_share_one_copy(server, client, txt2img):
     entries = [e for e in server.components.models.loaded() if e.key.startswith("checkpoints/tiny-sd@")]
     assert len(entries) == 1
     first = entries[0].model
-    other = dict(txt2img)
-    other["6"] = {**txt2img["6"], "inputs": {**txt2img["6"]["inputs"], "text": "another prompt entirely"}}
+    b = GraphBuilder(txt2img)
+    sampler = b.find("KSampler")
+    linked(sampler.graph, sampler, "positive").inputs["text"] = "another prompt entirely"
+    other = b.build()
     loads = server.components.models.loads
     client.run(txt2img)
     client.run(other)
@@ -190,12 +193,11 @@ def test_a_lora_job_uses_the_base_weights_and_leaves_them_unchanged(server, clie
         f"unet.{target}.lora.up.weight": torch.randn(layer.out_features, 4, generator=gen),
     }
     save_file(lora, str(models_dir / "loras" / "setup-test.safetensors"))
-    graph = dict(txt2img)
-    graph["10"] = {
-        "class_type": "LoraLoaderModelOnly",
-        "inputs": {"model": ["4", 0], "lora_name": "setup-test.safetensors", "strength_model": 1.0},
-    }
-    graph["3"] = {**txt2img["3"], "inputs": {**txt2img["3"]["inputs"], "model": ["10", 0]}}
+    b = GraphBuilder(txt2img)
+    model = b.find("CheckpointLoaderSimple").out(0)
+    lora = b.add("LoraLoaderModelOnly", model=model, lora_name="setup-test.safetensors", strength_model=1.0)
+    b.find("KSampler").inputs["model"] = lora.out(0)
+    graph = b.build()
     with_lora = client.run(graph)
     plain = client.run(txt2img)
     assert not np.array_equal(np.asarray(with_lora.images[0]), np.asarray(plain.images[0]))

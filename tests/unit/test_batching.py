@@ -10,7 +10,6 @@ jobs batched together differ from their lone runs by 1 level in 6 of 73,728 valu
 
 from __future__ import annotations
 
-import copy
 import io
 import threading
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from support import files
+from support.graph_builder import GraphBuilder, linked, node_of
 from support.lora_files import kohya, random_lora
 
 from plinth.server.components import build_components
@@ -43,20 +43,19 @@ def models(tmp_path_factory) -> Path:
 
 
 def variant(base: dict, seed: int, **changes) -> dict:
-    graph = copy.deepcopy(base)
-    graph["3"]["inputs"]["seed"] = seed
+    b = GraphBuilder(base)
+    sampler = b.find("KSampler")
+    sampler.inputs["seed"] = seed
     for key, value in changes.items():
         if key == "prompt":
-            graph["6"]["inputs"]["text"] = value
+            linked(sampler.graph, sampler, "positive").inputs["text"] = value
         elif key == "lora":
-            graph["20"] = {
-                "class_type": "LoraLoaderModelOnly",
-                "inputs": {"model": ["4", 0], "lora_name": "style.safetensors", "strength_model": value},
-            }
-            graph["3"]["inputs"]["model"] = ["20", 0]
+            model = b.find("CheckpointLoaderSimple").out(0)
+            lora = b.add("LoraLoaderModelOnly", model=model, lora_name="style.safetensors", strength_model=value)
+            sampler.inputs["model"] = lora.out(0)
         else:
-            graph["3"]["inputs"][key] = value
-    return graph
+            sampler.inputs[key] = value
+    return b.build()
 
 
 def run_jobs(models: Path, data: Path, graphs: list[dict], batch_jobs: int):
@@ -93,7 +92,7 @@ def largest_difference(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> 
 
 
 def test_jobs_side_by_side_share_forwards_and_keep_their_own_images(models, tmp_path, txt2img):
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     graphs = [
         variant(txt2img, 1),
         variant(txt2img, 2, cfg=3.5),

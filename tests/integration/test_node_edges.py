@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from support.graph_builder import GraphBuilder, linked, node_of
 
 from plinth.nodes.conditioning import area_in_latent
 from plinth.nodes.core.context import ModelHandle, NodeInputError
@@ -130,17 +131,13 @@ def test_an_area_wholly_outside_the_latent_is_an_error(area):
 def test_sampling_with_an_area_outside_the_image_fails_clearly(client, txt2img):
     from plinth.clients import JobFailed
 
-    txt2img["11"] = {
-        "class_type": "ConditioningSetArea",
-        "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64, "x": 64, "y": 0, "strength": 1.0},
-    }
-    txt2img["12"] = {
-        "class_type": "ConditioningCombine",
-        "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["11", 0]},
-    }
-    txt2img["3"]["inputs"]["positive"] = ["12", 0]
+    b = GraphBuilder(txt2img)
+    sampler = b.find("KSampler")
+    prompt = linked(sampler.graph, sampler, "positive").out(0)
+    area = b.add("ConditioningSetArea", conditioning=prompt, width=64, height=64, x=64, y=0, strength=1.0)
+    sampler.inputs["positive"] = b.add("ConditioningCombine", conditioning_1=prompt, conditioning_2=area.out(0)).out(0)
     with pytest.raises(JobFailed, match=r"area \(x=64, y=0, 64x64 pixels\) lies outside the 64x64-pixel image"):
-        client.run(txt2img)
+        client.run(b.build())
 
 
 # textual-inversion embeddings
@@ -168,7 +165,7 @@ def test_the_word_embedding_alone_is_just_text(tiny):
 def test_a_job_whose_prompt_names_an_embedding_fails_with_the_name(client, txt2img):
     from plinth.clients import JobFailed
 
-    txt2img["7"]["inputs"]["text"] = "blurry, embedding:bad-hands-5"
+    linked(txt2img, node_of(txt2img, "KSampler"), "negative").inputs["text"] = "blurry, embedding:bad-hands-5"
     with pytest.raises(JobFailed, match="bad-hands-5"):
         client.run(txt2img)
 

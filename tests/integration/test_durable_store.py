@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.graph_builder import node_of
 
 from plinth.clients import Client, PlinthError
 
@@ -29,8 +30,8 @@ def kinds(events):
 
 def graph(txt2img, seed, steps=2):
     g = copy.deepcopy(txt2img)
-    g["3"]["inputs"].update(seed=seed, steps=steps)
-    g["5"]["inputs"]["batch_size"] = 1
+    node_of(g, "KSampler").inputs.update(seed=seed, steps=steps)
+    node_of(g, "EmptyLatentImage").inputs["batch_size"] = 1
     return g
 
 

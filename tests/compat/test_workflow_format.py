@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.graph_builder import node_of
+from support.paths import DATA
 
 from plinth.nodes.core.registry import NODES
 from plinth.nodes.core.schema import Choice, Int, Node, Output
 from plinth.server.engine.graph import GraphValidationError
 from plinth.server.engine.workflow import is_editor_workflow, to_api_format
 
-WORKFLOWS = Path(__file__).resolve().parent / "data" / "workflows"
+WORKFLOWS = DATA / "workflows"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def conversion_errors(workflow: dict[str, Any], registry=NODES) -> list:
 @pytest.fixture
 def expected(txt2img) -> dict[str, Any]:
     """What the test workflows mean: graphs/txt2img.json with a batch of one."""
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     return txt2img
 
 

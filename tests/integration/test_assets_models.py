@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from support import files, lora_files
+from support.graph_builder import GraphBuilder, linked, node_of
 from support.sd_original_layout import build_random_sd, small_sd15_configs, to_original_state_dict
 
 from plinth.clients import AsyncClient, Client, PlinthError
@@ -262,16 +263,17 @@ def test_list_load_use_and_unload_tiny_sd(server, client, txt2img):
     assert next(m for m in client.list_models("checkpoints") if m.name == "tiny-sd").loaded
     assert client.load_model("checkpoints/tiny-sd").loaded and server.components.models.loads == before + 1
 
-    txt2img["3"]["inputs"]["seed"] = 880_001  # a fresh seed, so the sampler runs on the model
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["seed"] = 880_001  # a fresh seed, so the sampler runs on the model
     result = client.run(txt2img)
-    assert result.nodes["3"].status == "executed"
+    assert result.nodes[sampler.id].status == "executed"
     assert server.components.models.loads == before + 1, "the graph loaded the model again"
 
     released = client.unload_model("checkpoints", "tiny-sd")
     assert not released.loaded and released.loaded_bytes == 0
     assert not any(k.startswith("checkpoints/tiny-sd@") for k in _loaded_keys(server))
     assert not next(m for m in client.list_models("checkpoints") if m.name == "tiny-sd").loaded
-    txt2img["3"]["inputs"]["seed"] = 880_002
+    sampler.inputs["seed"] = 880_002
     client.run(txt2img)
     assert server.components.models.loads == before + 2  # released for real: the next graph loads it anew
 
@@ -283,13 +285,20 @@ def test_a_lora_loads_through_its_loader_node_and_graphs_use_that_copy(server, c
     model = client.load_model("loras", name)
     assert model.loaded and model.size_bytes == (models_dir / "loras" / name).stat().st_size
     before = server.components.models.loads
-    txt2img["20"] = {
-        "class_type": "LoraLoader",
-        "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": name, "strength_model": 0.8, "strength_clip": 0.8},
-    }
-    txt2img["3"]["inputs"].update(model=["20", 0], seed=880_003)
-    txt2img["6"]["inputs"]["clip"] = txt2img["7"]["inputs"]["clip"] = ["20", 1]
-    assert client.run(txt2img).status == "completed"
+    b = GraphBuilder(txt2img)
+    checkpoint, sampler = b.find("CheckpointLoaderSimple"), b.find("KSampler")
+    lora = b.add(
+        "LoraLoader",
+        model=checkpoint.out(0),
+        clip=checkpoint.out(1),
+        lora_name=name,
+        strength_model=0.8,
+        strength_clip=0.8,
+    )
+    sampler.inputs.update(model=lora.out(0), seed=880_003)
+    for prompt in ("positive", "negative"):
+        linked(sampler.graph, sampler, prompt).inputs["clip"] = lora.out(1)
+    assert client.run(b.build()).status == "completed"
     assert server.components.models.loads == before
     assert not client.unload_model("loras", name).loaded
 
@@ -397,7 +406,7 @@ def test_pickles_and_symlinks_out_are_refused_by_default(guarded, txt2img):
     with pytest.raises(PlinthError) as info:
         client.load_model("checkpoints", "outside.safetensors")
     assert info.value.code == "INVALID_ARGUMENT" and "leads outside models/checkpoints" in info.value.message
-    txt2img["4"]["inputs"]["ckpt_name"] = "outside.safetensors"
+    node_of(txt2img, "CheckpointLoaderSimple").inputs["ckpt_name"] = "outside.safetensors"
     with pytest.raises(PlinthError) as info:
         client.submit(txt2img)
     assert info.value.code == "INVALID_ARGUMENT" and info.value.errors[0].code == "value_not_in_list"
@@ -428,8 +437,8 @@ def test_allow_pickle_loads_checkpoints_weights_only_and_runs_no_code(permissive
     before = server.components.models.loads
     images = {}
     for name in ("small.ckpt", "small.safetensors"):
-        txt2img["4"]["inputs"]["ckpt_name"] = name
-        txt2img["3"]["inputs"]["seed"] = 880_004
+        node_of(txt2img, "CheckpointLoaderSimple").inputs["ckpt_name"] = name
+        node_of(txt2img, "KSampler").inputs["seed"] = 880_004
         images[name] = np.asarray(client.run(txt2img).images[0])
     assert server.components.models.loads == before + 1  # the .safetensors twin only; the .ckpt was loaded
     assert np.array_equal(images["small.ckpt"], images["small.safetensors"])

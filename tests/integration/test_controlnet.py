@@ -14,9 +14,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GRAPHS
 from PIL import Image
 from support import controlnet_files, files
+from support.graph_builder import linked, node_of
+from support.paths import GRAPHS
 
 from plinth.clients import JobFailed
 from plinth.nodes.controlnet import ControlNetApplyAdvanced, _template, build_controlnet, infer_config, load_controlnet
@@ -60,7 +61,9 @@ def with_controlnet(
     graph: dict, name: str, strength: float = 1.0, start: float = 0.0, end: float = 1.0, canny: bool = False
 ) -> dict:
     """txt2img with LoadImage -> [Canny] -> ControlNetApplyAdvanced between the prompts and KSampler."""
-    hint = ["canny", 0] if canny else ["hint", 0]
+    graph = copy.deepcopy(graph)  # a copy: a test may add ControlNets to one txt2img several times
+    sampler = node_of(graph, "KSampler")
+    positive, negative = linked(graph, sampler, "positive"), linked(graph, sampler, "negative")
     graph.update(
         {
             "hint": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
@@ -68,10 +71,10 @@ def with_controlnet(
             "cn_apply": {
                 "class_type": "ControlNetApplyAdvanced",
                 "inputs": {
-                    "positive": ["6", 0],
-                    "negative": ["7", 0],
+                    "positive": positive.out(0),
+                    "negative": negative.out(0),
                     "control_net": ["cn_load", 0],
-                    "image": hint,
+                    "image": ["canny", 0] if canny else ["hint", 0],
                     "strength": strength,
                     "start_percent": start,
                     "end_percent": end,
@@ -84,7 +87,7 @@ def with_controlnet(
             "class_type": "Canny",
             "inputs": {"image": ["hint", 0], "low_threshold": 0.2, "high_threshold": 0.5},
         }
-    graph["3"]["inputs"].update(positive=["cn_apply", 0], negative=["cn_apply", 1])
+    sampler.inputs.update(positive=["cn_apply", 0], negative=["cn_apply", 1])
     return graph
 
 

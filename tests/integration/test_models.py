@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.graph_builder import node_of
 from support.sd_original_layout import build_random_sd, small_sd15_configs, write_original_checkpoint
 
 from plinth.nodes.core.context import ModelHandle, NodeInputError
@@ -49,10 +50,11 @@ def test_single_file_loads_back_exactly(original_layout_file, models_dir):
 
 
 def test_single_file_runs_through_the_node(client, txt2img, original_layout_file):
-    txt2img["4"]["inputs"]["ckpt_name"] = "small-sd15.safetensors"
+    checkpoint = node_of(txt2img, "CheckpointLoaderSimple")
+    checkpoint.inputs["ckpt_name"] = "small-sd15.safetensors"
     result = client.run(txt2img)
     assert result.status == "completed" and len(result.images) == 2
-    assert result.nodes["4"].class_type == "CheckpointLoaderSimple"
+    assert result.nodes[checkpoint.id].class_type == "CheckpointLoaderSimple"
 
 
 def test_a_file_that_is_not_sd1_fails_the_job_with_a_clear_error(client, txt2img, models_dir):
@@ -61,7 +63,7 @@ def test_a_file_that_is_not_sd1_fails_the_job_with_a_clear_error(client, txt2img
     from plinth.clients import JobFailed
 
     save_file({"some.weight": torch.zeros(2)}, str(models_dir / "checkpoints" / "not-sd.safetensors"))
-    txt2img["4"]["inputs"]["ckpt_name"] = "not-sd.safetensors"
+    node_of(txt2img, "CheckpointLoaderSimple").inputs["ckpt_name"] = "not-sd.safetensors"
     with pytest.raises(JobFailed) as info:
         client.run(txt2img)
     assert "not an SD1.x checkpoint" in info.value.result.error
@@ -119,7 +121,7 @@ def test_a_checkpoint_replaced_under_the_same_name_is_loaded_anew(server, client
     import numpy as np
 
     path = models_dir / "checkpoints" / "swapped.safetensors"
-    txt2img["4"]["inputs"]["ckpt_name"] = "swapped.safetensors"
+    node_of(txt2img, "CheckpointLoaderSimple").inputs["ckpt_name"] = "swapped.safetensors"
     images = []
     for seed in (5, 6):
         write_original_checkpoint(path, *build_random_sd(small_sd15_configs(), seed=seed))

@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GRAPHS
 from PIL import Image
+from support.graph_builder import node_of
+from support.live_server import output_cache
+from support.paths import GRAPHS
 
 LOAD_AND_SAVE = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "product.png"}},
@@ -32,7 +34,7 @@ def test_load_image_round_trips_pixels_and_reads_mask_from_alpha(server, client)
     out = np.asarray(result.images[0].convert("RGB"))
     assert out.shape == (24, 40, 3)
     assert (out[6:18, 10:30] == (200, 30, 30)).all()
-    image, mask = server.components.cache.get(
+    image, mask = output_cache(server).get(
         next(n.key for n in server.components.jobs.get(result.job_id).plan.nodes if n.id == "1")
     )
     assert tuple(image.shape) == (1, 24, 40, 3) and tuple(mask.shape) == (1, 24, 40)
@@ -245,14 +247,14 @@ def test_serve_exposes_metrics_and_stops_gracefully_on_sigterm(models_dir, tmp_p
 
 
 def test_cli_jobs_list_get_and_cancel(server, client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 8181
+    node_of(txt2img, "KSampler").inputs["seed"] = 8181
     done = client.run(txt2img).job_id
     listed = plinth("jobs", "list", "--server", server.address, "--status", "completed", "--json")
     assert listed.returncode == 0, listed.stderr
     assert done in {j["job_id"] for j in json.loads(listed.stdout)}
     got = plinth("jobs", "get", done, "--server", server.address)
     assert got.returncode == 0 and done in got.stdout and "completed" in got.stdout
-    txt2img["3"]["inputs"].update(seed=8182, steps=400)
+    node_of(txt2img, "KSampler").inputs.update(seed=8182, steps=400)
     running = client.submit(txt2img)
     cancelled = plinth("jobs", "cancel", running, "--server", server.address, "--json")
     assert cancelled.returncode == 0, cancelled.stderr

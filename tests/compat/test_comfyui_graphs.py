@@ -5,16 +5,17 @@ as a random SD1.5-layout file under that name."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import node_output
 from support.files import png
+from support.graph_builder import node_of
+from support.live_server import node_output
+from support.paths import DATA
 from support.sd_original_layout import build_random_sd, small_sd15_configs, write_original_checkpoint
 
-API = Path(__file__).parent / "data" / "comfyui_api"
+API = DATA / "comfyui_api"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def test_hires_fix_runs_unchanged(server, client, sd15_file):
     graph = json.loads((API / "hires_fix.json").read_text())
     result = client.run(graph)
     assert [i.size for i in result.images] == [(96, 96)]
-    assert node_output(server, result.job_id, "10")[0].samples.shape[-1] == 12  # 8 latent cells x 1.5
+    upscaled = node_output(server, result.job_id, node_of(graph, "LatentUpscaleBy").id)[0]
+    assert upscaled.samples.shape[-1] == 12  # 8 latent cells x 1.5
 
 
 def test_inpaint_runs_unchanged_and_keeps_the_unmasked_area(server, client, sd15_file):
@@ -39,7 +41,7 @@ def test_inpaint_runs_unchanged_and_keeps_the_unmasked_area(server, client, sd15
     photo[:, :32, 3] = 0  # transparent left half: the area to inpaint
     result = client.run(graph, inputs={"product_inpaint.png": png(photo)})
     assert result.images[0].size == (64, 64)
-    latent_in = node_output(server, result.job_id, "11")[0]
-    latent_out = node_output(server, result.job_id, "12")[0].samples
+    latent_in = node_output(server, result.job_id, node_of(graph, "VAEEncodeForInpaint").id)[0]
+    latent_out = node_output(server, result.job_id, node_of(graph, "KSampler").id)[0].samples
     assert torch.equal(latent_out[..., 6:], latent_in.samples[..., 6:])  # grown mask reaches cell 4
     assert not torch.equal(latent_out[..., :3], latent_in.samples[..., :3])

@@ -10,8 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GRAPHS, executed
 from PIL import Image
+from support.graph_builder import linked, node_of
+from support.live_server import executed
+from support.paths import GRAPHS
 
 
 def pixels_hash(image: Image.Image) -> str:
@@ -19,8 +21,10 @@ def pixels_hash(image: Image.Image) -> str:
 
 
 def test_demo_graph_gives_pngs_of_requested_size_and_batch(client, txt2img):
-    txt2img["5"]["inputs"].update(width=96, height=64, batch_size=3)
-    txt2img["3"]["inputs"]["seed"] = 1001
+    latent = node_of(txt2img, "EmptyLatentImage")
+    sampler = node_of(txt2img, "KSampler")
+    latent.inputs.update(width=96, height=64, batch_size=3)
+    sampler.inputs["seed"] = 1001
     result = client.run(txt2img)
     assert result.status == "completed"
     assert len(result.images) == 3
@@ -33,7 +37,8 @@ def test_demo_graph_gives_pngs_of_requested_size_and_batch(client, txt2img):
 
 
 def test_identical_rerun_executes_no_node(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 2002
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["seed"] = 2002
     first = client.run(txt2img)
     again = client.run(txt2img)
     assert executed(again) == set()
@@ -43,26 +48,34 @@ def test_identical_rerun_executes_no_node(client, txt2img):
 
 
 def test_seed_change_reruns_exactly_sampler_decode_and_save(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 3003
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["seed"] = 3003
     client.run(txt2img)
-    txt2img["3"]["inputs"]["seed"] = 3004
+    sampler.inputs["seed"] = 3004
     result = client.run(txt2img)
     assert executed(result) == {"KSampler", "VAEDecode", "SaveImage"}
 
 
 def test_prompt_change_also_reruns_its_text_encoder(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 4004
+    sampler = node_of(txt2img, "KSampler")
+    decode = node_of(txt2img, "VAEDecode")
+    save = node_of(txt2img, "SaveImage")
+    positive = linked(txt2img, sampler, "positive")
+    sampler.inputs["seed"] = 4004
     client.run(txt2img)
-    txt2img["6"]["inputs"]["text"] = "a red handbag on a wooden table, golden hour"
+    positive.inputs["text"] = "a red handbag on a wooden table, golden hour"
     result = client.run(txt2img)
     ran = {nid for nid, n in result.nodes.items() if n.status == "executed"}
-    assert ran == {"6", "3", "8", "9"}  # the changed CLIPTextEncode, not the negative one (7)
+    assert ran == {positive.id, sampler.id, decode.id, save.id}  # the changed CLIPTextEncode, not the negative one
 
 
 def test_cache_keys_ignore_node_ids(client, txt2img):
-    txt2img["3"]["inputs"]["seed"] = 5005
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["seed"] = 5005
     client.run(txt2img)
-    renumbered = json.loads(json.dumps(txt2img).replace('"3"', '"30"').replace('"8"', '"80"'))
+    decode = node_of(txt2img, "VAEDecode")
+    text = json.dumps(txt2img)
+    renumbered = json.loads(text.replace(f'"{sampler.id}"', '"30"').replace(f'"{decode.id}"', '"80"'))
     result = client.run(renumbered)
     # only SaveImage runs again: it embeds the graph it was given in the PNG
     assert executed(result) == {"SaveImage"}
@@ -71,7 +84,8 @@ def test_cache_keys_ignore_node_ids(client, txt2img):
 
 @pytest.mark.slow
 def test_same_graph_and_seed_give_identical_pixels_from_a_fresh_process(client, txt2img, models_dir, tmp_path):
-    txt2img["3"]["inputs"]["seed"] = 6006
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["seed"] = 6006
     here = client.run(txt2img)
     graph_file = tmp_path / "g.json"
     graph_file.write_text(json.dumps(txt2img))

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.graph_builder import node_of
 
 from plinth.clients.v1 import graph_service_pb2 as gs
 from plinth.clients.v1 import graph_service_pb2_grpc as gs_grpc
@@ -78,5 +79,5 @@ def test_random_requests_get_only_invalid_argument_class_errors(stub, client, re
 
 def test_server_is_healthy_after_the_fuzz(client, txt2img):
     assert client.health() == "SERVING"
-    txt2img["3"]["inputs"]["seed"] = 4242
+    node_of(txt2img, "KSampler").inputs["seed"] = 4242
     assert client.run(txt2img).status == "completed"

@@ -6,20 +6,23 @@ from __future__ import annotations
 import copy
 import threading
 
+from support.graph_builder import node_of
+
 from plinth.clients import Client, PlinthError
 
 CLIENTS = 50
 
 
 def test_fifty_concurrent_clients(server, txt2img):
-    txt2img["3"]["inputs"]["steps"] = 1
-    txt2img["5"]["inputs"]["batch_size"] = 1
+    sampler = node_of(txt2img, "KSampler")
+    sampler.inputs["steps"] = 1
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     outcomes: dict[int, object] = {}
     start = threading.Barrier(CLIENTS)
 
     def one(index: int) -> None:
         graph = copy.deepcopy(txt2img)
-        graph["3"]["inputs"]["seed"] = 50_000 + index
+        graph[sampler.id]["inputs"]["seed"] = 50_000 + index
         with Client(server.address, timeout=120) as client:
             start.wait()
             try:
@@ -42,5 +45,5 @@ def test_fifty_concurrent_clients(server, txt2img):
     for result in done:  # each ran once: one start, one terminal event, the sampler once
         kinds = [e.WhichOneof("kind") for e in result.events]
         assert kinds.count("started") == 1 and kinds.count("completed") == 1
-        assert result.nodes["3"].status == "executed"
+        assert result.nodes[sampler.id].status == "executed"
     assert len(server.components.jobs.queue) == 0

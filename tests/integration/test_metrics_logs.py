@@ -13,6 +13,8 @@ from collections import Counter
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.graph_builder import linked, node_of
+from support.live_server import output_cache
 from test_jobs import truncated_png
 
 from plinth.server import logs
@@ -57,18 +59,19 @@ def metrics_http(server):
 
 def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2img, metrics_http):
     metrics, port = metrics_http
-    txt2img["6"]["inputs"]["text"] += ", metrics test"  # nothing from other tests in the cache
-    txt2img["5"]["inputs"]["batch_size"] = 1
-    txt2img["3"]["inputs"]["seed"] = 5151
+    sampler = node_of(txt2img, "KSampler")
+    linked(txt2img, sampler, "positive").inputs["text"] += ", metrics test"  # nothing from other tests in the cache
+    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
+    sampler.inputs["seed"] = 5151
     first = client.run(txt2img)
-    txt2img["3"]["inputs"]["seed"] = 5152
+    sampler.inputs["seed"] = 5152
     reseeded = client.run(txt2img)
     cached = client.run(txt2img)
     jobs = [replay(metrics, server, r.job_id) for r in (first, reseeded, cached)]
 
-    hits_before, misses_before = server.components.cache.hits, server.components.cache.misses
+    hits_before, misses_before = output_cache(server).hits, output_cache(server).misses
     samples = scrape(port)
-    hits_after, misses_after = server.components.cache.hits, server.components.cache.misses
+    hits_after, misses_after = output_cache(server).hits, output_cache(server).misses
 
     assert sample(samples, "plinth_jobs_total", status="completed") == 3
     assert sample(samples, "plinth_jobs_total", status="failed") == 0
@@ -104,8 +107,8 @@ def test_metrics_endpoint_after_runs_reruns_and_cache_hits(server, client, txt2i
     # state read from the components at scrape time
     assert hits_before <= sample(samples, "plinth_cache_hits_total") <= hits_after
     assert misses_before <= sample(samples, "plinth_cache_misses_total") <= misses_after
-    assert sample(samples, "plinth_cache_bytes") == server.components.cache.bytes_used > 0
-    assert sample(samples, "plinth_cache_entries") == len(server.components.cache)
+    assert sample(samples, "plinth_cache_bytes") == output_cache(server).bytes_used > 0
+    assert sample(samples, "plinth_cache_entries") == len(output_cache(server))
     assert sample(samples, "plinth_model_memory_bytes") == server.components.models.bytes_used > 0
     assert sample(samples, "plinth_model_loads_total") == server.components.models.loads >= 1
     assert sample(samples, "plinth_queue_depth") == 0
@@ -168,8 +171,8 @@ def test_live_hook_when_the_service_has_observers(server, client, txt2img):
         pytest.skip("the job manager has no observers hook yet")
     metrics = Metrics(server.components)
     try:
-        txt2img["3"]["inputs"]["seed"] = 5153
-        txt2img["5"]["inputs"]["batch_size"] = 1
+        node_of(txt2img, "KSampler").inputs["seed"] = 5153
+        node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
         client.run(txt2img)
         assert b'plinth_jobs_total{status="completed"} 1.0' in metrics.render()
     finally:
