@@ -8,9 +8,10 @@ import torch
 
 from plinth.nodes import prompt
 from plinth.nodes.core.context import NodeContext, NodeInputError
-from plinth.nodes.core.schema import Float, Int, Link, Node, Output, String
+from plinth.nodes.core.schema import Float, Int, Link, Node, Output
 from plinth.nodes.core.types import Conditioning, ConditioningEntry, TextEncoder
 from plinth.nodes.patches.model_patch import patched
+from plinth.nodes.textual_inversion import PromptText, embedding_lookup
 
 MAX_RESOLUTION = 16384
 
@@ -35,21 +36,24 @@ def area_in_latent(area: tuple[int, int, int, int], height: int, width: int) -> 
 
 
 def encode_prompt(clip: TextEncoder, ctx: NodeContext, text: str) -> torch.Tensor:
-    """Token embeddings [1, 77*k, D] for `text`, with the CLIP's patches (LoRA) applied."""
+    """Token embeddings [1, 77*k, D] for `text`, with the CLIP's patches (LoRA) applied and its
+    `embedding:NAME` words read from models/embeddings."""
     model = clip.load(ctx)
+    embeddings = embedding_lookup(ctx, model.text_encoder.get_input_embeddings().embedding_dim)
     with torch.inference_mode(), patched(ctx, clip.patches, model.text_encoder):
-        return prompt.encode(model.tokenizer, model.text_encoder, text, clip.stop_at_layer, ctx.device)
+        return prompt.encode(model.tokenizer, model.text_encoder, text, clip.stop_at_layer, ctx.device, embeddings)
 
 
 class CLIPTextEncode(Node):
     """Encode a prompt with the checkpoint's CLIP text model into conditioning. Emphasis
-    `(word:1.2)` and `(word)` weigh tokens; long prompts are encoded window by window."""
+    `(word:1.2)` and `(word)` weigh tokens; `embedding:NAME` puts a textual-inversion embedding
+    from models/embeddings in the prompt; long prompts are encoded window by window."""
 
     CATEGORY = "conditioning"
     DISPLAY_NAME = "CLIP Text Encode (Prompt)"
     OUTPUTS = (Output("CONDITIONING"),)
 
-    text = String(multiline=True)
+    text = PromptText(multiline=True)
     clip = Link("CLIP")
 
     def run(self, ctx: NodeContext, text: str, clip: TextEncoder) -> tuple[Conditioning]:

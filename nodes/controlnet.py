@@ -10,6 +10,10 @@ Three kinds of file load, fully offline and all into a diffusers ControlNetModel
   zero_convs.*, middle_block_out.*), unprefixed as lllyasviel's v1.1 files or under
   control_model.* as the v1.0 files, which also carry a whole SD model that is not read.
 
+A T2I-Adapter in the same folder (original .pth/.safetensors layouts or diffusers') is recognised
+by its keys and loaded as one, as ComfyUI does (nodes/models/t2i_adapter.py); ControlNetApply-
+Advanced attaches it the same way and the sampling loop adds its features instead of residuals.
+
 A single file has no config, so the architecture is read off the weights with SD1.5's UNet
 config as the template (the ControlNet is a copy of the UNet's encoder): levels, layers per
 level, widths, attention placement, input channels, cross-attention size and the hint encoder's
@@ -32,6 +36,8 @@ from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, 
 from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.core.types import Conditioning, ConditioningEntry, ControlSpec, Vae
 from plinth.nodes.models.single_file import SD15_CONFIG
+from plinth.nodes.models.strict_load import assign_strict
+from plinth.nodes.models.t2i_adapter import is_t2i_adapter, load_t2i_adapter
 
 ORIGINAL_PREFIX = "control_model."
 HINT_WIDTHS = (16, 32, 96, 256)  # SD1.5 ControlNets' hint encoder (conditioning_embedding_out_channels)
@@ -104,8 +110,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
                 layout, wanted, strip = "original", keys, ""
             else:
                 raise NodeInputError(
-                    f"{path.name}: not a ControlNet (it has neither diffusers' "
-                    "controlnet_cond_embedding.* nor the original input_hint_block.* weights)"
+                    f"{path.name}: not a ControlNet or T2I-Adapter (it has neither diffusers' "
+                    "controlnet_cond_embedding.* nor the original input_hint_block.* weights, nor an adapter's)"
                 )
             state = {k[len(strip) :]: f.get_tensor(k) for k in wanted}
     except NodeInputError:
@@ -149,22 +155,15 @@ def build_controlnet(
             raise NodeInputError(f"{name}: {exc}") from None
     with torch.device("meta"):
         model = ControlNetModel.from_config(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted([*(state.keys() - expected.keys()), *unused])
-    misshapen = sorted(k for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or misshapen:
-        raise NodeInputError(
-            f"{name}: the weights do not match an SD1.x ControlNet layout "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {misshapen[:5]})"
-        )
-    model.load_state_dict(state, assign=True)
+    assign_strict(model, state, name, "an SD1.x ControlNet layout", unused)
     return model
 
 
 def load_controlnet(path: Path, device: torch.device, dtype: torch.dtype) -> Any:
-    """A diffusers ControlNetModel from a folder or a .safetensors file, in eval mode without
-    gradients, on `device` in `dtype`."""
+    """A diffusers ControlNetModel from a folder or a .safetensors file (or a T2IAdapterModel,
+    when the file holds a T2I-Adapter), in eval mode without gradients, on `device` in `dtype`."""
+    if is_t2i_adapter(path):
+        return load_t2i_adapter(path, device, dtype)
     if path.is_dir():
         try:
             config = json.loads((path / "config.json").read_text())
@@ -190,7 +189,8 @@ def load_controlnet(path: Path, device: torch.device, dtype: torch.dtype) -> Any
 
 class ControlNetLoader(Node):
     """Load a ControlNet: a diffusers folder or a .safetensors file (diffusers or original
-    layout) under models/controlnet."""
+    layout) under models/controlnet; or a T2I-Adapter (original or diffusers layout), which
+    the Apply ControlNet nodes attach the same way."""
 
     CATEGORY = "loaders"
     DISPLAY_NAME = "Load ControlNet Model"

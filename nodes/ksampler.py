@@ -1,39 +1,33 @@
-"""Sampler nodes: KSampler and KSamplerAdvanced, on the shared denoising loop.
+"""Sampler nodes: KSampler and KSamplerAdvanced, on the sampling core (nodes/sampling/).
 
-Named after the nodes it declares: the sampler/scheduler names they offer come from
-diffusers_schedulers.py and the loop they run is denoise.py's Denoiser; this module only turns
-the nodes' inputs into a SamplingPlan.
+Each turns its inputs into what SamplerCustomAdvanced takes (a CFG guider, a sampler, sigmas
+and noise), with ComfyUI's rules for partial schedules: denoise < 1 runs the last `steps` of a
+schedule of steps / denoise steps; KSamplerAdvanced runs steps start_at_step..end_at_step of a
+`steps`-step schedule and, unless asked to keep the leftover noise, ends at sigma 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from plinth.nodes.core.context import NodeContext
 from plinth.nodes.core.schema import Choice, Float, Int, Link, Node, Output
 from plinth.nodes.core.types import Conditioning, DiffusionModel, Latent
-from plinth.nodes.denoise import Denoiser, SamplingPlan
-from plinth.nodes.diffusers_schedulers import SAMPLERS, SCHEDULERS, check_combination
+from plinth.nodes.sampling.guidance import Guider
+from plinth.nodes.sampling.run import Noise, model_sampling_of, sample
+from plinth.nodes.sampling.samplers import SAMPLERS
+from plinth.nodes.sampling.schedulers import SCHEDULERS, calculate_sigmas, denoise_sigmas, schedule_length
+
+# Longest schedule (steps / denoise) a request may lay out: each sigma costs a model call.
+MAX_SCHEDULE = 10000
 
 
-def _check_pair(inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
-    steps, denoise = inputs.get("steps", 1), inputs.get("denoise", 1.0)
-    length = steps if denoise >= 1.0 or denoise <= 0 else int(steps / denoise)
-    reason = check_combination(inputs.get("sampler_name", ""), inputs.get("scheduler", ""), length)
-    return [("scheduler", "invalid_combination", reason)] if reason else []
-
-
-def _sample(
-    ctx: NodeContext,
-    model: DiffusionModel,
-    plan: SamplingPlan,
-    latent: Latent,
-    positive: Conditioning,
-    negative: Conditioning,
-) -> tuple[Latent]:
-    samples = Denoiser(ctx, model.load(ctx), model, plan).run(latent, positive, negative, ctx.progress)
-    return (replace(latent, samples=samples),)
+def check_schedule(steps: int, denoise: float) -> list[tuple[str, str, str]]:
+    length = schedule_length(steps, denoise)
+    if length > MAX_SCHEDULE:
+        reason = f"a schedule of {length} steps (steps / denoise) is longer than the {MAX_SCHEDULE} allowed"
+        return [("denoise", "value_not_in_range", reason)]
+    return []
 
 
 class KSampler(Node):
@@ -51,7 +45,7 @@ class KSampler(Node):
     steps = Int(default=20, min=1, max=10000, limit="steps")
     cfg = Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
     sampler_name = Choice(options=tuple(SAMPLERS), default="euler")
-    scheduler = Choice(options=tuple(SCHEDULERS), default="normal")
+    scheduler = Choice(options=tuple(SCHEDULERS), default="simple")
     positive = Link("CONDITIONING")
     negative = Link("CONDITIONING")
     latent_image = Link("LATENT")
@@ -59,7 +53,7 @@ class KSampler(Node):
 
     @classmethod
     def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
-        return _check_pair(inputs)
+        return check_schedule(inputs.get("steps", 1), inputs.get("denoise", 1.0))
 
     def run(
         self,
@@ -75,10 +69,11 @@ class KSampler(Node):
         latent_image: Latent,
         denoise: float,
     ) -> tuple[Latent]:
-        if denoise <= 0:
-            return (latent_image,)
-        plan = SamplingPlan(sampler_name, scheduler, steps, cfg, seed, denoise=denoise)
-        return _sample(ctx, model, plan, latent_image, positive, negative)
+        sampler = SAMPLERS[sampler_name]
+        ms = model_sampling_of(ctx, model)
+        sigmas = denoise_sigmas(ms, scheduler, steps, denoise, sampler.discard_penultimate_sigma)
+        guider = Guider(model, positive, negative, cfg)
+        return (sample(ctx, guider, sampler, sigmas, Noise(seed), latent_image).latent,)
 
 
 class KSamplerAdvanced(Node):
@@ -94,17 +89,13 @@ class KSamplerAdvanced(Node):
     steps = Int(default=20, min=1, max=10000, limit="steps")
     cfg = Float(default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)
     sampler_name = Choice(options=tuple(SAMPLERS), default="euler")
-    scheduler = Choice(options=tuple(SCHEDULERS), default="normal")
+    scheduler = Choice(options=tuple(SCHEDULERS), default="simple")
     positive = Link("CONDITIONING")
     negative = Link("CONDITIONING")
     latent_image = Link("LATENT")
     start_at_step = Int(default=0, min=0, max=10000)
     end_at_step = Int(default=10000, min=0, max=10000)
     return_with_leftover_noise = Choice(options=("disable", "enable"), default="disable")
-
-    @classmethod
-    def check_inputs(cls, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
-        return _check_pair(inputs)
 
     def run(
         self,
@@ -123,15 +114,15 @@ class KSamplerAdvanced(Node):
         end_at_step: int,
         return_with_leftover_noise: str,
     ) -> tuple[Latent]:
-        plan = SamplingPlan(
-            sampler_name,
-            scheduler,
-            steps,
-            cfg,
-            noise_seed,
-            start_step=start_at_step,
-            end_step=end_at_step,
-            add_noise=add_noise == "enable",
-            leftover_noise=return_with_leftover_noise == "enable",
-        )
-        return _sample(ctx, model, plan, latent_image, positive, negative)
+        sampler = SAMPLERS[sampler_name]
+        sigmas = calculate_sigmas(model_sampling_of(ctx, model), scheduler, steps, sampler.discard_penultimate_sigma)
+        if end_at_step < len(sigmas) - 1:
+            sigmas = sigmas[: end_at_step + 1].clone()
+            if return_with_leftover_noise != "enable":
+                sigmas[-1] = 0
+        if start_at_step >= len(sigmas) - 1:
+            return (latent_image,)
+        sigmas = sigmas[start_at_step:]
+        guider = Guider(model, positive, negative, cfg)
+        noise = Noise(noise_seed, enabled=add_noise == "enable")
+        return (sample(ctx, guider, sampler, sigmas, noise, latent_image).latent,)

@@ -51,6 +51,11 @@ class InputSpec:
         """The value as the node receives it (after check passed)."""
         return value
 
+    def files(self, value: Any, env: ValidationEnv) -> list[tuple[str, str]]:
+        """(source, name) of every model file or input image a valid `value` names: their
+        fingerprints join the node's cache key, so a file replaced under its name is read anew."""
+        return []
+
 
 @dataclass
 class Link(InputSpec):
@@ -174,6 +179,9 @@ class Choice(InputSpec):
             )
             return "value_not_in_list", f"{what} {value!r}; choices: {shown or '(none)'}"
         return None
+
+    def files(self, value: Any, env: ValidationEnv) -> list[tuple[str, str]]:
+        return [(self.source, value)] if self.source else []
 
 
 def _check_range(value: float, lo: float, hi: float) -> tuple[str, str] | None:

@@ -34,7 +34,15 @@ class CheckpointPart:
 
 @dataclass(frozen=True)
 class DiffusionModel(CheckpointPart):
-    """MODEL: the denoising UNet and its noise schedule."""
+    """MODEL: the denoising UNet and its noise schedule. `sampling` overrides the schedule and
+    parameterisation the checkpoint declares (ModelSamplingDiscrete, ...): a tuple naming a
+    constructor of plinth.nodes.sampling.model_sampling and its arguments; () keeps the
+    checkpoint's own."""
+
+    sampling: tuple[Any, ...] = ()
+
+    def with_sampling(self, sampling: tuple[Any, ...]) -> DiffusionModel:
+        return replace(self, sampling=sampling)
 
 
 @dataclass(frozen=True)

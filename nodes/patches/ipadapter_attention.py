@@ -20,6 +20,7 @@ import torch
 
 from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError
 from plinth.nodes.models.ipadapter import IPAdapterWeights
+from plinth.nodes.patches.model_patch import Progress
 
 
 @dataclass
@@ -88,12 +89,12 @@ class IPAdapterPatch:
             unet.encoder_hid_proj = None
             unet.config.encoder_hid_dim_type = hid_dim_type
 
-    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:
+    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: Progress) -> dict[str, Any]:
         """The image features for each batch row; outside start_at..end_at the processors' scale
         is 0, which diffusers' processor skips, so those steps are exactly the plain model's."""
         if self._active is None:
             raise RuntimeError("IPAdapterPatch.call_kwargs outside applied()")
-        scale = self.weight if self.start_at <= progress <= self.end_at else 0.0
+        scale = self.weight if progress.within(self.start_at, self.end_at) else 0.0
         for processor in self._active.processors:
             processor.scale = [scale]
         rows = [self._active.positive if positive else self._active.negative for positive in positive_rows]

@@ -18,6 +18,7 @@ from torch import nn
 
 from plinth.nodes.core.context import ModelHandle, NodeContext
 from plinth.nodes.models.lora import LoraFile, LoraLayer
+from plinth.nodes.patches.model_patch import Progress
 
 
 def _delta_hook(module: nn.Module, layer: LoraLayer, strength: float) -> Callable[..., torch.Tensor]:
@@ -63,5 +64,5 @@ class LoraPatch:
             for handle in handles:
                 handle.remove()
 
-    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:
+    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: Progress) -> dict[str, Any]:
         return {}

@@ -9,8 +9,9 @@ never edits them for good: `applied()` installs hooks or processors for the dura
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -18,15 +19,29 @@ import torch
 from plinth.nodes.core.context import NodeContext
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where one model call sits in the schedule, for what acts only between a start and an end
+    percent (ControlNets, T2I-Adapters, IPAdapter). ComfyUI's test, in sigma: active while
+    percent_to_sigma(end) <= sigma <= percent_to_sigma(start). Percent 0 maps above every sigma
+    (ComfyUI's 999999999.9), so a window that ends at 0 never acts."""
+
+    sigma: float
+    percent_to_sigma: Callable[[float], float]
+
+    def within(self, start_percent: float, end_percent: float) -> bool:
+        return self.percent_to_sigma(end_percent) <= self.sigma <= self.percent_to_sigma(start_percent)
+
+
 class ModelPatch(Protocol):
     def applied(self, ctx: NodeContext, module: torch.nn.Module) -> AbstractContextManager[None]:
         """Put the patch on `module` (a UNet or a CLIP text model) for the duration of a `with`."""
 
-    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: float) -> dict[str, Any]:
+    def call_kwargs(self, ctx: NodeContext, positive_rows: Sequence[bool], progress: Progress) -> dict[str, Any]:
         """Extra keyword arguments for one UNet call whose batch rows are positive (True) or
-        negative (False) conditioning, at `progress` through the schedule (0 = pure noise,
-        1 = clean); {} for patches that only change weights. A patch active only in part of
-        the schedule (start/end) may switch itself on or off here."""
+        negative (False) conditioning, at `progress` through the schedule; {} for patches that
+        only change weights. A patch active only in part of the schedule (start/end percent)
+        switches itself on or off here (progress.within)."""
 
 
 @contextmanager
@@ -39,7 +54,7 @@ def patched(ctx: NodeContext, patches: Sequence[ModelPatch], module: torch.nn.Mo
 
 
 def merged_call_kwargs(
-    ctx: NodeContext, patches: Sequence[ModelPatch], positive_rows: Sequence[bool], progress: float
+    ctx: NodeContext, patches: Sequence[ModelPatch], positive_rows: Sequence[bool], progress: Progress
 ) -> dict[str, Any]:
     """The patches' extra UNet keyword arguments, merged (nested dicts merged key by key)."""
     merged: dict[str, Any] = {}

@@ -1,14 +1,19 @@
-"""KSampler: every offered sampler and scheduler really maps to a diffusers scheduler and runs;
-denoise below 1 keeps part of a given latent."""
+"""Sampling on the tiny model through the server: every sampler and every scheduler runs, the
+custom-sampling nodes give KSampler's pixels for KSampler's settings, denoise below 1 keeps part of
+a given latent, and a schedule too long to run is a validation error."""
 
 from __future__ import annotations
+
+import copy
+import io
 
 import numpy as np
 import pytest
 from support.graph_builder import GraphBuilder, node_of
 
-from plinth.nodes.diffusers_schedulers import NO_SIGMA_SCHEDULES, SAMPLERS, SCHEDULERS, SIGMA_SCHEDULES, make_scheduler
 from plinth.nodes.models.checkpoint import SD15_CONFIG
+from plinth.nodes.sampling.samplers import SAMPLERS
+from plinth.nodes.sampling.schedulers import SCHEDULERS
 
 BASE = {
     "beta_start": 0.00085,
@@ -17,7 +22,6 @@ BASE = {
     "num_train_timesteps": 1000,
     "steps_offset": 1,
 }
-COMBOS = [(s, k) for s in SAMPLERS for k in SCHEDULERS if not (k in SIGMA_SCHEDULES and s in NO_SIGMA_SCHEDULES)]
 
 
 def run(jobs, graph):
@@ -28,45 +32,90 @@ def run(jobs, graph):
 
 
 def images(job):
-    import io
-
     from PIL import Image
 
     return [np.asarray(Image.open(io.BytesIO(i.png)), dtype=np.float32) / 255 for i in job.outputs]
 
 
-@pytest.mark.parametrize("sampler,scheduler", COMBOS)
-def test_every_pair_runs_on_its_diffusers_scheduler(server, txt2img, sampler, scheduler):
-    made = make_scheduler(sampler, scheduler, BASE)
-    assert type(made).__name__ == SAMPLERS[sampler][0]
-    for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
-        assert bool(made.config.get(flag)) == (SCHEDULERS[scheduler].get(flag, False)), flag
-    node_of(txt2img, "KSampler").inputs.update(sampler_name=sampler, scheduler=scheduler, steps=3, seed=31)
-    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
-    job = run(server.components.jobs, txt2img)
-    assert np.isfinite(images(job)[0]).all()
+def small(txt2img, **ksampler):
+    graph = copy.deepcopy(txt2img)
+    node_of(graph, "EmptyLatentImage").inputs["batch_size"] = 1
+    node_of(graph, "KSampler").inputs.update(ksampler)
+    return graph
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_runs(server, txt2img, sampler):
+    out = images(
+        run(server.components.jobs, small(txt2img, sampler_name=sampler, scheduler="karras", steps=3, seed=31))
+    )
+    assert len(out) == 1 and np.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_scheduler_runs(server, txt2img, scheduler):
+    out = images(
+        run(server.components.jobs, small(txt2img, sampler_name="euler", scheduler=scheduler, steps=3, seed=32))
+    )
+    assert len(out) == 1 and np.isfinite(out[0]).all()
 
 
 def test_samplers_differ(server, txt2img):
-    node_of(txt2img, "EmptyLatentImage").inputs["batch_size"] = 1
     outs = {}
-    for sampler in ("euler", "euler_ancestral", "dpmpp_2m", "uni_pc"):
-        node_of(txt2img, "KSampler").inputs.update(sampler_name=sampler, scheduler="normal", steps=4, seed=5)
-        outs[sampler] = images(run(server.components.jobs, txt2img))[0]
+    for sampler in ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_sde", "uni_pc"):
+        outs[sampler] = images(run(server.components.jobs, small(txt2img, sampler_name=sampler, steps=4, seed=5)))[0]
     values = list(outs.values())
-    assert all(not np.array_equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
+    assert all(np.abs(a - b).mean() > 1e-4 for i, a in enumerate(values) for b in values[i + 1 :])
 
 
-def test_sigma_schedule_with_a_timestep_sampler_is_a_validation_error(client, txt2img):
+def custom_twin(graph, guider: str):
+    """The graph with its KSampler replaced by SamplerCustomAdvanced + the guider +
+    KSamplerSelect + BasicScheduler + RandomNoise of the same settings."""
+    b = GraphBuilder(graph)
+    k = b.find("KSampler")
+    i = dict(k.inputs)
+    if guider == "BasicGuider":
+        g = b.add("BasicGuider", model=i["model"], conditioning=i["positive"])
+    else:
+        g = b.add("CFGGuider", model=i["model"], positive=i["positive"], negative=i["negative"], cfg=i["cfg"])
+    select = b.add("KSamplerSelect", sampler_name=i["sampler_name"])
+    sigmas = b.add("BasicScheduler", model=i["model"], scheduler=i["scheduler"], steps=i["steps"], denoise=i["denoise"])
+    noise = b.add("RandomNoise", noise_seed=i["seed"])
+    b.replace(
+        k,
+        "SamplerCustomAdvanced",
+        noise=noise.out(0),
+        guider=g.out(0),
+        sampler=select.out(0),
+        sigmas=sigmas.out(0),
+        latent_image=i["latent_image"],
+    )
+    return b.build()
+
+
+@pytest.mark.parametrize(
+    "guider,cfg,sampler,scheduler",
+    [
+        ("CFGGuider", 6.5, "dpmpp_2m_sde", "karras"),
+        ("CFGGuider", 7.0, "euler_ancestral", "normal"),
+        ("BasicGuider", 1.0, "euler", "simple"),
+    ],
+)
+def test_sampler_custom_advanced_gives_ksamplers_pixels(server, txt2img, guider, cfg, sampler, scheduler):
+    settings = dict(sampler_name=sampler, scheduler=scheduler, steps=4, seed=44, cfg=cfg, denoise=1.0)
+    plain = images(run(server.components.jobs, small(txt2img, **settings)))[0]
+    custom = images(run(server.components.jobs, custom_twin(small(txt2img, **settings), guider)))[0]
+    assert np.array_equal(plain, custom)
+
+
+def test_a_schedule_too_long_to_run_is_a_validation_error(client, txt2img):
     from plinth.clients import PlinthError
 
-    sampler = node_of(txt2img, "KSampler")
-    sampler.inputs.update(sampler_name="ddpm", scheduler="karras")
+    graph = small(txt2img, steps=9000, denoise=0.5)
+    sampler = node_of(graph, "KSampler")
     with pytest.raises(PlinthError) as info:
-        client.submit(txt2img)
-    assert [(e.node_id, e.input, e.code) for e in info.value.errors] == [
-        (sampler.id, "scheduler", "invalid_combination")
-    ]
+        client.submit(graph)
+    assert [(e.node_id, e.input, e.code) for e in info.value.errors] == [(sampler.id, "denoise", "value_not_in_range")]
 
 
 def hires_graph(txt2img, denoise, seed=77):
