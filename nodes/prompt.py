@@ -6,17 +6,22 @@ text, weight 1), and so here. A weight w moves a token's embedding away from the
 embedding at the same position: e' = e_empty + w * (e - e_empty), ComfyUI's formula.
 
 Prompts longer than one window are split into windows of 75 tokens (each with its start and end
-token, padded to 77), keeping a word's tokens in one window where it fits, and the windows'
-embeddings are concatenated: nothing is truncated.
+token, padded to 77), and the windows' embeddings are concatenated: nothing is truncated. As in
+ComfyUI, a word (or embedding) of fewer than 8 tokens that does not fit in what is left of a
+window moves whole to the next one; a longer one fills the window and goes on in the next.
 
-`embedding:NAME` is ComfyUI's syntax for a textual-inversion embedding from models/embeddings.
-Plinth has no textual-inversion support, so such a prompt fails with a NodeInputError naming
-the embedding, rather than being encoded as the words "embedding", "NAME" (or the embedding
-silently dropped, which is what ComfyUI does with one it cannot find).
+`embedding:NAME` is ComfyUI's syntax for a textual-inversion embedding (a word of the prompt,
+inside emphasis too: `(embedding:NAME:1.2)`). Its k vectors take k token positions, with the
+word's weight, and count as k tokens when the prompt is cut into windows: the text model gets
+them in place of those tokens' token embeddings (position embeddings are added as for any
+token). Which file a NAME stands for is the caller's lookup (plinth.nodes.textual_inversion);
+one it cannot find is a NodeInputError naming it, where ComfyUI drops it with a warning.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,9 +29,18 @@ import torch
 from plinth.nodes.core.context import NodeInputError
 
 CHUNK = 75
+# Words (and embeddings) this many tokens long or longer are cut at a window's edge (ComfyUI's
+# max_word_length); shorter ones move whole to the next window.
+LONG_WORD = 8
 # ComfyUI's prefix for a textual-inversion embedding in a prompt (case-sensitive, as there).
 EMBEDDING = "embedding:"
 ESCAPED = {"\\(": "\0open\0", "\\)": "\0close\0"}
+# A token: its id, or one vector of an embedding in a token's place.
+Token = int | torch.Tensor
+# An embedding's name -> its [k, D] vectors, or None when there is no such embedding.
+EmbeddingLookup = Callable[[str], torch.Tensor | None]
+# The token id written where an embedding vector goes; the vector replaces its token embedding.
+PLACEHOLDER = 0
 
 
 def parse_emphasis(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
@@ -81,22 +95,56 @@ def _top_level(text: str) -> list[str]:
     return parts
 
 
-def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
-    """Token windows of (id, weight), each without its start/end tokens, at most CHUNK long."""
-    words: list[list[tuple[int, float]]] = []
-    for segment, weight in parse_emphasis(text):
-        for word in segment.split():
-            if word.startswith(EMBEDDING) and embedding_name(word):
-                raise NodeInputError(
-                    f"the prompt asks for the textual-inversion embedding {embedding_name(word)!r} ({word!r}); "
-                    f"textual-inversion embeddings are not supported: remove it from the prompt"
-                )
-            ids = tokenizer(word, add_special_tokens=False, truncation=False).input_ids
-            if ids:
-                words.append([(i, weight) for i in ids])
-    windows: list[list[tuple[int, float]]] = [[]]
+def prompt_words(text: str) -> list[tuple[str, float]]:
+    """The prompt's words (split at whitespace) with their emphasis weights."""
+    return [(word, weight) for segment, weight in parse_emphasis(text) for word in segment.split()]
+
+
+def embedding_names(word: str) -> list[str]:
+    """The names an `embedding:NAME` word may stand for, in the order ComfyUI tries them: NAME
+    whole, then without trailing commas (which stay prompt text). [] for any other word, and
+    for one with no name before its commas ("embedding:," is text)."""
+    name = word[len(EMBEDDING) :] if word.startswith(EMBEDDING) else ""
+    stripped = name.rstrip(",")
+    return list(dict.fromkeys((name, stripped))) if stripped else []
+
+
+def embedding_words(text: str) -> list[str]:
+    """The `embedding:NAME` words of a prompt, as weighted_tokens reads them."""
+    return [word for word, _ in prompt_words(text) if embedding_names(word)]
+
+
+def _no_embeddings(name: str) -> torch.Tensor | None:
+    return None
+
+
+def _embedding(word: str, embeddings: EmbeddingLookup) -> tuple[torch.Tensor, str]:
+    """The vectors of an `embedding:NAME` word and the name they were found under."""
+    names = embedding_names(word)
+    for name in names:
+        vectors = embeddings(name)
+        if vectors is not None:
+            return vectors, name
+    raise NodeInputError(f"unknown embedding {names[-1]!r} ({word!r}): no such file in models/embeddings")
+
+
+def weighted_tokens(
+    tokenizer: Any, text: str, embeddings: EmbeddingLookup = _no_embeddings
+) -> list[list[tuple[Token, float]]]:
+    """Token windows of (token, weight), each without its start/end tokens, at most CHUNK long;
+    an embedding's vectors stand in the windows as tokens."""
+    words: list[list[tuple[Token, float]]] = []
+    for word, weight in prompt_words(text):
+        if embedding_names(word):
+            vectors, name = _embedding(word, embeddings)
+            words.append([(v, weight) for v in vectors])
+            word = word[len(EMBEDDING) + len(name) :]  # commas after the name are text, as in ComfyUI
+        ids = tokenizer(word, add_special_tokens=False, truncation=False).input_ids if word else []
+        if ids:
+            words.append([(i, weight) for i in ids])
+    windows: list[list[tuple[Token, float]]] = [[]]
     for word_tokens in words:
-        if len(windows[-1]) + len(word_tokens) > CHUNK and len(word_tokens) <= CHUNK and windows[-1]:
+        if len(windows[-1]) + len(word_tokens) > CHUNK and len(word_tokens) < LONG_WORD:
             windows.append([])
         for token in word_tokens:
             if len(windows[-1]) == CHUNK:
@@ -105,25 +153,31 @@ def weighted_tokens(tokenizer: Any, text: str) -> list[list[tuple[int, float]]]:
     return windows
 
 
-def embedding_name(word: str) -> str:
-    """The NAME of an `embedding:NAME` word, without trailing punctuation ("" for none)."""
-    return word[len(EMBEDDING) :].rstrip(",.;:")
-
-
-def encode(tokenizer: Any, encoder: Any, text: str, stop_at_layer: int, device: torch.device) -> torch.Tensor:
-    """Embeddings [1, 77*k, D] of `text` (called with any model patches already applied)."""
-    windows = weighted_tokens(tokenizer, text)
+def encode(
+    tokenizer: Any,
+    encoder: Any,
+    text: str,
+    stop_at_layer: int,
+    device: torch.device,
+    embeddings: EmbeddingLookup = _no_embeddings,
+) -> torch.Tensor:
+    """Embeddings [1, 77*k, D] of `text` (called with any model patches already applied);
+    `embeddings` finds the vectors of the prompt's `embedding:NAME` words."""
+    windows = weighted_tokens(tokenizer, text, embeddings)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
-    def row(window: list[tuple[int, float]]) -> list[int]:
+    def row(window: list[tuple[Token, float]]) -> list[Token]:
         return [bos] + [t for t, _ in window] + [eos] + [pad] * (CHUNK - len(window))
 
     rows = [row(w) for w in windows]
     weighted = any(w != 1.0 for window in windows for _, w in window)
     if weighted:
         rows.append(row([]))  # the empty prompt, the origin weights scale from
-    hidden = _hidden(encoder, torch.tensor(rows, dtype=torch.long, device=device), stop_at_layer).float()
+    vectors = {(i, j): t for i, r in enumerate(rows) for j, t in enumerate(r) if isinstance(t, torch.Tensor)}
+    ids = [[PLACEHOLDER if isinstance(t, torch.Tensor) else t for t in r] for r in rows]
+    with _token_vectors(encoder, vectors):
+        hidden = _hidden(encoder, torch.tensor(ids, dtype=torch.long, device=device), stop_at_layer).float()
     if weighted:
         empty, hidden = hidden[-1], hidden[:-1]
         weights = torch.ones(hidden.shape[:2], device=hidden.device)
@@ -131,6 +185,29 @@ def encode(tokenizer: Any, encoder: Any, text: str, stop_at_layer: int, device: 
             weights[i, 1 : 1 + len(window)] = torch.tensor([w for _, w in window], device=hidden.device)
         hidden = empty + weights.unsqueeze(-1) * (hidden - empty)
     return hidden.reshape(1, -1, hidden.shape[-1])
+
+
+@contextmanager
+def _token_vectors(encoder: Any, vectors: dict[tuple[int, int], torch.Tensor]) -> Iterator[None]:
+    """While inside, the encoder's token-embedding layer puts vectors[(row, position)] in place
+    of the token embedding there (a forward hook, removed on exit)."""
+    if not vectors:
+        yield
+        return
+
+    rows, positions = (list(axis) for axis in zip(*vectors, strict=True))
+    stacked = torch.stack(list(vectors.values()))
+
+    def replace(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[rows, positions] = stacked.to(output.device, output.dtype)
+        return output
+
+    hook = encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def _hidden(encoder: Any, tokens: torch.Tensor, stop_at_layer: int) -> torch.Tensor:
