@@ -1,7 +1,10 @@
 """The models directory: which names stand for which files, and what is listed in each folder.
 
-models/        checkpoints/ (diffusers folders, .safetensors), vae/, loras/, upscale_models/,
-               controlnet/, ipadapter/, clip_vision/ (.safetensors), rembg/ (.onnx cutout models)
+models/        checkpoints/ (diffusers folders, .safetensors), vae/, loras/, embeddings/
+               (textual inversion, named in prompts as embedding:NAME), upscale_models/,
+               controlnet/ (ControlNets and T2I-Adapters), ipadapter/, clip_vision/, gligen/,
+               diffusion_models/ (UNet-only files; also read from the older unet/) (.safetensors),
+               rembg/ (.onnx cutout models)
 data/converted/  .safetensors copies of pickled model files (only with allow_pickle)
 
 Model names are paths relative to their folder and resolve inside it only: absolute paths,
@@ -30,12 +33,18 @@ MODEL_FOLDERS = {
     "checkpoints": MODEL_SUFFIXES,
     "vae": MODEL_SUFFIXES,
     "loras": MODEL_SUFFIXES,
+    "embeddings": MODEL_SUFFIXES,
     "upscale_models": MODEL_SUFFIXES,
     "controlnet": MODEL_SUFFIXES,
     "ipadapter": MODEL_SUFFIXES,
     "clip_vision": MODEL_SUFFIXES,
+    "gligen": MODEL_SUFFIXES,
+    "diffusion_models": MODEL_SUFFIXES,
     "rembg": (".onnx",),
 }
+# Folders ComfyUI also reads under an older name: their files are listed under the newer one
+# (a name found in both resolves to the newer folder's file). The older folder is not created.
+LEGACY_FOLDERS = {"diffusion_models": "unet"}
 # Files torch.load reads with pickle, which can run code: refused unless allow_pickle is set.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Folders whose loaders read single .safetensors files, so a converted pickle loads there.
@@ -74,23 +83,34 @@ class ModelFolders:
         """Model names in one folder: files of its types, and diffusers folders (marked by
         model_index.json among checkpoints, config.json elsewhere); tiny-sd is always a checkpoint.
         Symlinks that lead outside the folder are left out (they would be refused)."""
-        root = (self.models_dir / source).resolve()
         names = {TINY_SD} if source == "checkpoints" else set()
         marker = "model_index.json" if source == "checkpoints" else "config.json"
         suffixes = self.suffixes(source)
-        for folder, subfolders, files in os.walk(root):
-            here = Path(folder)
-            if here != root and (here / marker).exists():
-                names.add(here.relative_to(root).as_posix())
-                subfolders.clear()  # its weight files belong to the folder model
-                continue
-            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-            names.update(
-                (here / f).relative_to(root).as_posix()
-                for f in files
-                if not f.startswith(".") and Path(f).suffix in suffixes and (here / f).resolve().is_relative_to(root)
-            )
+        for root in self._roots(source):
+            for folder, subfolders, files in os.walk(root):
+                here = Path(folder)
+                if here != root and (here / marker).exists():
+                    names.add(here.relative_to(root).as_posix())
+                    subfolders.clear()  # its weight files belong to the folder model
+                    continue
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+                names.update(
+                    (here / f).relative_to(root).as_posix()
+                    for f in files
+                    if not f.startswith(".")
+                    and Path(f).suffix in suffixes
+                    and (here / f).resolve().is_relative_to(root)
+                )
         return sorted(names)
+
+    def _roots(self, source: str) -> list[Path]:
+        """The folders a source's models are read from: its own, then its older name where that
+        folder exists (LEGACY_FOLDERS)."""
+        roots = [(self.models_dir / source).resolve()]
+        legacy = LEGACY_FOLDERS.get(source)
+        if legacy is not None and (self.models_dir / legacy).is_dir():
+            roots.append((self.models_dir / legacy).resolve())
+        return roots
 
     def find_model(self, source: str, name: str) -> Path:
         """The file or folder a model name stands for, resolved inside its folder only (tiny-sd:
@@ -111,14 +131,16 @@ class ModelFolders:
                 f"model name {name!r} is not a path inside models/{source}: names are relative "
                 "to the folder, without '..', '.', empty parts or a leading '/'"
             )
-        root = (self.models_dir / source).resolve()
-        path = (root / name).resolve()
-        if not path.is_relative_to(root):
-            raise UnsafeModelName(
-                f"model {name!r} in {source} leads outside models/{source} (a symlink to "
-                f"{path}?); only files inside the models directory load"
-            )
-        if not path.exists():
+        for root in self._roots(source):
+            path = (root / name).resolve()
+            if not path.is_relative_to(root):
+                raise UnsafeModelName(
+                    f"model {name!r} in {source} leads outside models/{root.name} (a symlink to "
+                    f"{path}?); only files inside the models directory load"
+                )
+            if path.exists():
+                break
+        else:
             raise UnknownModel(f"unknown model {name!r} in {source}")
         pickled = self._pickled(path)
         if pickled and source not in PICKLE_FOLDERS:
@@ -203,13 +225,13 @@ class ModelFolders:
 
     def describe_models(self, source: str) -> list[tuple[str, int, str]]:
         """(name, bytes on disk, model manager key) of every model in a folder, in one walk."""
-        root = (self.models_dir / source).resolve()
+        roots = self._roots(source)
         out = []
         for name in self.models(source):
             if source == "checkpoints" and name == TINY_SD:
-                out.append((name, _size(root / TINY_SD), self.model_key(source, name)))
+                out.append((name, _size(roots[0] / TINY_SD), self.model_key(source, name)))
                 continue
-            path = (root / name).resolve()
+            path = next(p for p in ((root / name).resolve() for root in roots) if p.exists())
             out.append((name, _size(path), f"{source}/{name}@{_fingerprint(path)[:16]}"))
         return out
 
@@ -237,7 +259,9 @@ def convert_pickle(path: Path, target: Path) -> None:
     """Write the tensors of a pickled model file to `target` as .safetensors, reading it with
     torch.load(weights_only=True): plain tensors and containers only, so no code in the file
     runs. Lightning-style files keep their weights under "state_dict" (ESRGAN-style ones under
-    "params_ema" or "params"), which is unwrapped. Raises NodeInputError naming the file."""
+    "params_ema" or "params"), which is unwrapped; a file whose top level holds no tensors but
+    dicts of them (A1111's textual inversion: {"string_to_param": {"*": tensor}, "name": ...})
+    keeps those as "outer.inner" keys. Raises NodeInputError naming the file."""
     import torch
     from safetensors.torch import save_file
 
@@ -259,11 +283,14 @@ def convert_pickle(path: Path, target: Path) -> None:
         if inner is None:
             break
         state = inner
-    tensors = (
-        {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        if isinstance(state, dict)
-        else {}
-    )
+    tensors = _named_tensors(state) if isinstance(state, dict) else {}
+    if not tensors and isinstance(state, dict):
+        tensors = {
+            f"{outer}.{key}": tensor
+            for outer, nested in state.items()
+            if isinstance(outer, str) and isinstance(nested, dict)
+            for key, tensor in _named_tensors(nested).items()
+        }
     if not tensors:
         raise NodeInputError(f"{path.name}: no tensors by name in it (found {type(state).__name__})")
     out: dict[str, torch.Tensor] = {}
@@ -276,3 +303,10 @@ def convert_pickle(path: Path, target: Path) -> None:
         seen.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
     save_file(out, str(target), metadata={"format": "pt", "converted_from": path.name})
+
+
+def _named_tensors(state: dict) -> dict:
+    """The tensors of a dict by their string keys (other entries: numbers, names, dicts, dropped)."""
+    import torch
+
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

@@ -24,8 +24,9 @@ from support.sd_original_layout import _rename, _unet_prefixes
 HINT_WIDTHS = (8, 16, 32, 64)
 
 
-def tiny_controlnet(seed: int = 0) -> ControlNetModel:
-    """A ControlNet for tiny-sd with seeded random weights, in eval mode.
+def tiny_controlnet(seed: int = 0, unet_config: dict | None = None) -> ControlNetModel:
+    """A ControlNet for tiny-sd (or the UNet of `unet_config`) with seeded random weights, in
+    eval mode.
 
     Every parameter gets seeded noise: ControlNets start with zero convolutions at their outputs,
     which would make an untrained one a no-op, and equal norms or biases would let a wrong key
@@ -33,7 +34,7 @@ def tiny_controlnet(seed: int = 0) -> ControlNetModel:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**TINY_UNET)
+        unet = UNet2DConditionModel(**(TINY_UNET if unet_config is None else unet_config))
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_WIDTHS)
         with torch.no_grad():
             for param in controlnet.parameters():

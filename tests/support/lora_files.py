@@ -72,12 +72,14 @@ def random_lora(
     alpha: float = 2.0,
     gain: float = 1.0,
     parts: tuple[str, ...] = ("unet", "text_encoder"),
+    modules: dict[str, nn.Module] | None = None,
 ) -> Weights:
-    """Random low-rank layers for every tiny-sd Linear/Conv2d whose path ends in a target."""
+    """Random low-rank layers for every Linear/Conv2d whose path ends in a target, in tiny-sd's
+    UNet and text model or in `modules` (same keys, e.g. an SD1.5-layout model's, on meta)."""
     gen = torch.Generator().manual_seed(seed)
     weights: Weights = {}
     targets = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
-    for part, module in tiny_modules().items():
+    for part, module in (tiny_modules() if modules is None else modules).items():
         if part not in parts:
             continue
         prefix = TEXT_PREFIX if part == "text_encoder" else ""
