@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 
 from plinth.nodes.core.context import ValidationEnv
-from plinth.nodes.core.schema import WIDGET_TYPES, Choice, Int, Node
+from plinth.nodes.core.schema import WIDGET_TYPES, Int, Node
 from plinth.server.config import Limits
 from plinth.server.engine.graph import Graph, GraphError, GraphValidationError, LinkRef
 
@@ -236,12 +236,13 @@ def _check_link(link: LinkRef, wanted: str, graph: Graph, registry: Mapping[str,
 
 def _cache_key(node: PlannedNode, planned: dict[str, PlannedNode], env: ValidationEnv, graph_hash: str) -> str:
     """class_type + literal inputs + parents' keys + the fingerprint of every model file or
-    image a dynamic choice names: independent of node ids, so identical subgraphs share cache
-    entries across graphs and jobs, and a file replaced under the same name is read anew."""
+    image an input names (a dynamic choice, a prompt's embeddings: InputSpec.files):
+    independent of node ids, so identical subgraphs share cache entries across graphs and
+    jobs, and a file replaced under the same name is read anew."""
     files = {
-        spec.name: env.fingerprint(spec.source, node.literals[spec.name])
+        spec.name: {f"{source}/{name}": env.fingerprint(source, name) for source, name in named}
         for spec in node.node_cls.schema.inputs
-        if isinstance(spec, Choice) and spec.source and spec.name in node.literals
+        if spec.name in node.literals and (named := spec.files(node.literals[spec.name], env))
     }
     material = {
         "class_type": node.class_type,

@@ -2,12 +2,13 @@
 
 The editor saves its canvas: `nodes` whose widget values sit in `widgets_values` by position,
 `links` between output and input slots, and editor-only things (groups, notes, reroutes,
-primitive nodes, muted and bypassed nodes). ComfyUI's server accepts only the API format, so
-users must remember "Save (API format)", and converters outside ComfyUI need every node's widget
-order and break on nodes they do not know (ANCHORS.md §3). Plinth's node schemas declare that
-order, so the server can take either file: this module does what the editor's API export does,
-and reports everything it cannot convert (every unsupported node type by name, broken links,
-short widget lists) together in one GraphValidationError, so one round trip shows it all.
+primitive nodes, muted and bypassed nodes, subgraphs). ComfyUI's server accepts only the API
+format, so users must remember "Save (API format)", and converters outside ComfyUI need every
+node's widget order and break on nodes they do not know (ANCHORS.md §3). Plinth's node schemas
+declare that order, so the server can take either file: this module does what the editor's API
+export does, and reports everything it cannot convert (every unsupported node type by name,
+broken links, short widget lists) together in one GraphValidationError, so one round trip
+shows it all.
 """
 
 from __future__ import annotations
@@ -17,17 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from plinth.nodes.core.schema import Choice, Int, Node
+from plinth.server.engine.editor_format import BYPASSED, EDITOR_ONLY_TYPES, MUTED, PRIMITIVE, REROUTE
 from plinth.server.engine.graph import GraphError, GraphValidationError
-
-# LiteGraph node modes: 2 is "never" (ComfyUI's mute), 4 is ComfyUI's bypass.
-MUTED = 2
-BYPASSED = 4
-
-NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
-REROUTE = "Reroute"
-PRIMITIVE = "PrimitiveNode"
-# Nodes that exist only in the editor: the export dissolves them instead of sending them.
-EDITOR_ONLY_TYPES = NOTE_TYPES | {REROUTE, PRIMITIVE}
+from plinth.server.engine.subgraphs import expand_subgraphs
 
 
 def is_editor_workflow(obj: Any) -> bool:
@@ -48,10 +41,11 @@ def to_api_format(workflow: dict[str, Any], registry: Mapping[str, type[Node]]) 
     Reroute passes its source on, a PrimitiveNode's value becomes the target's literal input,
     notes are dropped. Muted nodes are left out, and so are the inputs linked to them; a
     bypassed node is replaced by its input of the consumed output's type, as ComfyUI does.
+    Subgraphs are expanded first (subgraphs.py), their inner nodes under path ids ("12:5").
     Raises GraphValidationError with every problem found.
     """
     errors: list[GraphError] = []
-    nodes, links = _read(workflow, errors)
+    nodes, links = _read(expand_subgraphs(workflow, registry) if is_editor_workflow(workflow) else workflow, errors)
     if errors:
         raise GraphValidationError(errors)
     sources = _Sources(nodes, links)
