@@ -66,13 +66,23 @@ def test_schema_matches_comfyui(client, class_type):
         assert item.control_after_generate == bool(options.get("control_after_generate")), name
 
 
-def test_sampler_choices_cover_the_common_ones(client):
-    ksampler = next(n for n in client.list_nodes() if n.class_type == "KSampler")
-    inputs = {i.name: i for i in ksampler.inputs}
-    assert {"euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "uni_pc"} <= set(
-        inputs["sampler_name"].choices
-    )
-    assert {"normal", "karras", "exponential", "simple", "sgm_uniform"} <= set(inputs["scheduler"].choices)
+def test_sampler_and_scheduler_choices_are_comfyuis_full_lists(client):
+    """All 42 samplers and 9 schedulers of ComfyUI 0.3.75, in its order, on every node that offers them."""
+    required = COMFY["KSampler"]["input"]["required"]
+    for class_type, names in (
+        ("KSampler", ("sampler_name", "scheduler")),
+        ("KSamplerAdvanced", ("sampler_name", "scheduler")),
+        ("KSamplerSelect", ("sampler_name",)),
+        ("BasicScheduler", ("scheduler",)),
+    ):
+        node = next(n for n in client.list_nodes() if n.class_type == class_type)
+        inputs = {i.name: i for i in node.inputs}
+        for name in names:
+            assert list(inputs[name].choices) == required[name][0], (class_type, name)
+    assert len(required["sampler_name"][0]) == 42 and len(required["scheduler"][0]) == 9
+
+
+def test_the_default_model_is_offered(client):
     ckpt = next(n for n in client.list_nodes() if n.class_type == "CheckpointLoaderSimple").inputs[0]
     assert "tiny-sd" in ckpt.choices
 

@@ -97,7 +97,8 @@ def test_an_area_conditions_only_its_part_of_the_image(server, client, txt2img):
     full = client.run(b.build())
     plain, half, full = (node_output(server, r.job_id, sampler.id)[0].samples for r in (plain, half, full))
     assert plain.shape == (1, 4, 8, 16)
-    assert torch.allclose(half[..., 8:], plain[..., 8:], atol=1e-4)  # latent cells 8.. are pixels 64..
+    # latent cells 8.. are pixels 64..; the tiny model's latents run to ~100, so float error ~1e-4
+    assert torch.allclose(half[..., 8:], plain[..., 8:], rtol=1e-5, atol=1e-3)
     assert (half[..., :8] - plain[..., :8]).abs().max() > 1e-2
     assert (half[..., 8:] - full[..., 8:]).abs().max() > 1e-2
 

@@ -21,7 +21,7 @@ from plinth.nodes.core.context import ModelHandle, NodeInputError
 from plinth.nodes.models.lora import parse_lora, read_lora
 from plinth.nodes.models.tiny_sd import TEXT, UNET
 from plinth.nodes.patches.lora_hooks import LoraPatch
-from plinth.nodes.patches.model_patch import patched
+from plinth.nodes.patches.model_patch import Progress, patched
 
 SEED = 7070  # a seed no other test file samples with, so its base images are this file's own
 
@@ -234,7 +234,7 @@ def test_hooks_come_off_when_the_block_raises():
 
 def test_call_kwargs_are_empty():
     patch = LoraPatch(ModelHandle("loras/x", lambda: None), 1.0, "unet")
-    assert patch.call_kwargs(FakeContext(), [True, False], 0.5) == {}
+    assert patch.call_kwargs(FakeContext(), [True, False], Progress(1.0, lambda percent: 14.6 * (1 - percent))) == {}
 
 
 # through the server

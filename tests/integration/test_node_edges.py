@@ -1,7 +1,6 @@
 """Node edge cases from review: odd image sizes, batches that do not match, files that decode
-to something else than they look like, prompts that ask for what Plinth does not have. Nodes
-are run as functions with a small context on tiny-sd, except where the server's behaviour
-(a job failing with a clear message) is the point."""
+to something else than they look like. Nodes are run as functions with a small context on
+tiny-sd, except where the server's behaviour (a job failing with a clear message) is the point."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from support.graph_builder import GraphBuilder, linked, node_of
+from support.graph_builder import GraphBuilder, linked
 
 from plinth.nodes.conditioning import area_in_latent
 from plinth.nodes.core.context import ModelHandle, NodeInputError
@@ -22,7 +21,6 @@ from plinth.nodes.io import decode_image
 from plinth.nodes.latent import VAEEncode
 from plinth.nodes.models.checkpoint import load_checkpoint
 from plinth.nodes.models.tiny_sd import ensure_tiny_sd
-from plinth.nodes.prompt import encode
 
 CPU = torch.device("cpu")
 
@@ -138,36 +136,6 @@ def test_sampling_with_an_area_outside_the_image_fails_clearly(client, txt2img):
     sampler.inputs["positive"] = b.add("ConditioningCombine", conditioning_1=prompt, conditioning_2=area.out(0)).out(0)
     with pytest.raises(JobFailed, match=r"area \(x=64, y=0, 64x64 pixels\) lies outside the 64x64-pixel image"):
         client.run(b.build())
-
-
-# textual-inversion embeddings
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "a red box, embedding:EasyNegative, studio light",
-        "a red box (embedding:EasyNegative:1.2)",
-        "embedding:EasyNegative",
-    ],
-)
-def test_a_prompt_naming_an_embedding_is_refused(tiny, text):
-    with pytest.raises(
-        NodeInputError, match=r"embedding 'EasyNegative'.*textual-inversion embeddings are not supported"
-    ):
-        encode(tiny.tokenizer, tiny.text_encoder, text, -1, CPU)
-
-
-def test_the_word_embedding_alone_is_just_text(tiny):
-    assert encode(tiny.tokenizer, tiny.text_encoder, "an embedding: of light", -1, CPU).shape[1] == 77
-
-
-def test_a_job_whose_prompt_names_an_embedding_fails_with_the_name(client, txt2img):
-    from plinth.clients import JobFailed
-
-    linked(txt2img, node_of(txt2img, "KSampler"), "negative").inputs["text"] = "blurry, embedding:bad-hands-5"
-    with pytest.raises(JobFailed, match="bad-hands-5"):
-        client.run(txt2img)
 
 
 # image files
