@@ -1,8 +1,10 @@
-"""Loading Stable Diffusion 1.x checkpoints into torch objects, fully offline.
+"""Loading Stable Diffusion 1.x and SDXL checkpoints into torch objects, fully offline.
 
-Two layouts load: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, ...) and a
-single .safetensors file in the original SD1.x key layout. The single file's architecture is read
-off its weights (single_file.py), so no config is fetched from anywhere.
+Two layouts load: a diffusers folder (model_index.json, unet/, vae/, text_encoder/, and for SDXL
+text_encoder_2/) and a single .safetensors file in the original key layout (SD1.x: CompVis;
+SDXL: Stability's, with its text models under conditioner.embedders). The family is told by key
+names and the architecture read off the weights (single_file.py, sdxl.py), so no config is
+fetched from anywhere.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 import torch
 
 from plinth.nodes.core.context import ModelOptions, NodeInputError
-from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file, load_vae_file
+from plinth.nodes.models.single_file import SD15_CONFIG, load_single_file, load_vae_file, read_state
 from plinth.nodes.models.tokenizer import load_tokenizer, write_tokenizer_files
 
 log = logging.getLogger("plinth.models")
 ATTENTION = ("auto", "sdpa", "xformers")
+FAMILIES = ("sd1", "sdxl", "sdxl_refiner")
 
 
 class ModelSetupError(RuntimeError):
@@ -36,9 +39,23 @@ class StableDiffusion:
 
     unet: Any
     vae: Any
-    text_encoder: Any
+    text_encoder: Any  # CLIP-L; None for the SDXL refiner, which has CLIP-G only
     tokenizer: Any
     scheduler_config: dict[str, Any]
+    # SDXL: the second text model (CLIP-G, a CLIPTextModelWithProjection) and its tokenizer
+    # (pads with "!", id 0, where CLIP-L pads with its end token). diffusers' names.
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: str = "sd1"  # one of FAMILIES
+
+    def parts(self) -> list[Any]:
+        """The modules this checkpoint holds (UNet, VAE, text models), without absent ones."""
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def text_models(self) -> list[Any]:
+        """The text models prompts go through, in encoding order (CLIP-L before CLIP-G)."""
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def latent_scale(self) -> float:
@@ -54,14 +71,12 @@ class StableDiffusion:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def nbytes(self) -> int:
-        return sum(
-            p.numel() * p.element_size() for m in (self.unet, self.vae, self.text_encoder) for p in m.parameters()
-        )
+        return sum(p.numel() * p.element_size() for m in self.parts() for p in m.parameters())
 
     def to(self, device: torch.device | str) -> StableDiffusion:
         """Move the weights to `device` in place (the model manager offloads to the CPU and
         back); the dtype and every module object stay the same, so hooks and processors hold."""
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.parts():
             module.to(device)
         return self
 
@@ -82,7 +97,7 @@ def load_checkpoint(
         model = _load_single_file(path, models_dir)
     else:
         raise NodeInputError(f"{path.name}: only diffusers folders and .safetensors files load")
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in model.parts():
         module.to(device).eval().requires_grad_(False)
         if module.dtype != dtype:
             module.to(dtype)
@@ -190,22 +205,34 @@ def prepare_vae(vae: Any, device: torch.device, options: ModelOptions, xformers:
 
 @torch.inference_mode()
 def warm_up_unet_and_text(model: StableDiffusion) -> None:
-    """One small forward of the text encoder and the UNet (the VAE's is warm_up_vae), so the
+    """One small forward of the text models and the UNet (the VAE's is warm_up_vae), so the
     first job does not pay the process's first-call costs (kernel selection, allocator growth,
     compile)."""
     start = time.perf_counter()
-    unet, text = model.unet, model.text_encoder
+    unet = model.unet
     device = next(unet.parameters()).device
-    length = int(getattr(text.config, "max_position_embeddings", 77) or 77)
-    tokens = torch.full(
-        (1, min(77, length)), int(getattr(text.config, "eos_token_id", 2) or 2), dtype=torch.long, device=device
-    )
-    text(tokens)
+    length = 77
+    for text in model.text_models:
+        length = min(77, int(getattr(text.config, "max_position_embeddings", 77) or 77))
+        eos = int(getattr(text.config, "eos_token_id", 2) or 2)
+        text(torch.full((1, length), eos, dtype=torch.long, device=device))
     width = int(unet.config.cross_attention_dim)
-    context = torch.zeros(1, min(77, length), width, device=device, dtype=unet.dtype)
+    context = torch.zeros(1, length, width, device=device, dtype=unet.dtype)
     sample = torch.zeros(1, int(unet.config.in_channels), 8, 8, device=device, dtype=unet.dtype)
-    unet(sample, torch.tensor([999], device=device), encoder_hidden_states=context)
+    unet(sample, torch.tensor([999], device=device), encoder_hidden_states=context, **added_inputs(model, 1))
     log.info("warm-up took %.2f s", time.perf_counter() - start)
+
+
+def added_inputs(model: StableDiffusion, batch: int) -> dict[str, Any]:
+    """Zero size conditioning for an SDXL UNet's call (nothing for SD1.x), for warm-ups."""
+    if model.text_encoder_2 is None:
+        return {}
+    from plinth.nodes.models.sdxl import time_numbers
+
+    param = next(model.unet.parameters())
+    pooled = int(model.text_encoder_2.config.projection_dim)
+    zeros = lambda n: torch.zeros(batch, n, device=param.device, dtype=param.dtype)  # noqa: E731
+    return {"added_cond_kwargs": {"text_embeds": zeros(pooled), "time_ids": zeros(time_numbers(model.family))}}
 
 
 @torch.inference_mode()
@@ -216,22 +243,57 @@ def warm_up_vae(vae: Any) -> None:
 
 
 def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:
+    """An SD1.x or SDXL diffusers folder (SDXL has text_encoder_2/; its refiner no text_encoder/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if not (path / "unet").is_dir() or not (path / "vae").is_dir() or not (path / "text_encoder").is_dir():
-        raise NodeInputError(f"{path.name}: a diffusers folder needs unet/, vae/ and text_encoder/")
+    sdxl = (path / "text_encoder_2").is_dir()
+    needed = ["unet", "vae"] + ([] if sdxl else ["text_encoder"])
+    if any(not (path / part).is_dir() for part in needed):
+        raise NodeInputError(f"{path.name}: a diffusers folder needs {', '.join(p + '/' for p in needed)}")
+    has_l = (path / "text_encoder").is_dir()
     tok = path / "tokenizer"
-    return StableDiffusion(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    model = StableDiffusion(
+        unet=unet,
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True) if has_l else None,
         tokenizer=load_tokenizer(tok if tok.is_dir() else tokenizer_dir(models_dir)),
         scheduler_config=_scheduler_config(path / "scheduler" / "scheduler_config.json"),
     )
+    if sdxl:
+        model.family = "sdxl" if has_l else "sdxl_refiner"
+        model.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            path / "text_encoder_2", local_files_only=True
+        )
+        tok_2 = path / "tokenizer_2"
+        model.tokenizer_2 = clip_g_tokenizer(load_tokenizer(tok_2 if tok_2.is_dir() else tokenizer_dir(models_dir)))
+        if unet.config.addition_embed_type != "text_time":
+            raise NodeInputError(f"{path.name}: an SDXL folder whose UNet takes no size conditioning")
+    return model
+
+
+def clip_g_tokenizer(tokenizer: Any) -> Any:
+    """SDXL's second tokenizer: CLIP's BPE padding with "!" (id 0), as SDXL was trained."""
+    tokenizer.pad_token = "!"
+    return tokenizer
 
 
 def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
+    from plinth.nodes.models import sdxl
+
+    if sdxl.detect(_keys(path)) is not None:
+        parts = sdxl.load_sdxl(read_state(path), path.name)
+        return StableDiffusion(
+            parts["unet"],
+            parts["vae"],
+            parts["text_encoder"],
+            load_tokenizer(tokenizer_dir(models_dir)),
+            _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"),
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer_2=clip_g_tokenizer(load_tokenizer(tokenizer_dir(models_dir))),
+            family=parts["family"],
+        )
     unet, vae, text_encoder = load_single_file(path)
     return StableDiffusion(
         unet,
@@ -240,6 +302,17 @@ def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
         load_tokenizer(tokenizer_dir(models_dir)),
         _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"),
     )
+
+
+def _keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise NodeInputError(f"{path.name}: not a readable .safetensors file ({exc})") from exc
 
 
 def _scheduler_config(path: Path) -> dict[str, Any]:

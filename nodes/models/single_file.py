@@ -92,7 +92,7 @@ def load_vae_file(path: Path) -> Any:
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # see load_single_file
 
-    state = _read(path)
+    state = read_state(path)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         config = _template("vae")
@@ -113,7 +113,7 @@ def load_vae_file(path: Path) -> Any:
     return vae
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
@@ -132,7 +132,7 @@ def load_single_file(path: Path) -> tuple[Any, Any, Any]:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    state = _read(path)
+    state = read_state(path)
     configs = infer_configs({k: tuple(v.shape) for k, v in state.items()})
 
     unet = UNet2DConditionModel(**configs["unet"])

@@ -93,11 +93,14 @@ def in_process_client(args: argparse.Namespace) -> Iterator[Client]:
 
 
 def init_models(args: argparse.Namespace) -> int:
-    """`plinth models init`: make the embedded tiny-sd in the models directory."""
-    from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+    """`plinth models init`: make the embedded models (tiny-sd, tiny-sdxl, tiny-sdxl-refiner) in
+    the models directory."""
+    from plinth.nodes.models.embedded import EMBEDDED, ensure_embedded
 
     quiet_libraries()
-    print(f"tiny-sd is at {ensure_tiny_sd(config(args).models_dir.resolve())}")
+    models_dir = config(args).models_dir.resolve()
+    for name in EMBEDDED:
+        print(f"{name} is at {ensure_embedded(models_dir, name)}")
     return 0
 
 

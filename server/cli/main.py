@@ -43,7 +43,7 @@ def _nodes(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    """init makes tiny-sd here and list without --server reads the local models directory;
+    """init makes the embedded models here and list without --server reads the local models directory;
     the rest asks a server."""
     if args.action == "init":
         return local.init_models(args)

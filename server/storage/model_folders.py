@@ -24,8 +24,7 @@ import uuid
 from pathlib import Path
 
 from plinth.nodes.core.context import NodeInputError
-from plinth.nodes.models.tiny_sd import NAME as TINY_SD
-from plinth.nodes.models.tiny_sd import ensure_tiny_sd
+from plinth.nodes.models.embedded import EMBEDDED, ensure_embedded
 
 MODEL_SUFFIXES = (".safetensors",)
 # Model folders and the file types each holds (ComfyUI's folder names where it has them).
@@ -81,9 +80,9 @@ class ModelFolders:
 
     def models(self, source: str) -> list[str]:
         """Model names in one folder: files of its types, and diffusers folders (marked by
-        model_index.json among checkpoints, config.json elsewhere); tiny-sd is always a checkpoint.
+        model_index.json among checkpoints, config.json elsewhere); the embedded models are always checkpoints.
         Symlinks that lead outside the folder are left out (they would be refused)."""
-        names = {TINY_SD} if source == "checkpoints" else set()
+        names = set(EMBEDDED) if source == "checkpoints" else set()
         marker = "model_index.json" if source == "checkpoints" else "config.json"
         suffixes = self.suffixes(source)
         for root in self._roots(source):
@@ -113,12 +112,12 @@ class ModelFolders:
         return roots
 
     def find_model(self, source: str, name: str) -> Path:
-        """The file or folder a model name stands for, resolved inside its folder only (tiny-sd:
+        """The file or folder a model name stands for, resolved inside its folder only (an embedded model:
         where it is or will be made). Raises UnknownModel, UnsafeModelName or PickleRefused."""
         if source not in MODEL_FOLDERS:
             raise UnknownModel(f"unknown model folder {source!r}; the folders are {', '.join(MODEL_FOLDERS)}")
-        if source == "checkpoints" and name == TINY_SD:
-            return self.models_dir / "checkpoints" / TINY_SD
+        if source == "checkpoints" and name in EMBEDDED:
+            return self.models_dir / "checkpoints" / name
         parts = name.replace("\\", "/").split("/")
         if (
             not name
@@ -180,8 +179,8 @@ class ModelFolders:
     def model_path(self, source: str, name: str) -> Path:
         """The file or folder for a model name, resolved inside the models directory only (see
         find_model); for a pickled file (allow_pickle), its converted .safetensors copy."""
-        if source == "checkpoints" and name == TINY_SD:
-            return ensure_tiny_sd(self.models_dir)
+        if source == "checkpoints" and name in EMBEDDED:
+            return ensure_embedded(self.models_dir, name)
         path = self.find_model(source, name)
         if path.is_file() and path.suffix in PICKLE_SUFFIXES:
             return self._converted(source, name, path)
@@ -207,8 +206,8 @@ class ModelFolders:
         return target
 
     def model_fingerprint(self, source: str, name: str) -> str:
-        if source == "checkpoints" and name == TINY_SD:
-            return f"embedded:{TINY_SD}"  # made deterministically; same before and after it exists
+        if source == "checkpoints" and name in EMBEDDED:
+            return f"embedded:{name}"  # made deterministically; same before and after it exists
         try:
             path = self.find_model(source, name)
         except NodeInputError:
@@ -228,8 +227,8 @@ class ModelFolders:
         roots = self._roots(source)
         out = []
         for name in self.models(source):
-            if source == "checkpoints" and name == TINY_SD:
-                out.append((name, _size(roots[0] / TINY_SD), self.model_key(source, name)))
+            if source == "checkpoints" and name in EMBEDDED:
+                out.append((name, _size(roots[0] / name), self.model_key(source, name)))
                 continue
             path = next(p for p in ((root / name).resolve() for root in roots) if p.exists())
             out.append((name, _size(path), f"{source}/{name}@{_fingerprint(path)[:16]}"))

@@ -148,13 +148,17 @@ def test_client_commands_do_not_import_torch(server):
 
 
 @pytest.mark.slow
-def test_cli_models_init_makes_tiny_sd_and_list_shows_it(tmp_path):
+def test_cli_models_init_makes_the_embedded_models_and_list_shows_them(tmp_path):
     models = tmp_path / "models"
     proc = plinth("models", "init", "--models", str(models), "--data", str(tmp_path / "data"))
     assert proc.returncode == 0, proc.stderr
-    assert (models / "checkpoints" / "tiny-sd" / "unet" / "config.json").exists()
+    for name in ("tiny-sd", "tiny-sdxl", "tiny-sdxl-refiner"):
+        assert (models / "checkpoints" / name / "unet" / "config.json").exists()
+    assert (models / "checkpoints" / "tiny-sdxl" / "text_encoder_2" / "config.json").exists()
     proc = plinth("models", "list", "--models", str(models), "--data", str(tmp_path / "data"))
-    assert proc.returncode == 0 and "checkpoints/tiny-sd" in proc.stdout.split()
+    listed = proc.stdout.split()
+    assert proc.returncode == 0
+    assert {"checkpoints/tiny-sd", "checkpoints/tiny-sdxl", "checkpoints/tiny-sdxl-refiner"} <= set(listed)
 
 
 @pytest.mark.slow
