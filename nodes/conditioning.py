@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from plinth.nodes import prompt
+from plinth.nodes import prompt, sdxl
 from plinth.nodes.core.context import NodeContext, NodeInputError
 from plinth.nodes.core.schema import Float, Int, Link, Node, Output
 from plinth.nodes.core.types import Conditioning, ConditioningEntry, TextEncoder
@@ -40,8 +40,9 @@ def encode_prompt(clip: TextEncoder, ctx: NodeContext, text: str) -> torch.Tenso
     `embedding:NAME` words read from models/embeddings."""
     model = clip.load(ctx)
     embeddings = embedding_lookup(ctx, model.text_encoder.get_input_embeddings().embedding_dim)
+    layer = -1 if clip.stop_at_layer is None else clip.stop_at_layer
     with torch.inference_mode(), patched(ctx, clip.patches, model.text_encoder):
-        return prompt.encode(model.tokenizer, model.text_encoder, text, clip.stop_at_layer, ctx.device, embeddings)
+        return prompt.encode(model.tokenizer, model.text_encoder, text, layer, ctx.device, embeddings)
 
 
 class CLIPTextEncode(Node):
@@ -57,6 +58,8 @@ class CLIPTextEncode(Node):
     clip = Link("CLIP")
 
     def run(self, ctx: NodeContext, text: str, clip: TextEncoder) -> tuple[Conditioning]:
+        if sdxl.is_sdxl(clip.load(ctx)):
+            return ([sdxl.encode_prompt_sdxl(clip, ctx, text)],)
         return ([ConditioningEntry(encode_prompt(clip, ctx, text))],)
 
 
@@ -71,7 +74,7 @@ class CLIPSetLastLayer(Node):
     stop_at_clip_layer = Int(default=-1, min=-24, max=-1, step=1)
 
     def run(self, ctx: NodeContext, clip: TextEncoder, stop_at_clip_layer: int) -> tuple[TextEncoder]:
-        layers = clip.load(ctx).text_encoder.config.num_hidden_layers
+        layers = min(m.config.num_hidden_layers for m in clip.load(ctx).text_models)
         if -stop_at_clip_layer > layers:
             raise NodeInputError(f"stop_at_clip_layer {stop_at_clip_layer}: the text model has {layers} layers")
         return (replace(clip, stop_at_layer=stop_at_clip_layer),)
@@ -123,4 +126,10 @@ class ConditioningZeroOut(Node):
     conditioning = Link("CONDITIONING")
 
     def run(self, ctx: NodeContext, conditioning: Conditioning) -> tuple[Conditioning]:
-        return ([ConditioningEntry(torch.zeros_like(e.embeds), dict(e.options)) for e in conditioning],)
+        out = []
+        for entry in conditioning:
+            options = dict(entry.options)
+            if options.get("pooled_output") is not None:  # SDXL's pooled text, zeroed too (as ComfyUI)
+                options["pooled_output"] = torch.zeros_like(options["pooled_output"])
+            out.append(ConditioningEntry(torch.zeros_like(entry.embeds), options))
+        return (out,)

@@ -7,7 +7,7 @@ the checkpoint (so a mismatched file fails at the loader node) and attach the pa
 
 from __future__ import annotations
 
-from plinth.nodes.core.context import ModelHandle, NodeContext, file_model
+from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.core.types import CheckpointPart, DiffusionModel, TextEncoder
 from plinth.nodes.models.lora import TEXT_ENCODER, UNET, LoraFile, read_lora
@@ -25,10 +25,16 @@ def _with_lora(
     has none for it. Resolving here makes a mismatched file fail at the loader node."""
     if strength == 0:
         return value
+    loaded = value.load(ctx)
+    if loaded.family != "sd1":
+        # SDXL LoRAs name two text models (lora_te1_/lora_te2_) and SDXL's block numbering.
+        raise NodeInputError(
+            f"{handle.key.split('@')[0]}: LoRAs load on SD1.x models only so far; this model is {loaded.family}"
+        )
     lora: LoraFile = ctx.model(handle)
     if not lora.layers.get(part):
         return value
-    lora.resolve(part, getattr(value.load(ctx), part))
+    lora.resolve(part, getattr(loaded, part))
     return value.with_patch(LoraPatch(handle, strength, part))
 
 

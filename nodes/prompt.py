@@ -163,6 +163,22 @@ def encode(
 ) -> torch.Tensor:
     """Embeddings [1, 77*k, D] of `text` (called with any model patches already applied);
     `embeddings` finds the vectors of the prompt's `embedding:NAME` words."""
+    return encode_with_pooled(tokenizer, encoder, text, stop_at_layer, device, embeddings)[0]
+
+
+def encode_with_pooled(
+    tokenizer: Any,
+    encoder: Any,
+    text: str,
+    stop_at_layer: int,
+    device: torch.device,
+    embeddings: EmbeddingLookup = _no_embeddings,
+    final_norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeddings [1, 77*k, D], pooled [1, P] or None) of `text`. The pooled vector is the
+    projected end-token state of the first window, unweighted, where the encoder projects one
+    (CLIPTextModelWithProjection: SDXL's CLIP-G), as ComfyUI takes it. `final_norm` False takes
+    layer `stop_at_layer` as it is (SDXL's text models), True through the final layer norm."""
     windows = weighted_tokens(tokenizer, text, embeddings)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -177,14 +193,15 @@ def encode(
     vectors = {(i, j): t for i, r in enumerate(rows) for j, t in enumerate(r) if isinstance(t, torch.Tensor)}
     ids = [[PLACEHOLDER if isinstance(t, torch.Tensor) else t for t in r] for r in rows]
     with _token_vectors(encoder, vectors):
-        hidden = _hidden(encoder, torch.tensor(ids, dtype=torch.long, device=device), stop_at_layer).float()
+        hidden, pooled = _hidden(encoder, torch.tensor(ids, dtype=torch.long, device=device), stop_at_layer, final_norm)
+    hidden = hidden.float()
     if weighted:
         empty, hidden = hidden[-1], hidden[:-1]
         weights = torch.ones(hidden.shape[:2], device=hidden.device)
         for i, window in enumerate(windows):
             weights[i, 1 : 1 + len(window)] = torch.tensor([w for _, w in window], device=hidden.device)
         hidden = empty + weights.unsqueeze(-1) * (hidden - empty)
-    return hidden.reshape(1, -1, hidden.shape[-1])
+    return hidden.reshape(1, -1, hidden.shape[-1]), None if pooled is None else pooled[:1].float()
 
 
 @contextmanager
@@ -210,8 +227,15 @@ def _token_vectors(encoder: Any, vectors: dict[tuple[int, int], torch.Tensor]) -
         hook.remove()
 
 
-def _hidden(encoder: Any, tokens: torch.Tensor, stop_at_layer: int) -> torch.Tensor:
-    if stop_at_layer == -1:
-        return encoder(tokens).last_hidden_state
-    states = encoder(tokens, output_hidden_states=True).hidden_states
-    return getattr(encoder, "text_model", encoder).final_layer_norm(states[stop_at_layer])
+def _hidden(
+    encoder: Any, tokens: torch.Tensor, stop_at_layer: int, final_norm: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states of layer `stop_at_layer`, projected pooled output or None)."""
+    if stop_at_layer == -1 and final_norm:
+        out = encoder(tokens)
+        return out.last_hidden_state, getattr(out, "text_embeds", None)
+    out = encoder(tokens, output_hidden_states=True)
+    hidden = out.hidden_states[stop_at_layer]
+    if final_norm:
+        hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+    return hidden, getattr(out, "text_embeds", None)

@@ -20,6 +20,7 @@ from plinth.nodes import (
     lora,
     mask,
     model_advanced,
+    sdxl,
     sigmas,
     upscale,
 )
@@ -29,6 +30,7 @@ _MODULES = (
     loaders,
     lora,
     conditioning,
+    sdxl,
     controlnet,
     gligen,
     clip_vision,

@@ -47,9 +47,11 @@ class DiffusionModel(CheckpointPart):
 
 @dataclass(frozen=True)
 class TextEncoder(CheckpointPart):
-    """CLIP: tokenizer and text model; stop_at_layer -1 is the last layer."""
+    """CLIP: tokenizers and text models. stop_at_layer picks the layer prompts are read from
+    (-1 the last); None is the family's own choice (SD1.x: the last, through the final layer
+    norm; SDXL: the penultimate, as it is)."""
 
-    stop_at_layer: int = -1
+    stop_at_layer: int | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from plinth.nodes import sdxl
 from plinth.nodes.conditioning import area_in_latent
 from plinth.nodes.core.context import NodeContext, NodeInputError
 from plinth.nodes.core.types import Conditioning, ControlSpec, DiffusionModel, Latent
@@ -59,6 +60,7 @@ class Part:
     controls: tuple[ControlSpec, ...]
     concat: torch.Tensor | None  # inpainting UNets: [B, 1 + C, h, w] mask and masked latent
     gligen: GligenBoxes | None = None  # GLIGENTextBoxApply's boxes
+    added: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL: pooled text [1, P], time ids [1, n]
 
 
 def control_hint(hint: torch.Tensor, height: int, width: int, scale: int) -> torch.Tensor:
@@ -160,6 +162,11 @@ class GuidedDenoiser:
         concat = None
         if self.unet.config.in_channels != self.sd.latent_channels:
             concat = self._inpaint_concat(options, latents)
+        if embeds.shape[-1] != self.unet.config.cross_attention_dim:
+            raise NodeInputError(
+                f"the conditioning's text is {embeds.shape[-1]} wide; this model attends to "
+                f"{self.unet.config.cross_attention_dim}-wide text: was it encoded by another model's CLIP?"
+            )
         return Part(
             embeds.to(self.ctx.device, self.dtype),
             positive,
@@ -168,7 +175,23 @@ class GuidedDenoiser:
             tuple(options.get("controls", ())),
             concat,
             options.get("gligen"),
+            self._added(options, positive, latents),
         )
+
+    def _added(
+        self, options: dict[str, Any], positive: bool, latents: Latent
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An SDXL UNet's inputs beside the text: the pooled text and the size numbers."""
+        config = self.unet.config
+        if config.addition_embed_type != "text_time":
+            return None
+        numbers = sdxl.time_numbers(self.sd.family)
+        pooled = sdxl.pooled_of(
+            options, config.projection_class_embeddings_input_dim - numbers * config.addition_time_embed_dim
+        )
+        h, w = (side * self.sd.vae_scale for side in latents.samples.shape[-2:])
+        time_ids = sdxl.sdxl_time_ids(options, self.sd.family, positive, h, w)
+        return pooled.to(self.ctx.device, self.dtype), time_ids.to(self.ctx.device, self.dtype)
 
     def _inpaint_concat(self, options: dict[str, Any], latents: Latent) -> torch.Tensor:
         """An inpainting UNet's extra input: the mask and the latent of the masked image
@@ -212,12 +235,18 @@ class GuidedDenoiser:
         if concats:
             sample = torch.cat([sample, torch.cat([c[region] if region else c for c in concats]).to(self.dtype)], dim=1)
         rows = [p.positive for p in parts for _ in range(batch)]
+        added = [p.added for p in parts if p.added is not None]  # all parts or none: one UNet
         progress = Progress(float(sigma.flatten()[0]), self.model_sampling.percent_to_sigma)
         patches = self.guider.model.patches
         kwargs = merged_call_kwargs(self.ctx, patches, rows, progress)
         residuals = self._control_residuals(x_in, t, progress, parts, context, region)
         if residuals is not None:
             kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = residuals
+        if added:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([pooled.expand(batch, -1) for pooled, _ in added]),
+                "time_ids": torch.cat([ids.expand(batch, -1) for _, ids in added]),
+            }
         controls = [p.controls for p in parts]
         features = adapter_residuals(self.ctx, self.unet, controls, x_in, progress, self.sd.vae_scale)
         if features is not None:
@@ -255,7 +284,7 @@ class GuidedDenoiser:
             rows = slice(index * batch, (index + 1) * batch)
             summed: tuple[list[torch.Tensor], torch.Tensor] | None = None
             for spec in controls:
-                d, m = self._control(spec, x_in, t, context[rows])
+                d, m = self._control(spec, x_in, t, context[rows], parts[index].added)
                 summed = (
                     (d, m) if summed is None else ([a + b for a, b in zip(summed[0], d, strict=True)], summed[1] + m)
                 )
@@ -267,12 +296,30 @@ class GuidedDenoiser:
         return downs, mid
 
     def _control(
-        self, spec: ControlSpec, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+        self,
+        spec: ControlSpec,
+        x_in: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        added: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         controlnet = self.ctx.model(spec.controlnet)
         batch, _, h, w = x_in.shape
+        width = controlnet.config.cross_attention_dim
+        if width != context.shape[-1]:
+            raise NodeInputError(
+                f"ControlNet {spec.controlnet.key.split('@')[0]} was made for another base model: it attends to "
+                f"{width}-wide text, this model's prompts are {context.shape[-1]} wide"
+            )
         hint = repeat_to_batch(control_hint(spec.hint, h, w, self.sd.vae_scale).to(self.ctx.device), batch)
         dtype = next(controlnet.parameters()).dtype
+        kwargs: dict[str, Any] = {}
+        if getattr(controlnet.config, "addition_embed_type", None) == "text_time" and added is not None:
+            pooled, time_ids = added  # an SDXL ControlNet embeds the sizes as its UNet does
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.expand(batch, -1).to(dtype),
+                "time_ids": time_ids.expand(batch, -1).to(dtype),
+            }
         down, mid = controlnet(
             x_in.to(dtype),
             t,
@@ -280,5 +327,6 @@ class GuidedDenoiser:
             controlnet_cond=hint.to(dtype),
             conditioning_scale=spec.strength,
             return_dict=False,
+            **kwargs,
         )
         return list(down), mid
