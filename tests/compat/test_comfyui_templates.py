@@ -66,6 +66,10 @@ TEMPLATE_CASES = [
     Template("area_composition", [("output", 704, 1280), ("output", 1088, 1920)], long=True),
     Template("mixing_controlnets", [("output", 1024, 1024)], long=True),
     Template("gligen_textbox_example", [("output", 768, 768)], long=True),
+    # SDXL (issue 11): base and refiner files in SDXL's layout (support/sdxl_original_layout.py)
+    Template("sdxlturbo_example", [("output", 512, 512)]),
+    Template("sdxl_simple_example", [("output", 1024, 1024)], long=True),
+    Template("sdxl_refiner_prompt_example", [("output", 1024, 1024)], long=True),
 ]
 
 

@@ -3,8 +3,8 @@
 A template names its files in its loader nodes' widgets (``v1-5-pruned-emaonly-fp16.safetensors``,
 ``control_v11p_sd15_scribble_fp16.safetensors``, ``MoXinV1.safetensors``, ...) and its input
 images in its LoadImage nodes. Tests cannot download any of them, so this module writes, under
-exactly those names, small random-weight files in the layouts the real ones have: SD1.x
-checkpoints in the original single-file layout (fp16, as the files the templates link to), the
+exactly those names, small random-weight files in the layouts the real ones have: SD1.x and
+SDXL checkpoints in the original single-file layouts (fp16, as the files the templates link to), the
 VAE-only file in its original layout, kohya LoRAs, v1.1 ControlNets (original keys, fp16),
 Real-ESRGAN in basicsr's layout and a GLIGEN text-box model. Every checkpoint shares one small
 SD1.5-layout architecture, so a template's LoRAs and ControlNets fit whichever checkpoint it
@@ -33,6 +33,7 @@ from support.sd_original_layout import (
     to_original_state_dict,
     write_original_checkpoint,
 )
+from support.sdxl_original_layout import build_random_sdxl, small_sdxl_configs, write_sdxl_checkpoint
 
 # ComfyUI's template packages (MIT; pinned in the dev extra), whose templates/ hold the workflows.
 PACKAGES = {"comfyui_workflow_templates_media_image": "0.3.17", "comfyui_workflow_templates_media_other": "0.3.15"}
@@ -121,6 +122,12 @@ def _seed(name: str) -> int:
 
 
 def _checkpoint(path: Path) -> None:
+    """An SD1.5-layout file, or for SDXL names (sd_xl_base_1.0, sd_xl_refiner_1.0,
+    sd_xl_turbo_1.0_fp16) one in SDXL's layout: base or refiner as the name says."""
+    if "_xl_" in path.name:
+        configs = small_sdxl_configs(refiner="refiner" in path.name)
+        write_sdxl_checkpoint(path, build_random_sdxl(configs, seed=_seed(path.name)), dtype=torch.float16)
+        return
     write_original_checkpoint(path, *build_random_sd(small_sd15_configs(), seed=_seed(path.name)), dtype=torch.float16)
 
 
