@@ -25,15 +25,15 @@ def _with_lora(
     has none for it. Resolving here makes a mismatched file fail at the loader node."""
     if strength == 0:
         return value
+    lora: LoraFile = ctx.model(handle)
+    if not lora.layers.get(part):
+        return value
     loaded = value.load(ctx)
     if loaded.family != "sd1":
         # SDXL LoRAs name two text models (lora_te1_/lora_te2_) and SDXL's block numbering.
         raise NodeInputError(
             f"{handle.key.split('@')[0]}: LoRAs load on SD1.x models only so far; this model is {loaded.family}"
         )
-    lora: LoraFile = ctx.model(handle)
-    if not lora.layers.get(part):
-        return value
     lora.resolve(part, getattr(loaded, part))
     return value.with_patch(LoraPatch(handle, strength, part))
 

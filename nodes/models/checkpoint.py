@@ -99,8 +99,12 @@ def load_checkpoint(
         raise NodeInputError(f"{path.name}: only diffusers folders and .safetensors files load")
     for module in model.parts():
         module.to(device).eval().requires_grad_(False)
-        if module.dtype != dtype:
-            module.to(dtype)
+        # SDXL's VAE overflows in float16 (NaN, black images): it stays float32 there, as
+        # diffusers upcasts it and ComfyUI never runs it in float16. The codec decodes in the
+        # VAE's own dtype.
+        wanted = torch.float32 if module is model.vae and model.family != "sd1" and dtype == torch.float16 else dtype
+        if module.dtype != wanted:
+            module.to(wanted)
     if options is not None:
         prepare_model(model, device, options)
     return model
@@ -282,14 +286,16 @@ def clip_g_tokenizer(tokenizer: Any) -> Any:
 def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
     from plinth.nodes.models import sdxl
 
-    if sdxl.detect(_keys(path)) is not None:
+    keys = _keys(path)
+    if sdxl.detect(keys) is not None:
+        prediction = sdxl.prediction(keys, path.name)
         parts = sdxl.load_sdxl(read_state(path), path.name)
         return StableDiffusion(
             parts["unet"],
             parts["vae"],
             parts["text_encoder"],
             load_tokenizer(tokenizer_dir(models_dir)),
-            _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"),
+            {**_scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"), **prediction},
             text_encoder_2=parts["text_encoder_2"],
             tokenizer_2=clip_g_tokenizer(load_tokenizer(tokenizer_dir(models_dir))),
             family=parts["family"],

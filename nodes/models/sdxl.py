@@ -41,8 +41,13 @@ SIZE_EMBED_DIM = 256  # each size number / aesthetic score is embedded with 256 
 BASE_NUMBERS = 6  # height, width, crop top, crop left, target height, target width
 REFINER_NUMBERS = 5  # height, width, crop top, crop left, aesthetic score
 VAE_SCALE = 0.13025  # SDXL's latent scaling factor (its VAE was retrained: not SD1's 0.18215)
-# Keys of real files that hold no weight of the text model: open_clip's logit scale.
+# Keys of real files that hold no weight of the text model: open_clip's logit scale, and the
+# position ids buffer some tools save beside CLIP-G.
 IGNORED_G = ("logit_scale",)
+IGNORED_G_SUFFIX = "position_ids"
+# Marker keys some SDXL fine-tunes carry to say how they predict (ComfyUI reads the same).
+V_PRED, ZTSNR = "v_pred", "ztsnr"
+EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max")
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -60,6 +65,25 @@ def detect(keys: Any) -> str | None:
 def time_numbers(family: str) -> int:
     """How many numbers the family's UNet embeds beside the pooled text (see BASE_NUMBERS)."""
     return REFINER_NUMBERS if family == "sdxl_refiner" else BASE_NUMBERS
+
+
+def prediction(keys: Any, name: str) -> dict[str, Any]:
+    """scheduler_config entries for the marker keys a file carries: `v_pred` (v-prediction) and
+    `ztsnr` (zero terminal SNR), as ComfyUI reads them; the EDM-parameterised fine-tunes
+    (Playground 2.5's edm_mean/edm_std, CosXL's edm_vpred) are refused by name."""
+    keys = set(keys)
+    edm = sorted(keys.intersection(EDM_MARKERS))
+    if edm:
+        raise NodeInputError(
+            f"{name}: an EDM-parameterised SDXL model ({', '.join(edm)}: Playground 2.5 or CosXL); "
+            "those do not load yet"
+        )
+    config: dict[str, Any] = {}
+    if V_PRED in keys:
+        config["prediction_type"] = "v_prediction"
+    if ZTSNR in keys:
+        config["rescale_betas_zero_snr"] = True
+    return config
 
 
 def _need(shapes: Shapes, key: str, what: str = "SDXL") -> tuple[int, ...]:
@@ -164,7 +188,10 @@ def clip_l_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
 def clip_g_config(shapes: Shapes, prefix: str) -> dict[str, Any]:
     """A CLIPTextConfig's arguments for CLIP-G weights in open_clip's layout under `prefix`."""
     vocab, width = _need(shapes, f"{prefix}token_embedding.weight")
-    projection = _need(shapes, f"{prefix}text_projection")
+    if f"{prefix}text_projection.weight" in shapes:  # a Linear's weight: [projection, width]
+        projection = shapes[f"{prefix}text_projection.weight"][::-1]
+    else:
+        projection = _need(shapes, f"{prefix}text_projection")
     return {
         "vocab_size": vocab,
         "hidden_size": width,
@@ -198,7 +225,7 @@ def convert_clip_g(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, 
         if not key.startswith(prefix):
             continue
         name = key[len(prefix) :]
-        if name in IGNORED_G:
+        if name in IGNORED_G or name.endswith(IGNORED_G_SUFFIX):
             continue
         if name == "token_embedding.weight":
             out["text_model.embeddings.token_embedding.weight"] = value
@@ -208,6 +235,8 @@ def convert_clip_g(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, 
             out["text_model.final_layer_norm." + name.split(".", 1)[1]] = value
         elif name == "text_projection":
             out["text_projection.weight"] = value.T.contiguous()
+        elif name == "text_projection.weight":  # stored as a Linear's weight by some tools
+            out[name] = value
         elif m := layer.match(key):
             index, rest = m.groups()
             base = f"text_model.encoder.layers.{index}."

@@ -162,10 +162,11 @@ class GuidedDenoiser:
         concat = None
         if self.unet.config.in_channels != self.sd.latent_channels:
             concat = self._inpaint_concat(options, latents)
-        if embeds.shape[-1] != self.unet.config.cross_attention_dim:
+        width = getattr(self.unet.config, "cross_attention_dim", None)
+        if width is not None and embeds.shape[-1] != width:
             raise NodeInputError(
                 f"the conditioning's text is {embeds.shape[-1]} wide; this model attends to "
-                f"{self.unet.config.cross_attention_dim}-wide text: was it encoded by another model's CLIP?"
+                f"{width}-wide text: was it encoded by another model's CLIP?"
             )
         return Part(
             embeds.to(self.ctx.device, self.dtype),
@@ -183,7 +184,7 @@ class GuidedDenoiser:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """An SDXL UNet's inputs beside the text: the pooled text and the size numbers."""
         config = self.unet.config
-        if config.addition_embed_type != "text_time":
+        if getattr(config, "addition_embed_type", None) != "text_time":
             return None
         numbers = sdxl.time_numbers(self.sd.family)
         pooled = sdxl.pooled_of(

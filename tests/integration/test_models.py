@@ -111,7 +111,13 @@ def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
     (tmp_path / "models" / "checkpoints" / "one.safetensors").write_bytes(b"")
     (tmp_path / "models" / "checkpoints" / "notes.txt").write_text("not a model")
     (tmp_path / "models" / "loras" / "style.safetensors").write_bytes(b"")
-    assert folders.models("checkpoints") == ["brand/sd-folder", "one.safetensors", "tiny-sd"]
+    assert folders.models("checkpoints") == [
+        "brand/sd-folder",
+        "one.safetensors",
+        "tiny-sd",
+        "tiny-sdxl",
+        "tiny-sdxl-refiner",
+    ]
     assert folders.models("loras") == ["style.safetensors"]
 
 

@@ -163,3 +163,62 @@ def test_prompts_encode_as_the_diffusers_sdxl_pipelines_encode_them(models_dir, 
         want_ids = pipe._get_add_time_ids((64, 96), (4, 8), (64, 96), torch.float32, 32)
         got = sdxl.sdxl_time_ids(options, "sdxl", True, 0, 0)
     assert torch.equal(got, want_ids)
+
+
+def write_state(path, state: dict) -> None:
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def sdxl_state(seed: int) -> dict:
+    from support.sdxl_original_layout import to_sdxl_original_state_dict
+
+    models = build_random_sdxl(small_sdxl_configs(), seed=seed)
+    return to_sdxl_original_state_dict(models["unet"], models["vae"], models["text_encoder"], models["text_encoder_2"])
+
+
+def test_v_prediction_and_zero_snr_markers_set_the_model_sampling(tmp_path):
+    """SDXL fine-tunes mark v-prediction and zero terminal SNR with `v_pred` and `ztsnr` keys,
+    as ComfyUI reads them; the sampling core then denoises as v-prediction on the rescaled table."""
+    from plinth.nodes.sampling.model_sampling import resolve
+
+    state = sdxl_state(25)
+    plain = tmp_path / "sdxl-eps.safetensors"
+    write_state(plain, state)
+    marked = tmp_path / "sdxl-vpred.safetensors"
+    write_state(marked, {**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    eps = resolve((), load_checkpoint(plain, tmp_path, CPU, torch.float32).scheduler_config)
+    vpred = resolve((), load_checkpoint(marked, tmp_path, CPU, torch.float32).scheduler_config)
+    x, out, sigma = torch.ones(1, 4, 2, 2), torch.full((1, 4, 2, 2), 0.5), torch.tensor(2.0)
+    assert not torch.equal(eps.calculate_denoised(sigma, out, x), vpred.calculate_denoised(sigma, out, x))
+    assert vpred.sigma_max > 1000 > eps.sigma_max  # zero terminal SNR: the last sigma is (nearly) infinite
+
+
+def test_an_edm_sdxl_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "playground-like.safetensors"
+    write_state(path, {**sdxl_state(26), "edm_mean": torch.zeros(4), "edm_std": torch.ones(4)})
+    with pytest.raises(NodeInputError, match="EDM-parameterised SDXL model .edm_mean, edm_std"):
+        load_checkpoint(path, tmp_path, CPU, torch.float32)
+
+
+def test_harmless_extras_of_real_files_load(tmp_path):
+    """What tools save beside CLIP-G: a position_ids buffer, the projection as a Linear weight."""
+    state = sdxl_state(27)
+    prefix = "conditioner.embedders.1.model."
+    state[prefix + "text_projection.weight"] = state.pop(prefix + "text_projection").T
+    state[prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = tmp_path / "sdxl-extras.safetensors"
+    write_state(path, state)
+    loaded = load_checkpoint(path, tmp_path, CPU, torch.float32)
+    assert torch.equal(loaded.text_encoder_2.text_projection.weight, state[prefix + "text_projection.weight"])
+
+
+def test_sdxl_vae_stays_float32_when_the_rest_runs_in_float16(models_dir):
+    """SDXL's VAE overflows in float16; diffusers upcasts it, ComfyUI never runs it so."""
+    folder = ensure_embedded(models_dir, "tiny-sdxl")
+    loaded = load_checkpoint(folder, models_dir, CPU, torch.float16)
+    assert loaded.unet.dtype == torch.float16 and loaded.text_encoder_2.dtype == torch.float16
+    assert loaded.vae.dtype == torch.float32
+    sd1 = load_checkpoint(models_dir / "checkpoints" / "tiny-sd", models_dir, CPU, torch.float16)
+    assert sd1.vae.dtype == torch.float16  # SD1.x's VAE is fine in float16
