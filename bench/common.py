@@ -66,6 +66,35 @@ def build_sd15_random(models_dir: Path, name: str = "sd15-random") -> Path:
     return target
 
 
+def build_sdxl_reduced(models_dir: Path, name: str = "sdxl-reduced") -> Path:
+    """A diffusers folder in SDXL's layout at reduced widths, seeded random weights: SDXL's
+    three UNet levels (plain, then attention 2 and 4 transformer blocks deep; real: 2 and 10),
+    half its channels (160/320/640; real 320/640/1280), linear projections, the pooled text and
+    six size numbers embedded beside the time step, CLIP-L and a projecting CLIP-G at reduced
+    widths and depths, and SD's full-size VAE with SDXL's scale. About 0.6 GB in fp32."""
+    from plinth.nodes.models.sdxl import BASE_NUMBERS, SIZE_EMBED_DIM, VAE_SCALE
+    from plinth.nodes.models.tiny_sdxl import write_sdxl_folder
+
+    text_l = dict(
+        vocab_size=49408, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1, projection_dim=384,
+    )  # fmt: skip
+    text_g = {**text_l, "hidden_size": 640, "intermediate_size": 2560, "num_hidden_layers": 8,
+              "num_attention_heads": 10, "hidden_act": "gelu", "projection_dim": 640}  # fmt: skip
+    unet = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(160, 320, 640),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 4), attention_head_dim=(2, 5, 10), use_linear_projection=True,
+        cross_attention_dim=384 + 640, addition_embed_type="text_time", addition_time_embed_dim=SIZE_EMBED_DIM,
+        projection_class_embeddings_input_dim=640 + BASE_NUMBERS * SIZE_EMBED_DIM, norm_num_groups=32,
+    )  # fmt: skip
+    vae = json.loads((Path(__file__).resolve().parents[1] / "nodes/models/configs/sd15/vae/config.json").read_text())
+    vae = {k: v for k, v in vae.items() if not k.startswith("_")} | {"scaling_factor": VAE_SCALE}
+    return write_sdxl_folder(models_dir, name, unet, text_l, text_g, vae, seed=0)
+
+
 def write_json(data: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))

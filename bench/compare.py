@@ -4,6 +4,7 @@
                             [--only a,b,c,paired,tiny] [--batch-jobs-list 1,8] [--precision float32]
                             [--paired 3] [--paired-with c] [--json bench/results/compare.json] [--quick]
     python bench/compare.py --compare-precision [--runs 3] [--quick]
+    python bench/compare.py --model sdxl --only paired [--paired 3]   # SDXL's layout, reduced widths
     python bench/compare.py --device cuda --precision float16 --size 512 --steps 20   # on a GPU
 
 One SD1.5-shaped model with seeded random weights (built once under --models, see
@@ -60,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import build_sd15_random, quiet, rss_peak_mb, timed, write_json
+from common import build_sd15_random, build_sdxl_reduced, quiet, rss_peak_mb, timed, write_json
 
 PATHS = {"a": "(a) diffusers pipeline", "b": "(b) Plinth in-process", "c": "(c) Plinth gRPC"}
 CLIENTS = (1, 4, 8)
@@ -90,7 +91,7 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
     """(a): the pipeline, loaded on the first call (so the first run includes the load) and
     called on one worker thread: concurrent callers queue for it, as behind a lock."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     graph = spec["graph"]
     sampler, latent = graph["3"]["inputs"], graph["5"]["inputs"]
@@ -104,14 +105,19 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
             scheduler = EulerDiscreteScheduler.from_pretrained(
                 folder, subfolder="scheduler", local_files_only=True, timestep_spacing="linspace"
             )
-            pipe = StableDiffusionPipeline.from_pretrained(
-                folder,
-                scheduler=scheduler,
-                safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=True,
-                dtype=dtype,
-            )
+            if (folder / "text_encoder_2").is_dir():  # SDXL
+                pipe = StableDiffusionXLPipeline.from_pretrained(
+                    folder, scheduler=scheduler, local_files_only=True, dtype=dtype
+                )
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    folder,
+                    scheduler=scheduler,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                    local_files_only=True,
+                    dtype=dtype,
+                )
             pipe.set_progress_bar_config(disable=True)
             pipe.to(spec["device"])
             loaded["pipe"] = pipe
@@ -275,6 +281,8 @@ def build(spec: dict) -> None:
         from plinth.nodes.models.tiny_sd import ensure_tiny_sd
 
         ensure_tiny_sd(Path(spec["models"]))
+    elif name.startswith("sdxl-"):
+        build_sdxl_reduced(Path(spec["models"]), name)
     else:
         build_sd15_random(Path(spec["models"]), name)
 
@@ -410,10 +418,12 @@ def compare_paired(args, graph: dict) -> dict:
     process the paths slow each other (diffusers ran 15-20% slower beside two Plinths)."""
     paths = ["a", *args.paired_with]
     times: dict[str, list[float]] = {path: [] for path in paths}
+    rss: dict[str, list[float]] = {path: [] for path in paths}
     for round_ in range(args.paired):
         for path in paths if round_ % 2 == 0 else reversed(paths):
             row = in_child(child_spec(args, graph, path, cached_runs=0, clients=[]))
             times[path].append(row["seed_changed_s"])
+            rss[path].append(row["peak_rss_mb"])
     ratios = {
         f"{path}/a": statistics.median(t / a for t, a in zip(times[path], times["a"], strict=False))
         for path in paths[1:]
@@ -426,8 +436,10 @@ def compare_paired(args, graph: dict) -> dict:
         print(f"  {PATHS[path]:<28} {' '.join(f'{t:6.2f} s' for t in times[path])}")
     for name, value in ratios.items():
         print(f"  ({name[0]})/(a), median of the rounds' ratios   {value:.3f}")
+    for path in paths:
+        print(f"  {PATHS[path]:<28} peak RSS median {statistics.median(rss[path]):7.0f} MB")
     print()
-    return {"seed_changed_s": times, "ratios": ratios}
+    return {"seed_changed_s": times, "ratios": ratios, "peak_rss_mb": rss}
 
 
 def tiny_overhead(args) -> dict:
@@ -535,6 +547,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--quick", action="store_true", help="tiny-sd at 64x64 for every path")
     parser.add_argument(
+        "--model",
+        choices=("sd15", "sdxl"),
+        default="sd15",
+        help="sd15: SD1.5's real shapes (sd15-random); sdxl: SDXL's layout at reduced widths (sdxl-reduced, "
+        "common.build_sdxl_reduced) against StableDiffusionXLPipeline",
+    )
+    parser.add_argument(
         "--paired",
         type=int,
         default=3,
@@ -564,7 +583,7 @@ def main() -> None:
     if args.quick:
         ckpt, size = "tiny-sd", 64
     else:
-        ckpt, size = "sd15-random", args.size
+        ckpt, size = {"sd15": "sd15-random", "sdxl": "sdxl-reduced"}[args.model], args.size
     graph = txt2img(ckpt, size, args.steps)
     case = (
         f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, {args.device} "
