@@ -33,6 +33,21 @@ class EmptyLatentImage(Node):
         return (Latent(torch.zeros(batch_size, 4, height // 8, width // 8)),)
 
 
+class EmptySD3LatentImage(Node):
+    """A batch of zero latents with the 16 channels of SD3's and FLUX.1's VAEs, at 1/8 of the
+    pixel size, as ComfyUI's EmptySD3LatentImage."""
+
+    CATEGORY = "latent/sd3"
+    OUTPUTS = (Output("LATENT"),)
+
+    width = Int(default=1024, min=16, max=MAX_RESOLUTION, step=16, limit="width")
+    height = Int(default=1024, min=16, max=MAX_RESOLUTION, step=16, limit="height")
+    batch_size = Int(default=1, min=1, max=4096, limit="batch")
+
+    def run(self, ctx: NodeContext, width: int, height: int, batch_size: int) -> tuple[Latent]:
+        return (Latent(torch.zeros(batch_size, 16, height // 8, width // 8)),)
+
+
 class VAEDecode(Node):
     """Decode latents to an IMAGE [B,H,W,C] in 0..1."""
 

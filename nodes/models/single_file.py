@@ -48,7 +48,10 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]], prefix: str = VAE) -> d
     vae["block_out_channels"] = [
         shape(f"{prefix}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(len(vae["block_out_channels"]))
     ]
-    vae["latent_channels"] = shape(f"{prefix}post_quant_conv.weight")[0]
+    vae["latent_channels"] = shape(f"{prefix}decoder.conv_in.weight")[1]
+    # FLUX.1's and SD3's VAEs have no 1x1 convs around the latent
+    vae["use_quant_conv"] = f"{prefix}quant_conv.weight" in shapes
+    vae["use_post_quant_conv"] = f"{prefix}post_quant_conv.weight" in shapes
     vae["layers_per_block"] = _count(shapes, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
     return vae
 
@@ -100,7 +103,9 @@ def load_vae_file(path: Path) -> Any:
             shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]
             for i in range(len(config["block_out_channels"]))
         ]
-        config["latent_channels"] = shapes["post_quant_conv.weight"][0]
+        config["latent_channels"] = shapes["decoder.conv_in.weight"][1]
+        config["use_quant_conv"] = "quant_conv.weight" in shapes
+        config["use_post_quant_conv"] = "post_quant_conv.weight" in shapes
         config["layers_per_block"] = _count(shapes, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
         vae = AutoencoderKL(**config)
         _load_strict(vae, state, path, "VAE")

@@ -69,6 +69,12 @@ def zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
     return (((1 - alphas_bar) / alphas_bar) ** 0.5).float()
 
 
+def flux_time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's sigma for time t in 0..1 under its resolution shift mu: e^mu / (e^mu + 1/t - 1)
+    (ComfyUI's flux_time_shift(mu, 1.0, t))."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
 def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
     """Discrete-flow sigma for time t in 0..1 under a resolution shift (SD3, AuraFlow)."""
     if shift == 1.0:
@@ -83,7 +89,8 @@ class ModelSampling:
     kind: one of KINDS. table: the model's sigmas, ascending (len = its training steps).
     schedule: "discrete" (time = nearest table index), "lcm" (the 50 distilled steps of a
     1000-step table), "edm" (time = 0.25 log sigma), "cosmos" (time = sigma / (sigma + 1)) or
-    "flow" (time = sigma * multiplier, sigma = shifted t).
+    "flow" (time = sigma * multiplier, sigma = shifted t) or "flux" (the same with FLUX.1's
+    exponential shift, flux_time_shift, and multiplier 1).
     """
 
     kind: str
@@ -138,7 +145,13 @@ class ModelSampling:
             if float(timestep) >= self.sigma_max / (self.sigma_max + 1):
                 return torch.tensor(self.sigma_max)
             return timestep / (1 - timestep)
-        return time_snr_shift(self.shift, timestep / self.multiplier)
+        return self._shifted(timestep / self.multiplier)
+
+    def _shifted(self, t: torch.Tensor) -> torch.Tensor:
+        """A flow model's sigma at time t in 0..1."""
+        if self.schedule == "flux":
+            return flux_time_shift(self.shift, t)
+        return time_snr_shift(self.shift, t)
 
     def percent_to_sigma(self, percent: float) -> float:
         """The sigma at `percent` of the way from pure noise (0) to clean (1): where
@@ -148,7 +161,7 @@ class ModelSampling:
         if percent >= 1.0:
             return 0.0
         if self.flow:
-            return float(time_snr_shift(self.shift, torch.tensor(1.0 - percent)))
+            return float(self._shifted(torch.tensor(1.0 - percent)))
         if self.schedule == "edm" or self.schedule == "cosmos":
             low = math.log(self.sigma_min)
             return math.exp((math.log(self.sigma_max) - low) * (1.0 - percent) + low)
@@ -226,6 +239,13 @@ def discrete_flow(shift: float = 1.0, multiplier: float = 1000.0, steps: int = 1
     return ModelSampling(FLOW, table, schedule="flow", shift=shift, multiplier=multiplier)
 
 
+def flux_flow(shift: float = 1.15, steps: int = 10000) -> ModelSampling:
+    """FLUX.1's flow (ComfyUI's ModelSamplingFlux): sigma = flux_time_shift(shift, t) over
+    10000 steps, time = sigma."""
+    table = flux_time_shift(shift, torch.arange(1, steps + 1, dtype=torch.float64) / steps).float()
+    return ModelSampling(FLOW, table, schedule="flux", shift=shift, multiplier=1.0)
+
+
 def from_scheduler_config(config: dict[str, Any]) -> ModelSampling:
     """A checkpoint's own model sampling, from its diffusers scheduler_config.json."""
     start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
@@ -248,7 +268,7 @@ PLAYGROUND_LATENT = ((-1.6574, 1.886, -1.383, 2.5155), (8.4927, 5.9022, 6.5498, 
 def resolve(override: tuple[Any, ...], scheduler_config: dict[str, Any]) -> ModelSampling:
     """The ModelSampling a MODEL runs with: the checkpoint's own, or a node's override
     (DiffusionModel.sampling: ("discrete", kind, zsnr) or ("continuous_edm", kind, sigma_min,
-    sigma_max))."""
+    sigma_max), ("discrete_flow", shift, multiplier) or ("flux", shift))."""
     if not override:
         return from_scheduler_config(scheduler_config)
     if override[0] == "discrete":
@@ -262,6 +282,11 @@ def resolve(override: tuple[Any, ...], scheduler_config: dict[str, Any]) -> Mode
         if kind == "edm_playground_v2.5":
             return continuous_edm(EDM, sigma_min, sigma_max, sigma_data=0.5)
         return continuous_edm(kind, sigma_min, sigma_max, sigma_data=0.5 if kind == EDM else 1.0)
+    if override[0] == "discrete_flow":
+        _, shift, multiplier = override
+        return discrete_flow(shift, multiplier)
+    if override[0] == "flux":
+        return flux_flow(override[1])
     raise ValueError(f"unknown model sampling override {override!r}")
 
 
