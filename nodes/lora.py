@@ -10,7 +10,7 @@ from __future__ import annotations
 from plinth.nodes.core.context import ModelHandle, NodeContext, NodeInputError, file_model
 from plinth.nodes.core.schema import Choice, Float, Link, Node, Output
 from plinth.nodes.core.types import CheckpointPart, DiffusionModel, TextEncoder
-from plinth.nodes.models.lora import TEXT_ENCODER, UNET, LoraFile, read_lora
+from plinth.nodes.models.lora import PART_LABELS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, LoraFile, read_lora
 from plinth.nodes.patches.lora_hooks import LoraPatch
 
 
@@ -28,13 +28,12 @@ def _with_lora(
     lora: LoraFile = ctx.model(handle)
     if not lora.layers.get(part):
         return value
-    loaded = value.load(ctx)
-    if loaded.family != "sd1":
-        # SDXL LoRAs name two text models (lora_te1_/lora_te2_) and SDXL's block numbering.
+    target = getattr(value.load(ctx), part)
+    if target is None:  # e.g. lora_te1_ layers for the SDXL refiner, which has CLIP-G only
         raise NodeInputError(
-            f"{handle.key.split('@')[0]}: LoRAs load on SD1.x models only so far; this model is {loaded.family}"
+            f"{handle.key.split('@')[0]}: the LoRA has layers for a {PART_LABELS[part]} this checkpoint does not have"
         )
-    lora.resolve(part, getattr(loaded, part))
+    lora.resolve(part, target)
     return value.with_patch(LoraPatch(handle, strength, part))
 
 
@@ -70,7 +69,9 @@ class LoraLoader(Node):
         handle = _lora_handle(ctx, lora_name)
         return (
             _with_lora(ctx, model, handle, strength_model, UNET),
-            _with_lora(ctx, clip, handle, strength_clip, TEXT_ENCODER),
+            _with_lora(
+                ctx, _with_lora(ctx, clip, handle, strength_clip, TEXT_ENCODER), handle, strength_clip, TEXT_ENCODER_2
+            ),
         )
 
 

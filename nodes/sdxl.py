@@ -55,7 +55,10 @@ def encode_sdxl(clip: TextEncoder, ctx: NodeContext, text_l: str, text_g: str) -
 
     def run(encoder: Any, tokenizer: Any, text: str, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         lookup = embedding_lookup(ctx, encoder.get_input_embeddings().embedding_dim, key)
-        with torch.inference_mode(), patched(ctx, clip.patches, encoder):
+        # a patch naming a part (a LoRA's CLIP-L or CLIP-G layers) goes on that text model only
+        part = "text_encoder" if key == "clip_l" else "text_encoder_2"
+        patches = [p for p in clip.patches if getattr(p, "part", part) == part]
+        with torch.inference_mode(), patched(ctx, patches, encoder):
             return prompt.encode_with_pooled(tokenizer, encoder, text, layer, ctx.device, lookup, final_norm=False)
 
     encoded = [run(*part) for part in parts]

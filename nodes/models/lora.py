@@ -1,9 +1,12 @@
 """LoRA files: low-rank weight updates read from .safetensors files and matched to a model's layers.
 
 Two key layouts load. kohya-ss (what ComfyUI and A1111 users download): `lora_unet_<path>` and
-`lora_te_<path>` with `.lora_down.weight`, `.lora_up.weight` and `.alpha`, where <path> is the
-diffusers module path with "." written as "_" (LoCon conv layers: a k x k down and a 1x1 up).
-diffusers: `unet.<path>` and `text_encoder.<path>` with PEFT's `.lora_A/.lora_B.weight` or the
+`lora_te_<path>` (SDXL: `lora_te1_` for CLIP-L, `lora_te2_` for CLIP-G) with `.lora_down.weight`,
+`.lora_up.weight` and `.alpha`, where <path> is the module path with "." written as "_": the
+diffusers path, or for UNet layers the original model's (`input_blocks_4_1_...`, as kohya's SDXL
+scripts write them; sgm_paths maps them from the UNet's config) (LoCon conv layers: a k x k down
+and a 1x1 up).
+diffusers: `unet.<path>`, `text_encoder.<path>` and `text_encoder_2.<path>` with PEFT's `.lora_A/.lora_B.weight` or the
 older `.lora.down/.up`, `.lora_linear_layer.down/.up` and attention-processor `to_q_lora.down`
 spellings, an optional `.alpha`, and PEFT's lora_alpha in the file's metadata.
 
@@ -31,8 +34,11 @@ from torch import nn
 
 from plinth.nodes.core.context import NodeInputError
 
-UNET, TEXT_ENCODER = "unet", "text_encoder"  # also the StableDiffusion attributes they patch
-_PART_LABELS = {UNET: "UNet", TEXT_ENCODER: "text encoder"}
+# Also the StableDiffusion attributes they patch; text_encoder_2 is SDXL's CLIP-G.
+UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
+PART_LABELS = {UNET: "UNet", TEXT_ENCODER: "text encoder", TEXT_ENCODER_2: "second text encoder (CLIP-G)"}
+# kohya's part names: lora_te_ (SD1.x), lora_te1_/lora_te2_ (SDXL's CLIP-L and CLIP-G).
+_KOHYA_PARTS = {"unet": UNET, "te": TEXT_ENCODER, "te1": TEXT_ENCODER, "te2": TEXT_ENCODER_2}
 
 # Key suffix -> role, per layout.
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -45,15 +51,16 @@ _DIFFUSERS_ROLES = {
     "lora_linear_layer.up.weight": "up",
     "alpha": "alpha",
 }
-_KOHYA = re.compile(rf"lora_(unet|te)_(\w+)\.({'|'.join(map(re.escape, _KOHYA_ROLES))})")
-_DIFFUSERS = re.compile(rf"(unet|text_encoder)\.(.+?)\.({'|'.join(map(re.escape, _DIFFUSERS_ROLES))})")
+_KOHYA = re.compile(rf"lora_(unet|te1|te2|te)_(\w+)\.({'|'.join(map(re.escape, _KOHYA_ROLES))})")
+_DIFFUSERS = re.compile(rf"(unet|text_encoder_2|text_encoder)\.(.+?)\.({'|'.join(map(re.escape, _DIFFUSERS_ROLES))})")
 _ATTN_PROCESSOR = re.compile(
-    r"(unet|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight"
+    r"(unet|text_encoder_2|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight"
 )
 # Old diffusers attention processors named the projection they wrapped, per model.
 _PROCESSOR_TARGETS = {
     UNET: {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
     TEXT_ENCODER: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
+    TEXT_ENCODER_2: {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
 # transformers 5 dropped CLIPTextModel's `text_model.` level; LoRA files keep writing it.
 _LEGACY_PREFIXES = ("text_model.", "text_model_")
@@ -108,6 +115,8 @@ class LoraFile:
     def _match(self, part: str, module: nn.Module) -> dict[str, LoraLayer]:
         modules = dict(module.named_modules())
         names = {**{path.replace(".", "_"): path for path in modules}, **{path: path for path in modules}}
+        if part == UNET:  # kohya's SDXL LoRAs name UNet layers as the original (sgm) model does
+            names.update({sgm.replace(".", "_"): path for path, sgm in sgm_paths(module, modules).items()})
         resolved: dict[str, LoraLayer] = {}
         unmatched: list[str] = []
         for written, layer in self.layers.get(part, {}).items():
@@ -121,9 +130,77 @@ class LoraFile:
         if unmatched:
             raise NodeInputError(
                 f"{self.name}: {len(unmatched)} layers match no module of this checkpoint's "
-                f"{_PART_LABELS[part]}: {_few(unmatched)}"
+                f"{PART_LABELS[part]}: {_few(unmatched)}"
             )
         return resolved
+
+
+# Leaf renames inside a UNet resnet: diffusers -> original (sgm) names.
+_SGM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _sgm_prefixes(config: Any) -> list[tuple[str, str, dict[str, str]]]:
+    """(diffusers module prefix, original prefix, leaf renames) for a UNet2DConditionModel of
+    this config: input_blocks/middle_block/output_blocks numbered from its levels and resnets."""
+    per_level = int(config.layers_per_block) + 1
+    prefixes = [
+        ("time_embedding.linear_1", "time_embed.0", {}),
+        ("time_embedding.linear_2", "time_embed.2", {}),
+        ("add_embedding.linear_1", "label_emb.0.0", {}),
+        ("add_embedding.linear_2", "label_emb.0.2", {}),
+        ("conv_in", "input_blocks.0.0", {}),
+        ("mid_block.resnets.0", "middle_block.0", _SGM_RESNET),
+        ("mid_block.attentions.0", "middle_block.1", {}),
+        ("mid_block.resnets.1", "middle_block.2", _SGM_RESNET),
+        ("conv_norm_out", "out.0", {}),
+        ("conv_out", "out.2", {}),
+    ]
+    for i, kind in enumerate(config.up_block_types):
+        for j in range(per_level - 1):
+            index = 1 + i * per_level + j
+            prefixes.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{index}.0", _SGM_RESNET))
+            prefixes.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{index}.1", {}))
+        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(i + 1) * per_level}.0.op", {}))
+        for j in range(per_level):
+            index = i * per_level + j
+            prefixes.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{index}.0", _SGM_RESNET))
+            prefixes.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{index}.1", {}))
+        slot = 2 if kind.startswith("CrossAttn") else 1
+        prefixes.append(
+            (f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{i * per_level + per_level - 1}.{slot}.conv", {})
+        )
+    return prefixes
+
+
+def sgm_paths(unet: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """diffusers module path -> the original (sgm / CompVis) path of the same layer, for a
+    diffusers UNet (empty for anything else): how kohya names SDXL LoRA layers."""
+    config = getattr(unet, "config", None)
+    if config is None or not hasattr(config, "layers_per_block") or not hasattr(config, "up_block_types"):
+        return {}
+    if not isinstance(config.layers_per_block, int):
+        return {}
+    prefixes = _sgm_prefixes(config)
+    out = {}
+    for path in modules:
+        matches = [p for p in prefixes if path == p[0] or path.startswith(p[0] + ".")]
+        if not matches:
+            continue
+        source, target, leaves = max(matches, key=lambda p: len(p[0]))
+        rest = path[len(source) :].lstrip(".")
+        for old, new in leaves.items():
+            if rest == old or rest.startswith(old + "."):
+                rest = new + rest[len(old) :]
+                break
+        out[path] = f"{target}.{rest}" if rest else target
+    return out
 
 
 def _module_path(names: Mapping[str, str], written: str) -> str | None:
@@ -196,7 +273,7 @@ def _parse_key(key: str) -> tuple[str, str, str, str] | None:
     """(part, module path as written, "down"/"up"/"alpha", layer label) for a LoRA key."""
     if match := _KOHYA.fullmatch(key):
         te, path, suffix = match.groups()
-        part = UNET if te == "unet" else TEXT_ENCODER
+        part = _KOHYA_PARTS[te]
         return part, path, _KOHYA_ROLES[suffix], key.split(".")[0]
     if match := _ATTN_PROCESSOR.fullmatch(key):
         part, parent, projection, role = match.groups()
@@ -218,7 +295,7 @@ def _adapter_config(metadata: Mapping[str, str], name: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise NodeInputError(f"{name}: unreadable lora_adapter_metadata ({exc})") from exc
     for option in ("use_dora", "use_rslora"):
-        if any(config.get(f"{part}.{option}") for part in _PART_LABELS):
+        if any(config.get(f"{part}.{option}") for part in PART_LABELS):
             raise NodeInputError(f"{name}: {option} adapters are not supported")
     return config
 

@@ -100,8 +100,8 @@ def _one_layer(name: str = "lora_unet_conv_in") -> dict[str, torch.Tensor]:
         ),
         ({**_one_layer(), "lora_unet_conv_in.dora_scale": torch.ones(32)}, ["lora_unet_conv_in.dora_scale"]),
         (
-            {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 64)},
-            ["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"],
+            {"lora_te3_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 64)},
+            ["lora_te3_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"],
         ),
         ({}, ["no LoRA weights"]),
         ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, ["lora_unet_conv_in has no up weight"]),
@@ -129,14 +129,14 @@ def test_parse_refuses_what_it_cannot_read(state, expected):
 def test_layers_matching_no_module_are_named():
     state = {
         **_one_layer(),
-        **_one_layer("lora_unet_input_blocks_1_1_proj_in"),
+        **_one_layer("lora_unet_input_blocks_40_1_proj_in"),  # original naming, a block tiny-sd lacks
         **_one_layer("lora_unet_down_blocks_7_resnets_0_conv1"),
     }
     lora = parse_lora(state, None, "sdxl.safetensors")
     with pytest.raises(
         NodeInputError,
         match="2 layers match no module of this checkpoint's UNet: "
-        "lora_unet_input_blocks_1_1_proj_in, lora_unet_down_blocks_7",
+        "lora_unet_input_blocks_40_1_proj_in, lora_unet_down_blocks_7",
     ):
         lora.resolve("unet", tiny_modules()["unet"])
 

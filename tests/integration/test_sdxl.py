@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from support.graph_builder import GraphBuilder
 from support.live_server import executed, node_output
+from support.sd_original_layout import _rename
 
 from plinth.clients import JobFailed
 
@@ -209,22 +211,78 @@ def test_an_sd1_controlnet_on_an_sdxl_model_is_refused_by_name(client, models_di
         client.run(graph.build())
 
 
-def test_a_lora_on_an_sdxl_model_is_refused_until_sdxl_loras_load(client, models_dir):
-    """SDXL LoRAs (kohya lora_te1_/lora_te2_, SDXL's block numbering) are not read yet: the
-    loader says so rather than patching layers that happen to share a name."""
-    from support import files, lora_files
+def sdxl_lora(models_dir, sgm_names: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya LoRA for tiny-sdxl on the UNet's attention and feed-forward layers and both text
+    models' q/v projections (lora_te1_ CLIP-L, lora_te2_ CLIP-G); UNet layers named as kohya's
+    SDXL scripts write them (the original model's input_blocks/middle_block/output_blocks) or by
+    diffusers' module paths."""
+    from support.sdxl_original_layout import sdxl_unet_prefixes
 
-    files.write(lora_files.kohya(lora_files.random_lora()), models_dir / "loras", "sd1-style.safetensors")
-    graph, nodes = txt2img()
+    from plinth.nodes.models.checkpoint import load_checkpoint
+    from plinth.nodes.models.embedded import ensure_embedded
+
+    model = load_checkpoint(ensure_embedded(models_dir, BASE), models_dir, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    prefixes = sdxl_unet_prefixes(dict(model.unet.config))
+    out: dict[str, torch.Tensor] = {}
+    targets = {
+        "unet": (model.unet, ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in")),
+        "te1": (model.text_encoder, ("q_proj", "v_proj")),
+        "te2": (model.text_encoder_2, ("q_proj", "v_proj")),
+    }
+    for part, (module, ends) in targets.items():
+        for path, sub in module.named_modules():
+            if not isinstance(sub, torch.nn.Linear) or not path.endswith(ends):
+                continue
+            name = path
+            if part == "unet" and sgm_names:
+                name = _rename(path + ".weight", prefixes).removesuffix(".weight")
+            key = f"lora_{part}_{name.replace('.', '_')}"
+            out[f"{key}.lora_down.weight"] = torch.randn(4, sub.in_features, generator=gen) * 0.5
+            out[f"{key}.lora_up.weight"] = torch.randn(sub.out_features, 4, generator=gen) * 0.5
+            out[f"{key}.alpha"] = torch.tensor(4.0)
+    return out
+
+
+def lora_graph(name: str, strength_model: float = 1.0, strength_clip: float = 1.0) -> GraphBuilder:
+    graph, nodes = txt2img(seed=13)
     checkpoint = graph.find("CheckpointLoaderSimple")
     lora = graph.add(
         "LoraLoader",
         model=checkpoint.out(0),
         clip=checkpoint.out(1),
-        lora_name="sd1-style.safetensors",
-        strength_model=1.0,
-        strength_clip=1.0,
+        lora_name=name,
+        strength_model=strength_model,
+        strength_clip=strength_clip,
     )
     nodes["sampler"].inputs["model"] = lora.out(0)
-    with pytest.raises(JobFailed, match="LoRAs load on SD1.x models only so far; this model is sdxl"):
-        client.run(graph.build())
+    for role in ("positive", "negative"):
+        nodes[role].inputs["clip"] = lora.out(1)
+    return graph
+
+
+def test_kohya_sdxl_loras_load_by_original_or_diffusers_layer_names(client, models_dir):
+    """kohya's SDXL LoRAs name UNet layers as the original model does (input_blocks_4_1_...):
+    the same weights under diffusers' names give the same pixels, so every name resolved to the
+    layer it means; the text models' layers (te1, te2) and the UNet's each change the image."""
+    from support import files
+
+    files.write(sdxl_lora(models_dir, sgm_names=True), models_dir / "loras", "sdxl-sgm.safetensors")
+    files.write(sdxl_lora(models_dir, sgm_names=False), models_dir / "loras", "sdxl-diffusers.safetensors")
+    plain, _ = txt2img(seed=13)
+    base = pixels(client.run(plain.build()))
+    sgm = pixels(client.run(lora_graph("sdxl-sgm.safetensors").build()))
+    assert np.array_equal(sgm, pixels(client.run(lora_graph("sdxl-diffusers.safetensors").build())))
+    assert not np.array_equal(sgm, base)
+    unet_only = pixels(client.run(lora_graph("sdxl-sgm.safetensors", strength_clip=0.0).build()))
+    clip_only = pixels(client.run(lora_graph("sdxl-sgm.safetensors", strength_model=0.0).build()))
+    assert not np.array_equal(unet_only, base) and not np.array_equal(clip_only, base)
+    assert np.array_equal(pixels(client.run(lora_graph("sdxl-sgm.safetensors", 0.0, 0.0).build())), base)
+
+
+def test_an_sd1_lora_on_an_sdxl_model_names_the_layers_that_do_not_fit(client, models_dir):
+    from support import files, lora_files
+
+    files.write(lora_files.kohya(lora_files.random_lora()), models_dir / "loras", "sd1-style.safetensors")
+    with pytest.raises(JobFailed, match="sd1-style.safetensors: .*(match no module|needs)"):
+        client.run(lora_graph("sd1-style.safetensors").build())
