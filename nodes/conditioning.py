@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from plinth.nodes import prompt, sdxl
+from plinth.nodes import flux, prompt, sdxl
 from plinth.nodes.core.context import NodeContext, NodeInputError
 from plinth.nodes.core.schema import Float, Int, Link, Node, Output
 from plinth.nodes.core.types import Conditioning, ConditioningEntry, TextEncoder
@@ -58,7 +58,10 @@ class CLIPTextEncode(Node):
     clip = Link("CLIP")
 
     def run(self, ctx: NodeContext, text: str, clip: TextEncoder) -> tuple[Conditioning]:
-        if sdxl.is_sdxl(clip.load(ctx)):
+        model = clip.load(ctx)
+        if flux.is_flux(model):
+            return ([flux.encode_prompt_flux(clip, ctx, text)],)
+        if sdxl.is_sdxl(model):
             return ([sdxl.encode_prompt_sdxl(clip, ctx, text)],)
         return ([ConditioningEntry(encode_prompt(clip, ctx, text))],)
 

@@ -36,7 +36,7 @@ POSITIVE_SCORE, NEGATIVE_SCORE = 6.0, 2.5  # the refiner's aesthetic scores wher
 
 
 def is_sdxl(model: StableDiffusion) -> bool:
-    return model.text_encoder_2 is not None
+    return model.family in ("sdxl", "sdxl_refiner")
 
 
 def encode_sdxl(clip: TextEncoder, ctx: NodeContext, text_l: str, text_g: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,11 +39,12 @@ MODEL_FOLDERS = {
     "clip_vision": MODEL_SUFFIXES,
     "gligen": MODEL_SUFFIXES,
     "diffusion_models": MODEL_SUFFIXES,
+    "text_encoders": MODEL_SUFFIXES,
     "rembg": (".onnx",),
 }
 # Folders ComfyUI also reads under an older name: their files are listed under the newer one
 # (a name found in both resolves to the newer folder's file). The older folder is not created.
-LEGACY_FOLDERS = {"diffusion_models": "unet"}
+LEGACY_FOLDERS = {"diffusion_models": "unet", "text_encoders": "clip"}
 # Files torch.load reads with pickle, which can run code: refused unless allow_pickle is set.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Folders whose loaders read single .safetensors files, so a converted pickle loads there.
