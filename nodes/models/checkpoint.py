@@ -25,7 +25,7 @@ from plinth.nodes.models.tokenizer import load_tokenizer, write_tokenizer_files
 
 log = logging.getLogger("plinth.models")
 ATTENTION = ("auto", "sdpa", "xformers")
-FAMILIES = ("sd1", "sdxl", "sdxl_refiner")
+FAMILIES = ("sd1", "sdxl", "sdxl_refiner", "flux")
 
 
 class ModelSetupError(RuntimeError):
@@ -81,6 +81,29 @@ class StableDiffusion:
         return self
 
 
+@dataclass
+class FluxModel(StableDiffusion):
+    """A FLUX.1 model: its transformer in `unet` (the field every family's sampler reads),
+    with or without text models and VAE (UNETLoader's file holds the transformer alone), in
+    FLUX's latent space: 16 channels, shifted then scaled (ComfyUI's latent_formats.Flux)."""
+
+    @property
+    def latent_scale(self) -> float:
+        return 0.3611
+
+    @property
+    def latent_shift(self) -> float:
+        return 0.1159
+
+    @property
+    def latent_channels(self) -> int:
+        return 16
+
+    @property
+    def vae_scale(self) -> int:
+        return 8
+
+
 def tokenizer_dir(models_dir: Path) -> Path:
     """Where the offline CLIP tokenizer is written once per models directory."""
     return write_tokenizer_files(models_dir / ".plinth" / "clip-tokenizer")
@@ -105,9 +128,19 @@ def load_checkpoint(
         wanted = torch.float32 if module is model.vae and model.family != "sd1" and dtype == torch.float16 else dtype
         if module.dtype != wanted:
             module.to(wanted)
+    if model.family == "flux" and dtype == torch.float16 and model.text_encoder_2 is not None:
+        keep_t5_output_projections_float32(model.text_encoder_2)
     if options is not None:
         prepare_model(model, device, options)
     return model
+
+
+def keep_t5_output_projections_float32(t5: Any) -> None:
+    """T5 v1.1 XXL overflows float16 in its feed-forward output projections (`wo`): those stay
+    float32, as transformers' from_pretrained keeps them; the layer casts its input to match."""
+    for name, module in t5.named_modules():
+        if name.endswith("DenseReluDense.wo"):
+            module.to(torch.float32)
 
 
 def load_vae(path: Path, device: torch.device, dtype: torch.dtype, options: ModelOptions | None = None) -> Any:
@@ -177,6 +210,12 @@ def prepare_model(model: StableDiffusion, device: torch.device, options: ModelOp
     warm-up forward of each part. Every module object stays the same, so callers' references,
     `unet.config`, `.parameters()` and LoRA / IP-Adapter hooks and processors keep working."""
     xformers = use_xformers(device, options.attention)
+    if model.family == "flux":
+        # FLUX's transformer keeps diffusers' own attention processors (SDPA, with its rotary
+        # embeddings); the UNet set-up below does not apply to it.
+        prepare_vae(model.vae, device, options, xformers)
+        log.info("FLUX model set up on %s (transformer attention: diffusers' SDPA)", device)
+        return model
     set_attention(model.unet, xformers)
     if options.channels_last and device.type == "cuda":
         model.unet.to(memory_format=torch.channels_last)
@@ -229,7 +268,7 @@ def warm_up_unet_and_text(model: StableDiffusion) -> None:
 
 def added_inputs(model: StableDiffusion, batch: int) -> dict[str, Any]:
     """Zero size conditioning for an SDXL UNet's call (nothing for SD1.x), for warm-ups."""
-    if model.text_encoder_2 is None:
+    if model.family not in ("sdxl", "sdxl_refiner"):
         return {}
     from plinth.nodes.models.sdxl import time_numbers
 
@@ -251,6 +290,8 @@ def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    if (path / "transformer").is_dir():
+        return _load_flux_folder(path, models_dir)
     sdxl = (path / "text_encoder_2").is_dir()
     needed = ["unet", "vae"] + ([] if sdxl else ["text_encoder"])
     if any(not (path / part).is_dir() for part in needed):
@@ -277,6 +318,31 @@ def _load_folder(path: Path, models_dir: Path) -> StableDiffusion:
     return model
 
 
+def _load_flux_folder(path: Path, models_dir: Path) -> StableDiffusion:
+    """A FLUX.1 diffusers folder (transformer/, text_encoder/ CLIP-L, text_encoder_2/ T5, vae/)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from plinth.nodes.models.flux import flux_scheduler_config
+    from plinth.nodes.models.text_encoders import t5_tokenizer
+
+    needed = ("transformer", "text_encoder", "text_encoder_2", "vae")
+    if any(not (path / part).is_dir() for part in needed):
+        raise NodeInputError(f"{path.name}: a FLUX.1 diffusers folder needs {', '.join(p + '/' for p in needed)}")
+    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", local_files_only=True)
+    tok = path / "tokenizer"
+    return FluxModel(
+        unet=transformer,
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True),
+        tokenizer=load_tokenizer(tok if tok.is_dir() else tokenizer_dir(models_dir)),
+        scheduler_config=flux_scheduler_config(dict(transformer.config)),
+        text_encoder_2=T5EncoderModel.from_pretrained(path / "text_encoder_2", local_files_only=True),
+        tokenizer_2=t5_tokenizer(models_dir),
+        family="flux",
+    )
+
+
 def clip_g_tokenizer(tokenizer: Any) -> Any:
     """SDXL's second tokenizer: CLIP's BPE padding with "!" (id 0), as SDXL was trained."""
     tokenizer.pad_token = "!"
@@ -287,6 +353,10 @@ def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
     from plinth.nodes.models import sdxl
 
     keys = _keys(path)
+    from plinth.nodes.models.flux import detect_flux
+
+    if detect_flux(keys):
+        return _load_flux_checkpoint(path, models_dir)
     if sdxl.detect(keys) is not None:
         prediction = sdxl.prediction(keys, path.name)
         parts = sdxl.load_sdxl(read_state(path), path.name)
@@ -307,6 +377,47 @@ def _load_single_file(path: Path, models_dir: Path) -> StableDiffusion:
         text_encoder,
         load_tokenizer(tokenizer_dir(models_dir)),
         _scheduler_config(SD15_CONFIG / "scheduler" / "scheduler_config.json"),
+    )
+
+
+# ComfyUI's all-in-one FLUX.1 checkpoints (flux1-dev-fp8.safetensors, ...): the transformer under
+# model.diffusion_model., CLIP-L and T5-XXL under text_encoders.*.transformer., the VAE under vae.
+FLUX_CLIP_L = "text_encoders.clip_l.transformer."
+FLUX_VAE = "vae."
+
+
+def _load_flux_checkpoint(path: Path, models_dir: Path) -> StableDiffusion:
+    from plinth.nodes.models.flux import BFL_PREFIX, dequantize_fp8, flux_scheduler_config, load_flux_transformer
+    from plinth.nodes.models.single_file import vae_from_state
+    from plinth.nodes.models.t5 import T5_PREFIX
+    from plinth.nodes.models.text_encoders import load_clip_l, load_t5_file, t5_tokenizer
+
+    state = read_state(path)
+    missing = [p for p in (FLUX_CLIP_L, T5_PREFIX, FLUX_VAE) if not any(k.startswith(p) for k in state)]
+    if missing:
+        raise NodeInputError(
+            f"{path.name}: a FLUX.1 transformer without {', '.join(p.rstrip('.') for p in missing)}: load it with "
+            "UNETLoader (Load Diffusion Model) and its text models with DualCLIPLoader"
+        )
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    transformer = load_flux_transformer(
+        {k: v for k, v in state.items() if k.startswith(BFL_PREFIX)}, path.name, torch.float32
+    )
+    vae_state = dequantize_fp8(part(FLUX_VAE))
+    return FluxModel(
+        unet=transformer,
+        vae=vae_from_state(vae_state, path),
+        text_encoder=load_clip_l(dequantize_fp8(part(FLUX_CLIP_L)), path.name, torch.float32),
+        tokenizer=load_tokenizer(tokenizer_dir(models_dir)),
+        scheduler_config=flux_scheduler_config(dict(transformer.config)),
+        text_encoder_2=load_t5_file(
+            {k: v for k, v in state.items() if k.startswith(T5_PREFIX)}, path.name, torch.float32
+        ),
+        tokenizer_2=t5_tokenizer(models_dir),
+        family="flux",
     )
 
 

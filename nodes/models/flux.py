@@ -312,3 +312,39 @@ def load_flux_transformer(state: Mapping[str, torch.Tensor], name: str, dtype: t
     # Cast tensor by tensor (rather than the model after): no second copy of the whole model.
     assign_strict(model, {k: v.to(dtype) for k, v in converted.items()}, name, "FLUX.1's layout")
     return model.eval().requires_grad_(False)
+
+
+# 2x2 latent cells per transformer token (FLUX's latent space itself: checkpoint.FluxModel)
+PATCH = 2
+DEFAULT_GUIDANCE = 3.5  # ComfyUI's FLUX guidance where no FluxGuidance sets one
+DEV_SHIFT = 1.15  # ComfyUI's ModelSamplingFlux default for guidance-distilled FLUX.1 (dev, Krea, Fill, Kontext)
+
+
+def flux_scheduler_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model sampling a FLUX.1 transformer runs with unless a node sets another: dev-style
+    (guidance embedder) on FLUX's exponential shift 1.15, schnell as a plain flow, shift 1 and
+    time = sigma, as ComfyUI's supported_models has them."""
+    if config.get("guidance_embeds"):
+        return {"flow": "flux", "shift": DEV_SHIFT}
+    return {"flow": "discrete_flow", "shift": 1.0, "multiplier": 1.0}
+
+
+def load_flux_file(path: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A FluxModel from a FLUX.1 transformer file (BFL's layout, bare or in an all-in-one
+    checkpoint under model.diffusion_model.)."""
+    from safetensors import safe_open
+
+    from plinth.nodes.models.checkpoint import FluxModel
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            prefix = flux_prefix(keys)
+            state = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    except NodeInputError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise NodeInputError(f"{path.name}: not a readable .safetensors file ({exc})") from exc
+    transformer: Any = load_flux_transformer(state, path.name, dtype)
+    transformer.to(device)
+    return FluxModel(transformer, None, None, None, flux_scheduler_config(dict(transformer.config)), family="flux")

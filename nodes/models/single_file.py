@@ -92,10 +92,14 @@ def infer_configs(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any
 def load_vae_file(path: Path) -> Any:
     """An AutoencoderKL from a VAE-only .safetensors: the original layout (encoder.down.*, as
     vae-ft-mse files have; a first_stage_model. prefix is accepted) or diffusers' layout."""
+    return vae_from_state(read_state(path), path)
+
+
+def vae_from_state(state: dict[str, torch.Tensor], path: Path) -> Any:
+    """An AutoencoderKL of VAE weights in either layout, unprefixed or under first_stage_model."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL  # see load_single_file
 
-    state = read_state(path)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:  # diffusers layout
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         config = _template("vae")

@@ -182,25 +182,47 @@ def load_unet_file(
     weight_dtype: str = "default",
     options: ModelOptions | None = None,
 ) -> UnetOnly:
-    """An SD1.x UNet from a .safetensors file as a MODEL's model, on `device` in `dtype`, its
+    """An SD1.x UNet or a FLUX.1 transformer from a .safetensors file as a MODEL's model, on
+    `device` in `dtype`, its
     weights rounded as `weight_dtype` asks, set up as `options` ask (attention kernel,
     channels_last on CUDA, compile, warm-up)."""
     if path.suffix != ".safetensors":
         raise NodeInputError(f"{path.name}: only .safetensors UNet files load")
     if weight_dtype not in WEIGHT_DTYPES:
         raise NodeInputError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    from plinth.nodes.models.flux import detect_flux, load_flux_file
+
+    if detect_flux(_keys(path)):
+        flux = load_flux_file(path, device, dtype)
+        _round(flux.unet, weight_dtype)
+        return flux
     unet = build_unet(_read_unet(path), path.name)
     unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    rounding = _ROUNDING.get(weight_dtype)
-    if rounding is not None:
-        with torch.no_grad():
-            for param in unet.parameters():
-                param.copy_(param.to(rounding).to(param.dtype))
+    _round(unet, weight_dtype)
     scheduler = json.loads((SD15_CONFIG / "scheduler" / "scheduler_config.json").read_text())
     model = UnetOnly(unet, None, None, None, dict(scheduler))
     if options is not None:
         _prepare(unet, device, options)
     return model
+
+
+def _round(model: Any, weight_dtype: str) -> None:
+    """Round the weights to the 8-bit format weight_dtype names (kept in their dtype)."""
+    rounding = _ROUNDING.get(weight_dtype)
+    if rounding is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(rounding).to(param.dtype))
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise NodeInputError(f"{path.name}: not a readable .safetensors file ({exc})") from exc
 
 
 def _prepare(unet: Any, device: torch.device, options: ModelOptions) -> None:

@@ -25,6 +25,7 @@ from plinth.nodes import sdxl
 from plinth.nodes.conditioning import area_in_latent
 from plinth.nodes.core.context import NodeContext, NodeInputError
 from plinth.nodes.core.types import Conditioning, ControlSpec, DiffusionModel, Latent
+from plinth.nodes.models import flux
 from plinth.nodes.models.checkpoint import StableDiffusion
 from plinth.nodes.models.t2i_adapter import adapter_residuals, is_adapter
 from plinth.nodes.patches.gligen_attention import GligenBoxes, gligen_fusers
@@ -160,6 +161,8 @@ class GuidedDenoiser:
 
     def _part(self, embeds: torch.Tensor, options: dict[str, Any], positive: bool, latents: Latent) -> Part:
         concat = None
+        if getattr(self.sd, "family", "sd1") == "flux":
+            return self._flux_part(embeds, options, positive)
         if self.unet.config.in_channels != self.sd.latent_channels:
             concat = self._inpaint_concat(options, latents)
         width = getattr(self.unet.config, "cross_attention_dim", None)
@@ -218,6 +221,81 @@ class GuidedDenoiser:
 
     # the network
 
+    def _flux_part(self, embeds: torch.Tensor, options: dict[str, Any], positive: bool) -> Part:
+        """A FLUX.1 entry: the T5 text, and beside it (in `added`) CLIP-L's pooled text and
+        the guidance strength (FluxGuidance; 3.5 where none is set, as ComfyUI's default)."""
+        config = self.unet.config
+        if embeds.shape[-1] != config.joint_attention_dim:
+            raise NodeInputError(
+                f"the conditioning's text is {embeds.shape[-1]} wide; this FLUX model reads "
+                f"{config.joint_attention_dim}-wide T5 text: was it encoded by another model's CLIP?"
+            )
+        if config.in_channels != self.sd.latent_channels * flux.PATCH**2:
+            raise NodeInputError(
+                f"FLUX models with {config.in_channels} input channels (Fill, Canny/Depth) need their extra "
+                "inputs, which are not supported yet"
+            )
+        if options.get("area") is not None or options.get("controls") or options.get("gligen"):
+            raise NodeInputError("area conditioning, ControlNets and GLIGEN are not supported with FLUX models yet")
+        pooled = options.get("pooled_output")
+        if pooled is None or pooled.shape[-1] != config.pooled_projection_dim:
+            raise NodeInputError(
+                f"a FLUX model needs CLIP-L's pooled text ({config.pooled_projection_dim} wide) with its prompt: "
+                "encode it with a FLUX CLIP (DualCLIPLoader type flux, CLIPTextEncode or CLIPTextEncodeFlux)"
+            )
+        guidance = torch.tensor([float(options.get("guidance", flux.DEFAULT_GUIDANCE))])
+        device, dtype = self.ctx.device, self.dtype
+        added = (pooled.to(device, dtype), guidance.to(device, torch.float32))
+        return Part(
+            embeds.to(device, dtype), positive, None, float(options.get("strength", 1.0)), (), None, None, added
+        )
+
+    def _flux_call(self, x_in: torch.Tensor, sigma: torch.Tensor, parts: Sequence[Part]) -> torch.Tensor:
+        """FLUX.1's transformer on each part: the latent cut into 2x2 patches (padded to even
+        sides), with its patches' (row, column) positions and the text's zero positions, and the
+        model's velocity put back into latent cells. Parts whose texts differ in length run one
+        at a time (padding a T5 text would change what it says)."""
+        batch, channels, h, w = x_in.shape
+        pad_h, pad_w = h % flux.PATCH, w % flux.PATCH
+        x = torch.nn.functional.pad(x_in, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x_in
+        rows, cols = x.shape[2] // flux.PATCH, x.shape[3] // flux.PATCH
+        packed = (
+            x.reshape(batch, channels, rows, flux.PATCH, cols, flux.PATCH)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(batch, rows * cols, channels * flux.PATCH**2)
+        )
+        image_ids = torch.zeros(rows, cols, 3)
+        image_ids[..., 1] = torch.arange(rows)[:, None]
+        image_ids[..., 2] = torch.arange(cols)[None, :]
+        image_ids = image_ids.reshape(rows * cols, 3).to(self.ctx.device, self.dtype)
+        outputs = []
+        for part in parts:
+            self.ctx.check_cancelled()
+            assert part.added is not None
+            pooled, guidance = part.added
+            text = part.embeds
+            kwargs: dict[str, Any] = {}
+            if self.unet.config.guidance_embeds:
+                kwargs["guidance"] = guidance.expand(batch)
+            out = self.unet(
+                hidden_states=packed.to(self.dtype),
+                encoder_hidden_states=text.expand(batch, -1, -1),
+                pooled_projections=pooled.expand(batch, -1),
+                timestep=sigma.reshape(1).expand(batch).to(self.dtype),
+                img_ids=image_ids,
+                txt_ids=torch.zeros(text.shape[1], 3, device=self.ctx.device, dtype=self.dtype),
+                return_dict=False,
+                **kwargs,
+            )[0]
+            out = (
+                out.float()
+                .reshape(batch, rows, cols, channels, flux.PATCH, flux.PATCH)
+                .permute(0, 3, 1, 4, 2, 5)
+                .reshape(batch, channels, rows * flux.PATCH, cols * flux.PATCH)
+            )
+            outputs.append(out[:, :, :h, :w])
+        return torch.cat(outputs)
+
     def _call(
         self,
         x_in: torch.Tensor,
@@ -228,6 +306,8 @@ class GuidedDenoiser:
     ) -> torch.Tensor:
         """One batched UNet call over several parts (each gets the whole latent batch); the raw
         network output, float32."""
+        if getattr(self.sd, "family", "sd1") == "flux":
+            return self._flux_call(x_in, sigma, parts)
         batch = x_in.shape[0]
         length = math.lcm(*(p.embeds.shape[1] for p in parts))
         context = torch.cat([p.embeds.repeat(batch, length // p.embeds.shape[1], 1) for p in parts])

@@ -247,7 +247,13 @@ def flux_flow(shift: float = 1.15, steps: int = 10000) -> ModelSampling:
 
 
 def from_scheduler_config(config: dict[str, Any]) -> ModelSampling:
-    """A checkpoint's own model sampling, from its diffusers scheduler_config.json."""
+    """A checkpoint's own model sampling, from its diffusers scheduler_config.json, or for a
+    flow model the entries its loader writes ("flow": "flux" or "discrete_flow", "shift",
+    "multiplier")."""
+    if config.get("flow") == "flux":
+        return flux_flow(float(config.get("shift", 1.15)))
+    if config.get("flow") == "discrete_flow":
+        return discrete_flow(float(config.get("shift", 1.0)), float(config.get("multiplier", 1000.0)))
     start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
     steps = int(config.get("num_train_timesteps", 1000))
     if config.get("beta_schedule", "scaled_linear") == "linear":
@@ -290,7 +296,7 @@ def resolve(override: tuple[Any, ...], scheduler_config: dict[str, Any]) -> Mode
     raise ValueError(f"unknown model sampling override {override!r}")
 
 
-def latent_format(override: tuple[Any, ...], scale: float) -> tuple[Any, Any]:
+def latent_format(override: tuple[Any, ...], scale: float, shift: float = 0.0) -> tuple[Any, Any]:
     """(into model space, out of it) for a model's latents: the VAE's scale factor, or the
     per-channel statistics a sampling override brings (playground v2.5)."""
     if override[:2] == ("continuous_edm", "edm_playground_v2.5"):
@@ -309,4 +315,6 @@ def latent_format(override: tuple[Any, ...], scale: float) -> tuple[Any, Any]:
             return z * std / factor + mean
 
         return into, out_of
+    if shift:  # FLUX.1's latents are shifted before they are scaled
+        return (lambda z: (z - shift) * scale), (lambda z: z / scale + shift)
     return (lambda z: z * scale), (lambda z: z / scale)

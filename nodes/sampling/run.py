@@ -93,7 +93,7 @@ def sample(
     sd: StableDiffusion = guider.model.load(ctx)
     ms = resolve(guider.model.sampling, sd.scheduler_config)
     device = ctx.device
-    into, out_of = latent_format(guider.model.sampling, sd.latent_scale)
+    into, out_of = latent_format(guider.model.sampling, sd.latent_scale, getattr(sd, "latent_shift", 0.0))
     sigmas = sigmas.to(device, torch.float32)
     clean = into(latent.samples.to(device, torch.float32))
     drawn = noise.generate(latent).to(device)

@@ -93,8 +93,8 @@ def in_process_client(args: argparse.Namespace) -> Iterator[Client]:
 
 
 def init_models(args: argparse.Namespace) -> int:
-    """`plinth models init`: make the embedded models (tiny-sd, tiny-sdxl, tiny-sdxl-refiner) in
-    the models directory."""
+    """`plinth models init`: make the embedded models (tiny-sd, tiny-sdxl, tiny-sdxl-refiner,
+    tiny-flux) in the models directory."""
     from plinth.nodes.models.embedded import EMBEDDED, ensure_embedded
 
     quiet_libraries()

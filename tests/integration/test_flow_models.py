@@ -12,48 +12,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL
+from support.flux_files import bfl_vae_state, small_flux_vae
 from support.graph_builder import GraphBuilder
 from support.live_server import node_output
-from support.sd_original_layout import _rename, _vae_prefixes
 
 from plinth.nodes.models.single_file import load_vae_file
 
 FLUX_VAE = "ae.safetensors"
-
-
-def small_flux_vae(seed: int = 3) -> AutoencoderKL:
-    """FLUX.1's VAE layout at small widths: 16 latent channels, no quant convs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=16,
-            block_out_channels=(32, 64, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-        )
-        with torch.no_grad():
-            for param in vae.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
-    return vae.eval()
-
-
-def bfl_vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
-    """The VAE's weights as ae.safetensors holds them: original keys, no prefix (attention
-    projections as 1x1 convs)."""
-    prefixes = _vae_prefixes(vae.config)
-    return {
-        _rename(k, prefixes): (v[:, :, None, None] if v.ndim == 2 else v).contiguous()
-        for k, v in vae.state_dict().items()
-    }
 
 
 @pytest.fixture(scope="module")

@@ -154,11 +154,17 @@ def test_cli_models_init_makes_the_embedded_models_and_list_shows_them(tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("tiny-sd", "tiny-sdxl", "tiny-sdxl-refiner"):
         assert (models / "checkpoints" / name / "unet" / "config.json").exists()
+    assert (models / "checkpoints" / "tiny-flux" / "transformer" / "config.json").exists()
     assert (models / "checkpoints" / "tiny-sdxl" / "text_encoder_2" / "config.json").exists()
     proc = plinth("models", "list", "--models", str(models), "--data", str(tmp_path / "data"))
     listed = proc.stdout.split()
     assert proc.returncode == 0
-    assert {"checkpoints/tiny-sd", "checkpoints/tiny-sdxl", "checkpoints/tiny-sdxl-refiner"} <= set(listed)
+    assert {
+        "checkpoints/tiny-sd",
+        "checkpoints/tiny-sdxl",
+        "checkpoints/tiny-sdxl-refiner",
+        "checkpoints/tiny-flux",
+    } <= set(listed)
 
 
 @pytest.mark.slow

@@ -114,6 +114,7 @@ def test_model_listing_counts_a_diffusers_folder_once(tmp_path):
     assert folders.models("checkpoints") == [
         "brand/sd-folder",
         "one.safetensors",
+        "tiny-flux",
         "tiny-sd",
         "tiny-sdxl",
         "tiny-sdxl-refiner",
