@@ -71,6 +71,12 @@ TEMPLATE_CASES = [
     Template("sdxlturbo_example", [("output", 512, 512)]),
     Template("sdxl_simple_example", [("output", 1024, 1024)]),
     Template("sdxl_refiner_prompt_example", [("output", 1024, 1024)]),
+    # FLUX.1 (issue 11): all-in-one fp8 checkpoints, and split transformer / clip_l + t5xxl / ae files
+    Template("flux_schnell", [("output", 1024, 1024)]),
+    Template("flux_dev_checkpoint_example", [("output", 1024, 1024)]),
+    Template("flux_dev_full_text_to_image", [("output", 1024, 1024)]),
+    Template("flux_schnell_full_text_to_image", [("output", 1024, 1024)]),
+    Template("flux1_krea_dev", [("output", 1024, 1024)]),
 ]
 
 

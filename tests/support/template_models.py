@@ -53,6 +53,9 @@ def template_path(name: str) -> Path:
 # Loader class_type -> the models folder its first widget names a file in (ComfyUI's folders).
 LOADER_FOLDERS = {
     "CheckpointLoaderSimple": "checkpoints",
+    "UNETLoader": "diffusion_models",
+    "DualCLIPLoader": "text_encoders",
+    "CLIPLoader": "text_encoders",
     "VAELoader": "vae",
     "LoraLoader": "loras",
     "ControlNetLoader": "controlnet",
@@ -76,11 +79,12 @@ def editor_nodes(workflow: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def model_files(workflow: dict[str, Any]) -> set[tuple[str, str]]:
     """(folder, file name) of every model the workflow's loader nodes name."""
-    return {
-        (LOADER_FOLDERS[node["type"]], node["widgets_values"][0])
-        for node in editor_nodes(workflow)
-        if node["type"] in LOADER_FOLDERS
-    }
+    found = set()
+    for node in editor_nodes(workflow):
+        if node["type"] in LOADER_FOLDERS:
+            names = node["widgets_values"][:2] if node["type"] == "DualCLIPLoader" else node["widgets_values"][:1]
+            found.update((LOADER_FOLDERS[node["type"]], name) for name in names)
+    return found
 
 
 def write_model_files(models_dir: Path, workflow: dict[str, Any]) -> None:
@@ -121,9 +125,63 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode()) % 2**31
 
 
+# FLUX.1 files share one small set of widths, so a template's transformer, text models and VAE
+# fit one another: T5 32 wide, CLIP-L 64 wide (support/text_encoder_files.py).
+def _flux_transformer(name: str) -> Any:
+    from support.flux_files import build_random_flux, small_flux_config
+
+    variant = "schnell" if "schnell" in name else "dev"
+    config = {**small_flux_config(variant), "pooled_projection_dim": 64, "joint_attention_dim": 32}
+    return build_random_flux(config, seed=_seed(name))
+
+
+def _flux_checkpoint(path: Path) -> None:
+    """An all-in-one FLUX.1 file as Comfy-Org's flux1-dev-fp8: the transformer in fp8 under
+    model.diffusion_model., CLIP-L and T5 under text_encoders.*, the VAE under vae."""
+    from support.flux_files import bfl_vae_state, small_flux_vae, to_bfl_state_dict
+    from support.t5_files import to_comfy_state_dict
+    from support.text_encoder_files import build_random_clip_l, clip_l_state_dict, small_flux_t5
+
+    transformer = to_bfl_state_dict(_flux_transformer(path.name))
+    clip_l = clip_l_state_dict(build_random_clip_l(seed=1))
+    t5 = to_comfy_state_dict(small_flux_t5(seed=2))
+    state = {f"model.diffusion_model.{k}": v.to(torch.float8_e4m3fn) for k, v in transformer.items()}
+    state |= {f"text_encoders.clip_l.transformer.{k}": v.half() for k, v in clip_l.items()}
+    state |= {f"text_encoders.t5xxl.transformer.{k}": v.half() for k, v in t5.items()}
+    state |= {f"vae.{k}": v for k, v in bfl_vae_state(small_flux_vae(seed=3)).items()}
+    files.write({k: v.contiguous() for k, v in state.items()}, path.parent, path.name)
+
+
+def _diffusion_model(path: Path) -> None:
+    """A FLUX.1 transformer in BFL's layout (fp8 where the name says, scaled as Comfy-Org's)."""
+    from support.flux_files import write_flux_file
+
+    if "fp8" in path.name:
+        write_flux_file(path, _flux_transformer(path.name), scaled_fp8="scaled" in path.name, dtype=torch.float8_e4m3fn)
+    else:
+        write_flux_file(path, _flux_transformer(path.name))
+
+
+def _text_encoder(path: Path) -> None:
+    """ComfyUI's clip_l / t5xxl files (T5 in fp16, or scaled fp8 where the name says)."""
+    from support.t5_files import write_t5_file
+    from support.text_encoder_files import build_random_clip_l, small_flux_t5, write_clip_l_file
+
+    if path.name.startswith("clip_l"):
+        write_clip_l_file(build_random_clip_l(seed=1), path.parent, path.name)
+    elif "scaled" in path.name:
+        write_t5_file(small_flux_t5(seed=2), path.parent, path.name, scaled_fp8=True)
+    else:
+        write_t5_file(small_flux_t5(seed=2), path.parent, path.name, dtype=torch.float16)
+
+
 def _checkpoint(path: Path) -> None:
     """An SD1.5-layout file, or for SDXL names (sd_xl_base_1.0, sd_xl_refiner_1.0,
-    sd_xl_turbo_1.0_fp16) one in SDXL's layout: base or refiner as the name says."""
+    sd_xl_turbo_1.0_fp16) one in SDXL's layout: base or refiner as the name says; for FLUX.1
+    names (flux1-dev-fp8, flux1-schnell-fp8) ComfyUI's all-in-one FLUX layout."""
+    if path.name.startswith("flux1"):
+        _flux_checkpoint(path)
+        return
     if "_xl_" in path.name:
         configs = small_sdxl_configs(refiner="refiner" in path.name)
         write_sdxl_checkpoint(path, build_random_sdxl(configs, seed=_seed(path.name)), dtype=torch.float16)
@@ -132,7 +190,13 @@ def _checkpoint(path: Path) -> None:
 
 
 def _vae(path: Path) -> None:
-    """A VAE-only file as vae-ft-mse-840000-ema-pruned is: original keys, no prefix, fp32."""
+    """A VAE-only file as vae-ft-mse-840000-ema-pruned is: original keys, no prefix, fp32; for
+    FLUX.1's ae.safetensors its 16-channel VAE."""
+    if path.name == "ae.safetensors":
+        from support.flux_files import bfl_vae_state, small_flux_vae
+
+        files.write(bfl_vae_state(small_flux_vae(seed=3)), path.parent, path.name)
+        return
     state = to_original_state_dict(*build_random_sd(small_sd15_configs(), seed=_seed(path.name)))
     files.write(
         {k.removeprefix(VAE_PREFIX): v for k, v in state.items() if k.startswith(VAE_PREFIX)}, path.parent, path.name
@@ -189,6 +253,8 @@ _WRITERS: dict[str, Callable[[Path], None]] = {
     "controlnet": _controlnet,
     "upscale_models": _upscaler,
     "gligen": _gligen,
+    "diffusion_models": _diffusion_model,
+    "text_encoders": _text_encoder,
 }
 
 
