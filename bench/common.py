@@ -95,6 +95,91 @@ def build_sdxl_reduced(models_dir: Path, name: str = "sdxl-reduced") -> Path:
     return write_sdxl_folder(models_dir, name, unet, text_l, text_g, vae, seed=0)
 
 
+def build_flux_reduced(models_dir: Path, name: str = "flux-reduced") -> Path:
+    """FLUX.1-dev's layout at reduced size, seeded random weights, twice from the same modules:
+    ComfyUI's all-in-one file checkpoints/NAME.safetensors for Plinth (BFL's transformer keys,
+    clip_l and t5xxl, the VAE) and a diffusers folder diffusers/NAME for FluxPipeline. The
+    transformer keeps FLUX's 128-channel heads, rotary axes and guidance embedder at width 768
+    (6 heads; real 3072) with 4 double and 8 single blocks (real 19 and 38); T5 1024 wide x 6
+    (real 4096 x 24), CLIP-L 768 wide x 6, FLUX's full-size 16-channel VAE. About 1.4 GB."""
+    import sys
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from plinth.nodes.models.checkpoint import tokenizer_dir
+    from plinth.nodes.models.t5 import write_t5_tokenizer_files
+
+    file = models_dir / "checkpoints" / f"{name}.safetensors"
+    folder = models_dir / "diffusers" / name
+    if file.exists() and (folder / "model_index.json").exists():
+        return file
+    # The original-layout writers the tests use (BFL transformer keys, ComfyUI's text-encoder keys).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.flux_files import bfl_vae_state, to_bfl_state_dict
+    from support.t5_files import to_comfy_state_dict
+    from support.text_encoder_files import clip_l_state_dict
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128, num_attention_heads=6,
+        joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+    clip_l = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1, projection_dim=768,
+    ))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=6, num_heads=16,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False,
+    ))  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    )  # fmt: skip
+    for module in (transformer, clip_l, t5, vae):
+        module.eval().requires_grad_(False)
+
+    staging = folder.with_name(f".{name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    transformer.save_pretrained(staging / "transformer")
+    clip_l.save_pretrained(staging / "text_encoder")
+    t5.save_pretrained(staging / "text_encoder_2")
+    vae.save_pretrained(staging / "vae")
+    shutil.copytree(tokenizer_dir(models_dir), staging / "tokenizer")
+    write_t5_tokenizer_files(staging / "tokenizer_2")
+    FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    ).save_pretrained(staging / "scheduler")
+    index = {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (staging / "model_index.json").write_text(json.dumps(index))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+    state = {f"model.diffusion_model.{k}": v for k, v in to_bfl_state_dict(transformer).items()}
+    state |= {f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_l_state_dict(clip_l).items()}
+    state |= {f"text_encoders.t5xxl.transformer.{k}": v for k, v in to_comfy_state_dict(t5).items()}
+    state |= {f"vae.{k}": v for k, v in bfl_vae_state(vae).items()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    return file
+
+
 def write_json(data: object, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))

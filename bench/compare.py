@@ -5,6 +5,7 @@
                             [--paired 3] [--paired-with c] [--json bench/results/compare.json] [--quick]
     python bench/compare.py --compare-precision [--runs 3] [--quick]
     python bench/compare.py --model sdxl --only paired [--paired 3]   # SDXL's layout, reduced widths
+    python bench/compare.py --model flux --only paired [--paired 3]   # FLUX.1-dev's layout, reduced size
     python bench/compare.py --device cuda --precision float16 --size 512 --steps 20   # on a GPU
 
 One SD1.5-shaped model with seeded random weights (built once under --models, see
@@ -61,7 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import build_sd15_random, build_sdxl_reduced, quiet, rss_peak_mb, timed, write_json
+from common import build_flux_reduced, build_sd15_random, build_sdxl_reduced, quiet, rss_peak_mb, timed, write_json
 
 PATHS = {"a": "(a) diffusers pipeline", "b": "(b) Plinth in-process", "c": "(c) Plinth gRPC"}
 CLIENTS = (1, 4, 8)
@@ -91,16 +92,36 @@ def open_diffusers(spec: dict) -> Iterator[Call]:
     """(a): the pipeline, loaded on the first call (so the first run includes the load) and
     called on one worker thread: concurrent callers queue for it, as behind a lock."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     graph = spec["graph"]
     sampler, latent = graph["3"]["inputs"], graph["5"]["inputs"]
-    assert (sampler["sampler_name"], sampler["scheduler"]) == ("euler", "normal"), sampler
+    flux = graph["4"]["inputs"]["ckpt_name"].startswith("flux-")
+    assert (sampler["sampler_name"], sampler["scheduler"]) == ("euler", "simple" if flux else "normal"), sampler
     folder = Path(spec["models"]) / "checkpoints" / graph["4"]["inputs"]["ckpt_name"]
     dtype = getattr(torch, spec["precision"])
     loaded = {}
 
     def generate(seed: int) -> Outcome:
+        if flux:  # FluxPipeline on the diffusers folder made from the same modules
+            if "pipe" not in loaded:
+                name = graph["4"]["inputs"]["ckpt_name"].removesuffix(".safetensors")
+                pipe = FluxPipeline.from_pretrained(Path(spec["models"]) / "diffusers" / name, dtype=dtype)
+                pipe.set_progress_bar_config(disable=True)
+                pipe.to(spec["device"])
+                loaded["pipe"] = pipe
+            images = loaded["pipe"](
+                graph["6"]["inputs"]["text"],
+                width=latent["width"],
+                height=latent["height"],
+                num_images_per_prompt=latent["batch_size"],
+                num_inference_steps=sampler["steps"],
+                guidance_scale=graph["10"]["inputs"]["guidance"],
+                generator=torch.Generator("cpu").manual_seed(seed),
+                max_sequence_length=256,
+                output_type="pil",
+            ).images
+            return Outcome(None, images[0])
         if "pipe" not in loaded:
             scheduler = EulerDiscreteScheduler.from_pretrained(
                 folder, subfolder="scheduler", local_files_only=True, timestep_spacing="linspace"
@@ -283,6 +304,8 @@ def build(spec: dict) -> None:
         ensure_tiny_sd(Path(spec["models"]))
     elif name.startswith("sdxl-"):
         build_sdxl_reduced(Path(spec["models"]), name)
+    elif name.startswith("flux-"):
+        build_flux_reduced(Path(spec["models"]), name.removesuffix(".safetensors"))
     else:
         build_sd15_random(Path(spec["models"]), name)
 
@@ -313,6 +336,40 @@ def child_spec(args, graph: dict, path: str, **changes) -> dict:
         "clients": list(CLIENTS),
         "rounds": 3 if args.quick else 1,
         **changes,
+    }
+
+
+def flux_txt2img(ckpt: str, size: int, steps: int) -> dict:
+    """FLUX.1-dev txt2img as ComfyUI's templates run it, under the node ids the paths read: 4
+    checkpoint, 6 prompt, 7 its zeroed negative, 5 latent, 3 KSampler (euler, simple, cfg 1),
+    10 FluxGuidance 3.5, 11 ModelSamplingFlux at the image size (FluxPipeline's dynamic shift)."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red handbag on a marble plinth", "clip": ["4", 1]}},
+        "10": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": 3.5}},
+        "7": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["6", 0]}},
+        "11": {
+            "class_type": "ModelSamplingFlux",
+            "inputs": {"model": ["4", 0], "max_shift": 1.15, "base_shift": 0.5, "width": size, "height": size},
+        },
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["11", 0],
+                "positive": ["10", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+                "seed": 1,
+                "steps": steps,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },  # fmt: skip
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "bench"}},
     }
 
 
@@ -548,10 +605,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny-sd at 64x64 for every path")
     parser.add_argument(
         "--model",
-        choices=("sd15", "sdxl"),
+        choices=("sd15", "sdxl", "flux"),
         default="sd15",
         help="sd15: SD1.5's real shapes (sd15-random); sdxl: SDXL's layout at reduced widths (sdxl-reduced, "
-        "common.build_sdxl_reduced) against StableDiffusionXLPipeline",
+        "common.build_sdxl_reduced) against StableDiffusionXLPipeline; flux: FLUX.1-dev's layout at reduced size "
+        "(flux-reduced, common.build_flux_reduced) against FluxPipeline",
     )
     parser.add_argument(
         "--paired",
@@ -583,8 +641,11 @@ def main() -> None:
     if args.quick:
         ckpt, size = "tiny-sd", 64
     else:
-        ckpt, size = {"sd15": "sd15-random", "sdxl": "sdxl-reduced"}[args.model], args.size
-    graph = txt2img(ckpt, size, args.steps)
+        ckpt, size = (
+            {"sd15": "sd15-random", "sdxl": "sdxl-reduced", "flux": "flux-reduced.safetensors"}[args.model],
+            args.size,
+        )
+    graph = flux_txt2img(ckpt, size, args.steps) if args.model == "flux" else txt2img(ckpt, size, args.steps)
     case = (
         f"{ckpt}, {size}x{size}, {args.steps} steps, euler/normal, cfg 7, batch 1, {args.device} "
         f"{'float32 vs bfloat16' if args.compare_precision else args.precision}"
