@@ -104,11 +104,10 @@ def build_flux_reduced(models_dir: Path, name: str = "flux-reduced") -> Path:
     (real 4096 x 24), CLIP-L 768 wide x 6, FLUX's full-size 16-channel VAE. About 1.4 GB."""
     import sys
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from plinth.nodes.models.checkpoint import tokenizer_dir
-    from plinth.nodes.models.t5 import write_t5_tokenizer_files
+    from plinth.nodes.models.tiny_flux import write_flux_folder
 
     file = models_dir / "checkpoints" / f"{name}.safetensors"
     folder = models_dir / "diffusers" / name
@@ -145,26 +144,7 @@ def build_flux_reduced(models_dir: Path, name: str = "flux-reduced") -> Path:
 
     staging = folder.with_name(f".{name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    transformer.save_pretrained(staging / "transformer")
-    clip_l.save_pretrained(staging / "text_encoder")
-    t5.save_pretrained(staging / "text_encoder_2")
-    vae.save_pretrained(staging / "vae")
-    shutil.copytree(tokenizer_dir(models_dir), staging / "tokenizer")
-    write_t5_tokenizer_files(staging / "tokenizer_2")
-    FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
-    ).save_pretrained(staging / "scheduler")
-    index = {
-        "_class_name": "FluxPipeline",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5Tokenizer"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (staging / "model_index.json").write_text(json.dumps(index))
+    write_flux_folder(models_dir, staging, transformer, clip_l, t5, vae)
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)

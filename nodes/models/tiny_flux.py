@@ -79,24 +79,39 @@ def ensure_tiny_flux(models_dir: Path) -> Path:
     # placeholder classes (no torch Module, no save_pretrained).
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
-    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     staging = target.with_name(f".{NAME}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        FluxTransformer2DModel(**TRANSFORMER).save_pretrained(staging / "transformer")
-        CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "hidden_size": CLIP_WIDTH})).save_pretrained(
-            staging / "text_encoder"
-        )
-        T5EncoderModel(T5Config(**T5)).save_pretrained(staging / "text_encoder_2")
-        AutoencoderKL(**VAE).save_pretrained(staging / "vae")
-    shutil.copytree(tokenizer_dir(models_dir), staging / "tokenizer")
-    write_t5_tokenizer_files(staging / "tokenizer_2")
+        transformer = FluxTransformer2DModel(**TRANSFORMER)
+        clip_l = CLIPTextModel(CLIPTextConfig(**{**TINY_CLIP, "hidden_size": CLIP_WIDTH}))
+        t5 = T5EncoderModel(T5Config(**T5))
+        vae = AutoencoderKL(**VAE)
+    write_flux_folder(models_dir, staging, transformer, clip_l, t5, vae)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_flux_folder(models_dir: Path, folder: Path, transformer: Any, clip_l: Any, t5: Any, vae: Any) -> None:
+    """A FLUX.1 diffusers folder of these modules (FluxPipeline's layout, the offline CLIP and T5
+    tokenizers, FlowMatchEuler with FLUX's resolution shift); tiny-flux and the benchmarks'
+    reduced FLUX are written with it."""
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+
+    transformer.save_pretrained(folder / "transformer")
+    clip_l.save_pretrained(folder / "text_encoder")
+    t5.save_pretrained(folder / "text_encoder_2")
+    vae.save_pretrained(folder / "vae")
+    shutil.copytree(tokenizer_dir(models_dir), folder / "tokenizer")
+    write_t5_tokenizer_files(folder / "tokenizer_2")
     FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
-    ).save_pretrained(staging / "scheduler")
+    ).save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "FluxPipeline",
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -107,9 +122,4 @@ def ensure_tiny_flux(models_dir: Path) -> Path:
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2))
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process made it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
